@@ -1,0 +1,43 @@
+# Two commands on a fresh machine: `make demo` and `make test`. Both set up
+# .venv, install the package and fetch the offline default data when missing.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+export SEED_DATA ?= $(CURDIR)/.data
+FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test lint clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $@
+
+# Fashion-MNIST (original IDX files) from Debian's dataset-fashion-mnist: installed
+# system-wide when we are root, else unpacked into $(SEED_DATA) without root.
+data:
+	@if [ -f "$(SEED_DATA)/fashion-mnist/train-images-idx3-ubyte.gz" ] || [ -f "$(FMNIST_SYSTEM)/train-images-idx3-ubyte.gz" ]; then \
+		echo "fashion-mnist: found"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		apt-get install -y -q dataset-fashion-mnist >/dev/null 2>&1 || { apt-get update -q >/dev/null && apt-get install -y -q dataset-fashion-mnist; }; \
+	elif command -v apt-get >/dev/null; then \
+		tmp=$$(mktemp -d) && (cd $$tmp && apt-get download dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb root) && \
+		mkdir -p "$(SEED_DATA)" && cp -r $$tmp/root$(FMNIST_SYSTEM) "$(SEED_DATA)/" && rm -rf $$tmp; \
+	else \
+		echo "fashion-mnist missing: put the IDX files in $(SEED_DATA)/fashion-mnist or run with --download when online"; exit 1; \
+	fi
+
+demo: setup data
+	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml
+
+test: setup data
+	$(BIN)/python -m pytest -q
+
+lint: setup
+	$(BIN)/ruff check .
+
+clean:
+	rm -rf runs .pytest_cache

@@ -1,0 +1,1 @@
+"""Downstream evaluation protocols, one per file."""

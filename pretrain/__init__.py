@@ -1,0 +1,1 @@
+"""Teacher pretraining methods, one per file, built from lightly parts."""

@@ -1,0 +1,51 @@
+"""MoCo v2 (Chen et al. 2020, "Improved Baselines with Momentum Contrastive Learning").
+
+Query encoder = backbone + MLP head; key encoder = its momentum copy; the
+InfoNCE loss uses a queue of past keys as negatives (lightly's ``NTXentLoss``
+with a memory bank); shuffle-BN via lightly's ``batch_shuffle``.
+"""
+
+import copy
+
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import MoCoProjectionHead
+from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
+from lightly.utils.scheduler import cosine_schedule
+from torch import Tensor
+
+from seed.config import PretrainConfig
+from seed.module import TrainModule
+
+
+class MoCoV2(TrainModule):
+    """MoCo v2 with the paper's recipe (MLP head, tau 0.2, K 65536, m 0.999, SGD lr 0.03 x B/256)."""
+
+    DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "temperature": 0.2, "warmup_epochs": 0.0}
+
+    def __init__(self, config: PretrainConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        dim = self.backbone.feature_dim
+        self.projection_head = MoCoProjectionHead(dim, dim, config.embed_dim)
+        self.backbone_momentum = copy.deepcopy(self.backbone)
+        self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        deactivate_requires_grad(self.backbone_momentum)
+        deactivate_requires_grad(self.projection_head_momentum)
+        self.criterion = NTXentLoss(config.temperature, memory_bank_size=(config.queue_size, config.embed_dim), gather_distributed=True)
+
+    def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
+        (x_query, x_key), _ = batch
+        momentum = self.config.moco_momentum
+        if self.config.moco_momentum_cosine:
+            momentum = cosine_schedule(self.global_step, int(self.trainer.estimated_stepping_batches), momentum, 1.0)
+        update_momentum(self.backbone, self.backbone_momentum, momentum)
+        update_momentum(self.projection_head, self.projection_head_momentum, momentum)
+        query = self.projection_head(self.backbone(x_query))
+        with torch.no_grad():
+            distributed = self.trainer.world_size > 1
+            x_key, shuffle = batch_shuffle(x_key, distributed=distributed)
+            key = self.projection_head_momentum(self.backbone_momentum(x_key))
+            key = batch_unshuffle(key, shuffle, distributed=distributed)
+        loss = self.criterion(query, key)
+        self.log("loss", loss, prog_bar=True)
+        return loss

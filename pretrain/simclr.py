@@ -1,0 +1,32 @@
+"""SimCLR (Chen et al. 2020, "A Simple Framework for Contrastive Learning").
+
+Two views, backbone + BN MLP head, NT-Xent over the (all-gathered) batch;
+LARS with lr 0.3 x B/256 and 10 warm-up epochs as in the paper.
+"""
+
+import torch
+from lightly.loss import NTXentLoss
+from lightly.models.modules import SimCLRProjectionHead
+from torch import Tensor
+
+from seed.config import PretrainConfig
+from seed.module import TrainModule
+
+
+class SimCLR(TrainModule):
+    """SimCLR with the paper's recipe (tau 0.5, LARS, wd 1e-6)."""
+
+    DEFAULTS = {"optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6, "temperature": 0.5, "warmup_epochs": 10.0}
+
+    def __init__(self, config: PretrainConfig, num_classes: int) -> None:
+        super().__init__(config, num_classes)
+        dim = self.backbone.feature_dim
+        self.projection_head = SimCLRProjectionHead(dim, dim, config.embed_dim)
+        self.criterion = NTXentLoss(config.temperature, gather_distributed=True)
+
+    def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
+        (x0, x1), _ = batch
+        z0, z1 = self.projection_head(self.backbone(torch.cat([x0, x1]))).chunk(2)
+        loss = self.criterion(z0, z1)
+        self.log("loss", loss, prog_bar=True)
+        return loss

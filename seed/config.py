@@ -1,0 +1,186 @@
+"""Typed run configuration: dataclass defaults < YAML file < command-line flags.
+
+Every config field is also a flag (``batch_size`` is ``--batch-size``), so the
+YAML files in ``configs/`` and the CLI can never drift apart. A field left at
+``None`` is filled by the method's own paper default (see each method's
+``DEFAULTS``) when the config is resolved; the resolved config is written into
+the run folder.
+"""
+
+import argparse
+import dataclasses
+import difflib
+import types
+import typing
+from pathlib import Path
+from typing import Any, Union
+
+import yaml
+
+from seed.errors import SeedError
+
+
+def _help(text: str, default: Any = None) -> Any:
+    return dataclasses.field(default=default, metadata={"help": text})
+
+
+@dataclasses.dataclass
+class CommonConfig:
+    """Flags shared by ``seed-pretrain``, ``seed-distill`` and ``seed-eval``."""
+
+    config: str | None = _help("YAML file of settings; flags given on the command line override it")
+    data: str = _help("fashion-mnist (default, offline), digits, cifar10, cifar100, stl10, or an ImageFolder path with train/ and val/", "fashion-mnist")
+    data_root: str | None = _help("folder holding cifar10/cifar100/stl10 (torchvision layout)")
+    download: bool = _help("let torchvision download the dataset when it is missing (needs internet)", False)
+    image_size: int = _help("input resolution in pixels", 32)
+    batch_size: int = _help("images per optimiser step and device", 256)
+    epochs: int = _help("training epochs", 200)
+    max_steps: int | None = _help("stop after this many optimiser steps (smoke runs)")
+    output: str | None = _help("run folder; default runs/<stage>/<name>")
+    seed: int = _help("random seed for data order, augmentation and initialisation", 0)
+    devices: int = _help("devices per node (GPUs, or CPU processes with --accelerator cpu)", 1)
+    num_nodes: int = _help("machines (torchrun/SLURM set the rest)", 1)
+    accelerator: str = _help("auto, cpu or gpu", "auto")
+    precision: str = _help("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision", "auto")
+    num_workers: int | None = _help("data-loading processes per device (default: up to 8, never more than the CPU cores)")
+
+
+@dataclasses.dataclass
+class TrainConfig(CommonConfig):
+    """Flags of every training stage (optimiser, checkpoints, monitoring)."""
+
+    arch: str = _help("backbone, one of seed.backbones.available()", "r18")
+    small_images: bool | None = _help("3x3 stem without max-pool for small inputs (default: on when --image-size <= 64)")
+    optimizer: str | None = _help("sgd or lars (default: the method's)")
+    lr: float | None = _help("learning rate; default base_lr x batch_size x devices x nodes / 256")
+    base_lr: float | None = _help("learning rate per 256 images (default: the method's)")
+    momentum: float = _help("SGD momentum", 0.9)
+    weight_decay: float | None = _help("weight decay (default: the method's)")
+    warmup_epochs: float | None = _help("epochs of linear warm-up before the cosine schedule (default: the method's)")
+    checkpoint_every: int = _help("also write last.ckpt every N optimiser steps", 500)
+    resume: str = _help("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto")
+    knn_every: int = _help("kNN top-1 monitor every N epochs (0: off)", 1)
+    knn_every_steps: int | None = _help("run the kNN monitor every N steps instead of per epoch")
+    knn_bank_size: int = _help("train images in the monitor's kNN bank", 5000)
+    knn_query_size: int = _help("val images the monitor classifies", 1000)
+    knn_k: int = _help("neighbours of the monitor's kNN vote", 200)
+    embed_dim: int = _help("output dimension of the projection head", 128)
+    temperature: float | None = _help("contrastive temperature (default: the method's)")
+
+
+@dataclasses.dataclass
+class PretrainConfig(TrainConfig):
+    """``seed-pretrain``: a self-supervised teacher."""
+
+    method: str = _help("mocov2 or simclr", "mocov2")
+    queue_size: int = _help("MoCo queue length K", 65536)
+    moco_momentum: float = _help("momentum of MoCo's key encoder", 0.999)
+    moco_momentum_cosine: bool = _help("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _base_type(annotation: Any) -> type:
+    """``Optional[int]`` -> ``int``; plain types pass through."""
+    if typing.get_origin(annotation) in (Union, types.UnionType):
+        return next(a for a in typing.get_args(annotation) if a is not type(None))
+    return annotation
+
+
+def build_parser(config_class: type, prog: str, description: str) -> argparse.ArgumentParser:
+    """An argparse parser with one flag per config field.
+
+    Defaults are suppressed so that only flags the user typed override the YAML
+    file; the dataclass holds the real defaults.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    hints = typing.get_type_hints(config_class)
+    for field in dataclasses.fields(config_class):
+        kind = _base_type(hints[field.name])
+        help_text = field.metadata.get("help", "")
+        if field.default not in (None, dataclasses.MISSING):
+            help_text += f" (default: {field.default})"
+        if kind is bool:
+            parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, help=help_text)
+        else:
+            parser.add_argument(_flag(field.name), type=kind, help=help_text, metavar=field.name.upper())
+    return parser
+
+
+def _check_keys(values: dict[str, Any], config_class: type, source: str) -> None:
+    valid = [f.name for f in dataclasses.fields(config_class)]
+    for key in values:
+        if key not in valid:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
+            raise SeedError(f"unknown config key '{key}' in {source}; {hint}")
+
+
+def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
+    """Check a YAML value against the field type (YAML gives ``1e-4`` as a string)."""
+    if value is None:
+        return None
+    kind = _base_type(annotation)
+    if kind is bool:
+        if isinstance(value, bool):
+            return value
+    elif kind is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            return float(value)
+        except ValueError:
+            pass
+    elif kind is int and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif kind is str and isinstance(value, (str, int, float)):
+        return str(value)
+    raise SeedError(f"config key '{key}' in {source} must be {kind.__name__}, got {value!r}")
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a flat YAML mapping of config keys."""
+    file = Path(path)
+    if not file.is_file():
+        raise SeedError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    try:
+        values = yaml.safe_load(file.read_text()) or {}
+    except yaml.YAMLError as error:
+        raise SeedError(f"config file {path} is not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise SeedError(f"config file {path} must hold a mapping of key: value lines")
+    return values
+
+
+def load_config(config_class: type, argv: list[str] | None, prog: str, description: str) -> Any:
+    """Parse flags, merge them over the ``--config`` YAML file and the defaults."""
+    flags = vars(build_parser(config_class, prog, description).parse_args(argv))
+    return make_config(config_class, flags)
+
+
+def make_config(config_class: type, overrides: dict[str, Any]) -> Any:
+    """Build a config from the ``config`` YAML file named in ``overrides`` plus the overrides."""
+    values: dict[str, Any] = {}
+    if overrides.get("config"):
+        from_file = read_yaml(overrides["config"])
+        _check_keys(from_file, config_class, overrides["config"])
+        hints = typing.get_type_hints(config_class)
+        values = {k: _coerce(v, hints[k], k, overrides["config"]) for k, v in from_file.items()}
+    _check_keys(overrides, config_class, "the arguments")
+    values.update(overrides)
+    return config_class(**values)
+
+
+def save_config(config: Any, path: Path) -> None:
+    """Write the resolved config as YAML (readable back by ``--config``)."""
+    values = dataclasses.asdict(config)
+    values.pop("config", None)
+    path.write_text(yaml.safe_dump(values, sort_keys=False))
+
+
+def resolve(config: Any, method_defaults: dict[str, Any]) -> Any:
+    """Fill the fields left at ``None`` with the method's paper defaults and derived values."""
+    filled = {k: v for k, v in method_defaults.items() if getattr(config, k) is None}
+    if getattr(config, "small_images", False) is None:
+        filled["small_images"] = config.image_size <= 64
+    return dataclasses.replace(config, **filled)

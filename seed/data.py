@@ -1,0 +1,189 @@
+"""Datasets and view transforms.
+
+``load_dataset`` turns ``--data`` into a dataset of ``(image, label)`` with RGB
+PIL images: the offline default Fashion-MNIST, scikit-learn's digits,
+torchvision's CIFAR/STL-10, or an ImageFolder with ``train/`` and ``val/``.
+The view transforms are lightly's recipes, sized by ``--image-size``.
+"""
+
+import gzip
+import os
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torchvision.transforms as T
+from lightly.transforms import MoCoV2Transform, SimCLRTransform, SimCLRViewTransform
+from lightly.transforms.utils import IMAGENET_NORMALIZE
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision import datasets
+
+from seed.errors import SeedError
+
+BUILTIN = ("fashion-mnist", "digits", "cifar10", "cifar100", "stl10")
+FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
+FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+_FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+
+
+class ArrayImageDataset(Dataset):
+    """Grey images held in one uint8 array (N,H,W), served as RGB PIL images."""
+
+    def __init__(self, images: np.ndarray, targets: Sequence[int], classes: list[str], transform: Callable | None = None) -> None:
+        self.images = images
+        self.targets = [int(t) for t in targets]
+        self.classes = classes
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        return (self.transform(image) if self.transform else image), self.targets[index]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), gzipped or not: magic 2049 labels, 2051 images."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as handle:
+            raw = handle.read()
+    except (OSError, EOFError) as error:
+        raise SeedError(f"{path} cannot be read ({error}); delete it and fetch the dataset again (make data)") from None
+    magic = int.from_bytes(raw[:4], "big")
+    if magic not in (2049, 2051):
+        raise SeedError(f"{path} is not an IDX file (magic number {magic}); fetch the dataset again (make data)")
+    ndim = magic - 2048
+    shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
+    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    if data.size != int(np.prod(shape)):
+        raise SeedError(f"{path} is truncated ({data.size} of {int(np.prod(shape))} values); fetch the dataset again (make data)")
+    return data.reshape(shape)
+
+
+def _find_idx(folder: Path, name: str) -> Path | None:
+    for candidate in (folder / f"{name}.gz", folder / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def fashion_mnist_folder() -> Path | None:
+    """The first of ``$SEED_DATA/fashion-mnist`` and the Debian package's folder that holds the files."""
+    candidates = [Path(os.environ["SEED_DATA"]) / "fashion-mnist"] if os.environ.get("SEED_DATA") else []
+    for folder in [*candidates, FASHION_MNIST_SYSTEM]:
+        if all(_find_idx(folder, name) for pair in _FASHION_FILES.values() for name in pair):
+            return folder
+    return None
+
+
+def _fashion_mnist(split: str, data_root: str | None, download: bool, transform: Callable | None) -> Dataset:
+    folder = fashion_mnist_folder()
+    if folder is not None:
+        images_name, labels_name = _FASHION_FILES[split]
+        images, labels = read_idx(_find_idx(folder, images_name)), read_idx(_find_idx(folder, labels_name))
+        if len(images) != len(labels):
+            raise SeedError(f"fashion-mnist in {folder}: {len(images)} images but {len(labels)} labels; fetch the dataset again (make data)")
+        return ArrayImageDataset(images, labels, FASHION_MNIST_CLASSES, transform)
+    if download:
+        root = Path(data_root or Path.home() / ".cache" / "seed")
+        tv = datasets.FashionMNIST(str(root), train=split == "train", download=True)
+        return ArrayImageDataset(tv.data.numpy(), tv.targets.tolist(), FASHION_MNIST_CLASSES, transform)
+    raise SeedError(
+        "fashion-mnist not found in $SEED_DATA/fashion-mnist or /usr/share/datasets/fashion-mnist; "
+        "run `make data` (or `apt-get install dataset-fashion-mnist`), or pass --download when online"
+    )
+
+
+def _digits(split: str, transform: Callable | None) -> Dataset:
+    """scikit-learn's 1,797 8x8 digits, split 80/20 stratified with random_state=0 (1,437 train / 360 val)."""
+    from sklearn.datasets import load_digits
+    from sklearn.model_selection import train_test_split
+
+    digits = load_digits()
+    images = np.round(digits.images * (255.0 / 16.0)).astype(np.uint8)
+    train_x, val_x, train_y, val_y = train_test_split(images, digits.target, test_size=0.2, stratify=digits.target, random_state=0)
+    images, targets = (train_x, train_y) if split == "train" else (val_x, val_y)
+    return ArrayImageDataset(images, targets, [str(d) for d in range(10)], transform)
+
+
+def _torchvision(name: str, split: str, data_root: str | None, download: bool, transform: Callable | None) -> Dataset:
+    if data_root is None:
+        raise SeedError(f"--data {name} needs --data-root DIR (the folder that holds or will hold it; add --download when online)")
+    train = split == "train"
+    try:
+        if name == "stl10":
+            dataset = datasets.STL10(data_root, split="train" if train else "test", download=download, transform=transform)
+            dataset.targets = dataset.labels.tolist()
+            return dataset
+        kind = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
+        return kind(data_root, train=train, download=download, transform=transform)
+    except RuntimeError as error:
+        raise SeedError(f"{name} not found in {data_root} ({str(error).splitlines()[0]}); pass --download when online, or the right --data-root") from None
+
+
+def _rgb_loader(path: str) -> Image.Image:
+    with open(path, "rb") as handle:
+        return Image.open(handle).convert("RGB")
+
+
+def _image_folder(root: Path, split: str, transform: Callable | None) -> Dataset:
+    if not root.exists():
+        raise SeedError(f"data path {root} does not exist; pass an ImageFolder root with train/ and val/ or one of: {', '.join(BUILTIN)}")
+    folder = root / split
+    if not folder.is_dir():
+        raise SeedError(f"data path {root} has no {split}/ folder; an ImageFolder root holds train/<class>/*.jpg and val/<class>/*.jpg")
+    try:
+        return datasets.ImageFolder(str(folder), transform=transform, loader=_rgb_loader)
+    except FileNotFoundError as error:
+        raise SeedError(f"{folder}: {error}") from None
+
+
+def load_dataset(data: str, split: str, data_root: str | None = None, download: bool = False, transform: Callable | None = None) -> Dataset:
+    """The ``split`` ("train" or "val") of ``--data``; items are ``(transform(rgb_image), label)``.
+
+    The dataset exposes ``.classes`` and ``.targets``.
+    """
+    if split not in ("train", "val"):
+        raise ValueError(f"split must be 'train' or 'val', got {split!r}")
+    if data == "fashion-mnist":
+        return _fashion_mnist(split, data_root, download, transform)
+    if data == "digits":
+        return _digits(split, transform)
+    if data in ("cifar10", "cifar100", "stl10"):
+        return _torchvision(data, split, data_root, download, transform)
+    if os.sep in data or Path(data).exists():
+        return _image_folder(Path(data).expanduser(), split, transform)
+    raise SeedError(f"unknown dataset '{data}'; choose one of: {', '.join(BUILTIN)}, or pass the path of an ImageFolder with train/ and val/")
+
+
+def _recipe(method: str, image_size: int, blur: bool | None) -> dict[str, Any]:
+    """lightly's arguments for ``method``'s augmentation; blur is off below 96px as CIFAR recipes do."""
+    blur_prob = 0.5 if (image_size >= 96 if blur is None else blur) else 0.0
+    common = {"input_size": image_size, "gaussian_blur": blur_prob}
+    if method == "simclr":
+        return common
+    # MoCo v2's colour jitter and crop scale (those of lightly's MoCoV2Transform).
+    return {**common, "cj_bright": 0.4, "cj_contrast": 0.4, "cj_sat": 0.4, "cj_hue": 0.1, "min_scale": 0.2}
+
+
+def view_transform(method: str, image_size: int, blur: bool | None = None) -> Callable:
+    """Two augmented views per image: MoCo v2's or SimCLR's recipe (lightly)."""
+    kind = SimCLRTransform if method == "simclr" else MoCoV2Transform
+    return kind(**_recipe(method, image_size, blur))
+
+
+def single_view_transform(method: str, image_size: int, blur: bool | None = None) -> Callable:
+    """One augmented view of the same recipe (SEED feeds one view to teacher and student)."""
+    return SimCLRViewTransform(**_recipe(method, image_size, blur))
+
+
+def eval_transform(image_size: int) -> Callable:
+    """Deterministic: resize small data straight to size; resize to 8/7 and centre-crop larger data."""
+    normalize = T.Normalize(mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"])
+    if image_size < 96:
+        return T.Compose([T.Resize((image_size, image_size)), T.ToTensor(), normalize])
+    return T.Compose([T.Resize(round(image_size * 256 / 224)), T.CenterCrop(image_size), T.ToTensor(), normalize])

@@ -1,0 +1,79 @@
+"""The shared base of every trainable method (pretraining, SEED, MEAL V2).
+
+A method subclasses :class:`TrainModule` and adds only its heads, its loss and
+its ``training_step``. The base owns the backbone, the optimiser and schedule,
+the kNN monitor, and the queues' place in checkpoints.
+"""
+
+import dataclasses
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from lightly.models.modules.memory_bank import MemoryBankModule
+from lightly.utils.lars import LARS
+from lightly.utils.scheduler import CosineWarmupScheduler
+from torch import Tensor
+
+from seed.backbones import create_backbone
+from seed.config import TrainConfig
+from seed.knn import knn_top1
+
+
+class TrainModule(pl.LightningModule):
+    """Backbone + optimiser + cosine schedule + kNN monitor; subclasses add the method."""
+
+    def __init__(self, config: TrainConfig, num_classes: int) -> None:
+        super().__init__()
+        self.config = config
+        self.num_classes = num_classes
+        self.save_hyperparameters({"config": dataclasses.asdict(config), "num_classes": num_classes})
+        self.backbone = create_backbone(config.arch, small_images=bool(config.small_images))
+        self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {0: [], 1: []}
+
+    def lr(self) -> float:
+        """The flag, else the linear scaling rule lr = base_lr x global batch / 256 (Goyal et al. 2017)."""
+        if self.config.lr is not None:
+            return self.config.lr
+        global_batch = self.config.batch_size * self.config.devices * self.config.num_nodes
+        return self.config.base_lr * global_batch / 256
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        params = [p for p in self.parameters() if p.requires_grad]
+        kind = LARS if self.config.optimizer == "lars" else torch.optim.SGD
+        optimizer = kind(params, lr=self.lr(), momentum=self.config.momentum, weight_decay=self.config.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = min(int(self.config.warmup_epochs * self.trainer.num_training_batches), total)
+        schedule = CosineWarmupScheduler(optimizer, warmup_epochs=warmup, max_epochs=max(total, 1), end_value=0.0)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    # kNN monitor: dataloader 0 is the bank (train images), 1 the queries (val images).
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        self._monitor[dataloader_idx].append((F.normalize(self.backbone(images), dim=1), labels))
+
+    def on_validation_epoch_end(self) -> None:
+        gathered = []
+        for idx in (0, 1):
+            features = torch.cat([f for f, _ in self._monitor[idx]])
+            labels = torch.cat([y for _, y in self._monitor[idx]])
+            gathered.append((self.all_gather(features).flatten(0, -2), self.all_gather(labels).flatten()))
+            self._monitor[idx].clear()
+        (bank, bank_labels), (queries, query_labels) = gathered
+        top1 = knn_top1(bank.float(), bank_labels, queries.float(), query_labels, self.num_classes, k=self.config.knn_k)
+        self.log("knn_top1", top1, prog_bar=True, rank_zero_only=True)
+
+    # lightly keeps queues as non-persistent buffers; store them so a resumed run keeps its queue.
+    def _memory_banks(self) -> dict[str, MemoryBankModule]:
+        return {name: m for name, m in self.named_modules() if isinstance(m, MemoryBankModule) and m.size[0] > 0}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["memory_banks"] = {name: {"bank": m.bank.cpu(), "ptr": m.bank_ptr.cpu()} for name, m in self._memory_banks().items()}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        for name, module in self._memory_banks().items():
+            saved = checkpoint.get("memory_banks", {}).get(name)
+            if saved is not None:
+                module.bank.copy_(saved["bank"])
+                module.bank_ptr.copy_(saved["ptr"])

@@ -1,0 +1,113 @@
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, Dataset
+
+from pretrain.cli import METHODS
+from seed.checkpoints import load_backbone, load_file
+from seed.config import PretrainConfig, make_config, resolve
+from seed.engine import build_trainer
+
+from .conftest import run_command
+
+
+class FixedViews(Dataset):
+    """Two fixed views (an image and a noisy copy) of each of 256 fixed images."""
+
+    def __init__(self, size: int = 256) -> None:
+        generator = torch.Generator().manual_seed(0)
+        self.x0 = torch.randn(size, 3, 16, 16, generator=generator)
+        self.x1 = self.x0 + 0.3 * torch.randn(size, 3, 16, 16, generator=generator)
+
+    def __len__(self) -> int:
+        return len(self.x0)
+
+    def __getitem__(self, i: int):
+        return [self.x0[i], self.x1[i]], 0
+
+
+def _infonce(module, data: FixedViews) -> float:
+    """InfoNCE of views 0..31 against their second view, other images' keys as negatives."""
+    key_backbone = getattr(module, "backbone_momentum", module.backbone)
+    key_head = getattr(module, "projection_head_momentum", module.projection_head)
+    module.eval()
+    with torch.no_grad():
+        query = F.normalize(module.projection_head(module.backbone(data.x0[:32])), dim=1)
+        keys = F.normalize(key_head(key_backbone(torch.cat([data.x1[:32], data.x0[32:128]]))), dim=1)
+    logits = torch.cat([(query * keys[:32]).sum(1, keepdim=True), query @ keys[32:].T], dim=1) / 0.2
+    return float(F.cross_entropy(logits, torch.zeros(32, dtype=torch.long)))
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_training_lowers_the_contrastive_loss(method, tmp_path):
+    """A few epochs on fixed images teach the encoder to tell the images apart."""
+    pl.seed_everything(0, verbose=False)
+    config = make_config(PretrainConfig, {"method": method, "arch": "r18", "image_size": 16, "batch_size": 32, "epochs": 4,
+                                          "queue_size": 64, "knn_every": 0, "output": str(tmp_path), "base_lr": 0.05,
+                                          "optimizer": "sgd", "warmup_epochs": 0.0, "moco_momentum": 0.9})
+    module = METHODS[method](resolve(config, METHODS[method].DEFAULTS), num_classes=10)
+    data = FixedViews()
+    before = _infonce(module, data)
+    build_trainer(module.config, tmp_path).fit(module, DataLoader(data, batch_size=32, shuffle=True))
+    after = _infonce(module, data)
+    assert after < 0.7 * before, (before, after)
+    for bank in module._memory_banks().values():
+        assert int(bank.bank_ptr) == (4 * 8 * 32) % 64  # the queue took every key in
+
+
+def test_pretrain_cli_writes_run_folder_and_resumes(tmp_path, tiny_args):
+    out = tmp_path / "run"
+    first = run_command("seed-pretrain", *tiny_args, "--max-steps", "3", "--output", str(out))
+    assert first.returncode == 0, first.stderr[-2000:]
+    assert {"config.yaml", "last.ckpt", "teacher.pt", "knn.json"} <= {p.name for p in out.iterdir()}
+    assert (out / "logs" / "metrics.csv").is_file()
+    ckpt = load_file(out / "last.ckpt")
+    assert ckpt["global_step"] == 3
+    assert int(ckpt["memory_banks"]["criterion.memory_bank"]["ptr"]) == 3 * 16 % 64
+    exported = load_file(out / "teacher.pt")
+    assert exported["arch"] == "r18" and exported["method"] == "mocov2" and exported["embed_dim"] == 128
+    assert exported["small_images"] is True  # 16px -> small-image stem by default
+    teacher = load_backbone(out / "teacher.pt")
+    from_ckpt = load_backbone(out / "last.ckpt")
+    for key, value in teacher.state_dict().items():
+        assert torch.equal(value, from_ckpt.state_dict()[key]), key
+    assert "random init" in first.stdout and "trained" in first.stdout
+
+    second = run_command("seed-pretrain", *tiny_args, "--max-steps", "5", "--output", str(out))
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert "resuming from" in second.stdout
+    assert load_file(out / "last.ckpt")["global_step"] == 5
+
+
+def test_simclr_runs(tmp_path, tiny_args):
+    result = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--max-steps", "2", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert load_file(tmp_path / "teacher.pt")["method"] == "simclr"
+
+
+def test_two_process_ddp_on_cpu(tmp_path, tiny_args):
+    """The multi-GPU/multi-node path (Lightning DDP) exercised with 2 CPU processes over gloo."""
+    result = run_command("seed-pretrain", *tiny_args, "--devices", "2", "--accelerator", "cpu", "--max-steps", "3", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert load_file(tmp_path / "last.ckpt")["global_step"] == 3
+    ckpt_files = sorted(p.name for p in tmp_path.rglob("*.ckpt"))
+    assert ckpt_files == ["last.ckpt"]  # rank 0 alone writes, and no temporary file is left
+    assert sorted(p.name for p in tmp_path.glob(".*")) == []
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--arch", "r19"], "unknown architecture 'r19'"),
+        (["--method", "byol"], "unknown method 'byol'; choose one of: mocov2, simclr"),
+        (["--batch-size", "5000"], "exceeds the 1437 training images"),
+        (["--data", "/no/such/folder"], "does not exist"),
+    ],
+)
+def test_bad_input_is_one_line_exit_2(args, message, tmp_path, tiny_args):
+    result = run_command("seed-pretrain", *tiny_args, *args, "--output", str(tmp_path / "out"))
+    assert result.returncode == 2
+    assert message in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert not (tmp_path / "out").exists()
