@@ -34,6 +34,7 @@ demo: setup data
 	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml
 
 test: setup data
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 lint: setup
