@@ -24,7 +24,7 @@ class MoCoV2(TrainModule):
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "temperature": 0.2, "warmup_epochs": 0.0}
 
     def __init__(self, config: PretrainConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+        super().__init__(config, config.arch, num_classes)
         dim = self.backbone.feature_dim
         self.projection_head = MoCoProjectionHead(dim, dim, config.embed_dim)
         self.backbone_momentum = copy.deepcopy(self.backbone)

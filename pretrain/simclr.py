@@ -19,7 +19,7 @@ class SimCLR(TrainModule):
     DEFAULTS = {"optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6, "temperature": 0.5, "warmup_epochs": 10.0}
 
     def __init__(self, config: PretrainConfig, num_classes: int) -> None:
-        super().__init__(config, num_classes)
+        super().__init__(config, config.arch, num_classes)
         dim = self.backbone.feature_dim
         self.projection_head = SimCLRProjectionHead(dim, dim, config.embed_dim)
         self.criterion = NTXentLoss(config.temperature, gather_distributed=True)

@@ -85,32 +85,112 @@ def _strip(state: Mapping[str, Any], prefix: str) -> dict[str, Any]:
     return {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
 
+def _tensors(content: Any) -> dict[str, torch.Tensor] | None:
+    """The tensor mapping inside a file: the file itself, or its ``state_dict``/``model`` entry."""
+    if not isinstance(content, Mapping):
+        return None
+    for key in ("state_dict", "model"):
+        if isinstance(content.get(key), Mapping):
+            content = content[key]
+            break
+    if not content or not all(isinstance(v, torch.Tensor) for v in content.values()):
+        return None
+    return dict(content)
+
+
+def _split(state: Mapping[str, torch.Tensor], head_prefix: str, drop: tuple[str, ...] = ()) -> tuple[dict, dict | None]:
+    """Backbone keys and the projection head's keys (``None`` when the file has no head)."""
+    head = _strip(state, head_prefix) or None
+    backbone = {k: v for k, v in state.items() if not k.startswith(head_prefix) and not k.startswith(drop)}
+    return backbone, head
+
+
 def _read_export(content: Mapping[str, Any]) -> dict[str, Any] | None:
     if content.get("format") != EXPORT_FORMAT:
         return None
-    return {"state_dict": content["state_dict"], "arch": content["arch"], "format": "seed export"}
+    head = content.get("head_state_dict")
+    return {"state_dict": content["state_dict"], "head": head, "arch": content["arch"], "small_images": content.get("small_images"),
+            "format": f"seed export ({content.get('method')})"}
 
 
 def _read_lightning(content: Mapping[str, Any]) -> dict[str, Any] | None:
     if "pytorch-lightning_version" not in content or "state_dict" not in content:
         return None
-    config = content.get("hyper_parameters", {}).get("config", {})
-    return {"state_dict": _strip(content["state_dict"], "backbone."), "arch": config.get("arch"), "format": "seed Lightning checkpoint"}
+    state = content["state_dict"]
+    head = _strip(state, "projection_head.") or _strip(state, "head.") or None
+    hparams = content.get("hyper_parameters", {})
+    return {"state_dict": _strip(state, "backbone."), "head": head, "arch": hparams.get("arch"),
+            "small_images": hparams.get("config", {}).get("small_images"), "format": "seed Lightning checkpoint"}
+
+
+def _read_moco(content: Mapping[str, Any]) -> dict[str, Any] | None:
+    """facebookresearch/moco: ``module.encoder_q.*``; v2's MLP head is ``fc.0``/``fc.2``, v1's is one ``fc``."""
+    state = _tensors(content)
+    if state is None or not any(k.startswith("module.encoder_q.") for k in state):
+        return None
+    backbone, head = _split(_strip(state, "module.encoder_q."), "fc.")
+    version = "v2" if head and "0.weight" in head else "v1"
+    return {"state_dict": backbone, "head": head, "arch": None, "format": f"MoCo {version}"}
+
+
+def _read_seed_official(content: Mapping[str, Any]) -> dict[str, Any] | None:
+    """The official SEED code saves the whole distiller; its student is ``module.student.*`` with an MLP ``fc``."""
+    state = _tensors(content)
+    if state is None or not any(k.startswith("module.student.") for k in state):
+        return None
+    backbone, head = _split(_strip(state, "module.student."), "fc.")
+    return {"state_dict": backbone, "head": head, "arch": None, "format": "SEED official student"}
+
+
+def _read_swav(content: Mapping[str, Any]) -> dict[str, Any] | None:
+    """facebookresearch/swav: ``module.*`` with ``projection_head.*``; the ``prototypes`` are dropped."""
+    state = _tensors(content)
+    if state is None:
+        return None
+    state = _strip(state, "module.") or state
+    if not any(k.startswith(("prototypes", "projection_head.")) for k in state):
+        return None
+    backbone, head = _split(state, "projection_head.", drop=("prototypes",))
+    return {"state_dict": backbone, "head": head, "arch": None, "format": "SwAV"}
+
+
+def _read_simclr(content: Mapping[str, Any]) -> dict[str, Any] | None:
+    """SimCLR converted to PyTorch: ``model``/``state_dict`` whose keys carry a prefix such as
+    ``module.``, ``encoder.``, ``backbone.`` or ``resnet.``; the 2048-2048(BN)-128 head as ``head.*`` or ``projector.*``."""
+    state = _tensors(content)
+    if state is None:
+        return None
+    for prefix in ("module.", "model."):
+        state = _strip(state, prefix) or state
+    for encoder in ("encoder.", "backbone.", "resnet.", "convnet."):
+        backbone = _strip(state, encoder)
+        if "conv1.weight" in backbone:
+            head = _strip(state, "head.") or _strip(state, "projector.") or _strip(state, "projection_head.") or None
+            return {"state_dict": backbone, "head": head, "arch": None, "format": "SimCLR (converted)"}
+    return None
 
 
 def _read_plain(content: Mapping[str, Any]) -> dict[str, Any] | None:
-    state = content.get("state_dict", content)
-    if not isinstance(state, Mapping) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+    """A torchvision classifier's state dict: its ``fc``/``classifier`` is a classifier, not a projection head."""
+    state = _tensors(content)
+    if state is None:
         return None
-    return {"state_dict": dict(state), "arch": None, "format": "plain state_dict"}
+    return {"state_dict": state, "head": None, "arch": None, "format": "plain state_dict (torchvision)"}
 
 
 #: Format readers tried in order; each returns None when the file is not its format.
-READERS: list[Callable[[Mapping[str, Any]], dict[str, Any] | None]] = [_read_export, _read_lightning, _read_plain]
+READERS: list[Callable[[Mapping[str, Any]], dict[str, Any] | None]] = [
+    _read_export, _read_lightning, _read_moco, _read_seed_official, _read_swav, _read_simclr, _read_plain,
+]
+KNOWN_FORMATS = "seed export .pt, seed Lightning .ckpt, MoCo v1/v2, SEED official, SwAV, SimCLR (converted), torchvision state_dict"
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:
-    """Detect the format of ``path``: ``{"state_dict", "arch", "format"}`` with backbone keys."""
+    """Detect the format of ``path``: ``{"state_dict", "head", "arch", "format"}``.
+
+    ``state_dict`` holds the backbone with torchvision key names; ``head`` the
+    projection head's keys (or ``None``).
+    """
     content = load_file(path)
     if isinstance(content, Mapping):
         for reader in READERS:
@@ -118,25 +198,44 @@ def read_checkpoint(path: str | Path) -> dict[str, Any]:
             if found is not None:
                 return found
     keys = list(content)[:8] if isinstance(content, Mapping) else type(content).__name__
-    raise SeedError(
-        f"checkpoint {path} fits no known format (found keys {keys}); "
-        "known: seed export .pt, seed Lightning .ckpt, plain torchvision state_dict"
-    )
+    raise SeedError(f"checkpoint {path} fits no known format (found keys {keys}); known: {KNOWN_FORMATS}")
 
 
-def load_backbone(path: str | Path, arch: str | None = None) -> nn.Module:
-    """Read any supported checkpoint into a registry backbone.
+def build_head(state: Mapping[str, torch.Tensor]) -> nn.Sequential:
+    """Rebuild an MLP projection head from its weights alone.
 
-    ``arch`` may be omitted for our own files, which record it. A 3x3 ``conv1``
-    in the weights means the small-image stem.
+    Works for every published layout (MoCo ``fc.0/fc.2``, SwAV/SimCLR
+    ``0 Linear, 1 BN, 3 Linear``, lightly's ``layers.*``): a 2-D weight is a
+    Linear, a 1-D weight with running stats a BatchNorm1d, and an index
+    without parameters a ReLU. A head saved as one Linear (MoCo v1) has no index.
     """
-    found = read_checkpoint(path)
+    state = _strip(state, "layers.") or dict(state)
+    if "weight" in state:
+        state = {f"0.{k}": v for k, v in state.items()}
+    indices = sorted({int(k.split(".")[0]) for k in state})
+    layers: list[nn.Module] = []
+    for index in range(indices[-1] + 1):
+        weight = state.get(f"{index}.weight")
+        if weight is None:
+            layers.append(nn.ReLU())
+        elif weight.dim() == 2:
+            layers.append(nn.Linear(weight.shape[1], weight.shape[0], bias=f"{index}.bias" in state))
+        else:
+            layers.append(nn.BatchNorm1d(weight.shape[0]))
+    head = nn.Sequential(*layers)
+    head.load_state_dict(state)
+    return head
+
+
+def _backbone_from(found: dict[str, Any], path: str | Path, arch: str | None) -> nn.Module:
     arch = arch or found["arch"]
     if arch is None:
         raise SeedError(f"checkpoint {path} ({found['format']}) does not record its architecture; pass --arch")
     state = found["state_dict"]
-    conv1 = state.get("conv1.weight")
-    small_images = conv1 is not None and conv1.shape[-1] == 3
+    small_images = found.get("small_images")
+    if small_images is None:  # published files: a 3x3 conv1 means the small-image stem
+        conv1 = state.get("conv1.weight")
+        small_images = conv1 is not None and conv1.shape[-1] == 3
     backbone = create_backbone(arch, small_images=small_images)
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]
@@ -145,8 +244,38 @@ def load_backbone(path: str | Path, arch: str | None = None) -> nn.Module:
     for key, value in own.items():
         if state[key].shape != value.shape:
             raise SeedError(
-                f"checkpoint {path} does not fit {arch}: '{key}' has shape {tuple(state[key].shape)}, "
+                f"checkpoint {path} ({found['format']}) does not fit {arch}: '{key}' has shape {tuple(state[key].shape)}, "
                 f"{arch} needs {tuple(value.shape)}; check --arch"
             )
     backbone.load_state_dict({k: state[k] for k in own})
     return backbone
+
+
+def load_backbone(path: str | Path, arch: str | None = None) -> nn.Module:
+    """Read any supported checkpoint (ours or published) into a registry backbone.
+
+    ``arch`` may be omitted for our own files, which record it.
+    """
+    return _backbone_from(read_checkpoint(path), path, arch)
+
+
+def load_encoder(path: str | Path, arch: str | None = None, use_head: bool | None = None) -> tuple[nn.Module, nn.Module | None, str]:
+    """Backbone, projection head (or ``None``) and format name of a checkpoint.
+
+    ``use_head=None`` keeps the head when the file has one (as SEED does);
+    ``True`` demands one; ``False`` drops it.
+    """
+    found = read_checkpoint(path)
+    backbone = _backbone_from(found, path, arch)
+    if use_head and found["head"] is None:
+        raise SeedError(f"checkpoint {path} ({found['format']}) has no projection head; drop --teacher-head")
+    head = build_head(found["head"]) if found["head"] is not None and use_head is not False else None
+    if head is not None:
+        with torch.no_grad():
+            try:
+                head(torch.zeros(2, backbone.feature_dim))
+            except RuntimeError:
+                raise SeedError(
+                    f"checkpoint {path}: its projection head does not take the {backbone.feature_dim}-d features of {backbone.arch}; check --arch"
+                ) from None
+    return backbone, head, found["format"]

@@ -19,13 +19,19 @@ def run_cli(prog: str, main: Callable[[list[str] | None], object], argv: list[st
 
 
 def distill_main(argv: list[str] | None = None) -> None:
-    """``seed-distill``: SEED and MEAL V2 distillation (lands with its issue)."""
+    """``seed-distill``: SEED (``--mode seed``, default) or MEAL V2 (``--mode meal``)."""
+    from seed.config import DistillConfig, load_config
 
     def main(args: list[str] | None) -> None:
-        import argparse
-
         description = "Distil a self-supervised teacher (SEED) or an ensemble of classifiers (MEAL V2) into a small student."
-        argparse.ArgumentParser(prog="seed-distill", description=description).parse_args(args)
-        raise SeedError("seed-distill is not implemented yet; it arrives with the SEED distillation issue")
+        config = load_config(DistillConfig, args, "seed-distill", description)
+        if config.mode == "seed":
+            from seed.distill import distill
+
+            distill(config)
+        elif config.mode == "meal":
+            raise SeedError("seed-distill --mode meal is not implemented yet; it arrives with the MEAL V2 issue")
+        else:
+            raise SeedError(f"unknown --mode '{config.mode}'; choose seed or meal")
 
     run_cli("seed-distill", main, argv)

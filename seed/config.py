@@ -50,6 +50,8 @@ class TrainConfig(CommonConfig):
     """Flags of every training stage (optimiser, checkpoints, monitoring)."""
 
     arch: str = _help("backbone, one of seed.backbones.available()", "r18")
+    embed_dim: int = _help("output dimension of the projection head", 128)
+    temperature: float | None = _help("contrastive temperature (default: the method's)")
     small_images: bool | None = _help("3x3 stem without max-pool for small inputs (default: on when --image-size <= 64)")
     optimizer: str | None = _help("sgd or lars (default: the method's)")
     lr: float | None = _help("learning rate; default base_lr x batch_size x devices x nodes / 256")
@@ -73,9 +75,30 @@ class PretrainConfig(TrainConfig):
     """``seed-pretrain``: a self-supervised teacher."""
 
     method: str = _help("mocov2 or simclr", "mocov2")
+    arch: str = _help("backbone, one of seed.backbones.available()", "r18")
+    embed_dim: int = _help("output dimension of the projection head", 128)
+    temperature: float | None = _help("contrastive temperature (default: the method's)")
     queue_size: int = _help("MoCo queue length K", 65536)
     moco_momentum: float = _help("momentum of MoCo's key encoder", 0.999)
     moco_momentum_cosine: bool = _help("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
+
+
+@dataclasses.dataclass
+class DistillConfig(TrainConfig):
+    """``seed-distill``: a small student learns from a frozen teacher."""
+
+    mode: str = _help("seed (self-supervised, SEED) or meal (labelled ensemble, MEAL V2)", "seed")
+    student: str = _help("student backbone, one of seed.backbones.available()", "r18")
+    teacher: str | None = _help("teacher backbone (default: the one recorded in our checkpoints)")
+    teacher_checkpoint: str | None = _help("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED or torchvision files "
+                                              "(default: the demo teacher, runs/demo/pretrain/teacher.pt)")
+    teacher_head: bool | None = _help("use the teacher's projection head (default: when the checkpoint has one, as SEED does)")
+    queue_size: int = _help("SEED queue length K (teacher embeddings)", 65536)
+    tau_s: float = _help("student temperature", 0.2)
+    tau_t: float = _help("teacher temperature (1e-4: near one-hot, the official code's)", 1e-4)
+    small_crops: int = _help("SwAV-style extra small crops per image, with their own queue (0: off; the paper's variant uses 6)", 0)
+    teacher_fold_bn: bool = _help("fold the teacher's BatchNorm into its convolutions (same outputs, faster)", True)
+    channels_last: bool | None = _help("run the teacher in channels_last memory format (default: on GPU)")
 
 
 def _flag(name: str) -> str:
@@ -83,7 +106,7 @@ def _flag(name: str) -> str:
 
 
 def _base_type(annotation: Any) -> type:
-    """``Optional[int]`` -> ``int``; plain types pass through."""
+    """``int | None`` -> ``int``; plain types pass through."""
     if typing.get_origin(annotation) in (Union, types.UnionType):
         return next(a for a in typing.get_args(annotation) if a is not type(None))
     return annotation

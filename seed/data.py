@@ -8,13 +8,15 @@ The view transforms are lightly's recipes, sized by ``--image-size``.
 
 import gzip
 import os
+import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torchvision.transforms as T
-from lightly.transforms import MoCoV2Transform, SimCLRTransform, SimCLRViewTransform
+from lightly.transforms import MoCoV2Transform, SimCLRTransform
+from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
 from torch.utils.data import Dataset
@@ -25,7 +27,9 @@ from seed.errors import SeedError
 BUILTIN = ("fashion-mnist", "digits", "cifar10", "cifar100", "stl10")
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
+# (images, labels) file names per split, without the optional .gz suffix.
 _FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
+METHODS = {"mocov2": MoCoV2Transform, "simclr": SimCLRTransform}
 
 
 class ArrayImageDataset(Dataset):
@@ -41,30 +45,38 @@ class ArrayImageDataset(Dataset):
         return len(self.images)
 
     def __getitem__(self, index: int) -> tuple[Any, int]:
-        image = Image.fromarray(self.images[index], mode="L").convert("RGB")
+        image = Image.fromarray(self.images[index]).convert("RGB")
         return (self.transform(image) if self.transform else image), self.targets[index]
 
 
-def read_idx(path: Path) -> np.ndarray:
-    """Read an IDX file (LeCun's MNIST format), gzipped or not: magic 2049 labels, 2051 images."""
+def read_idx(path: Path, magic: int) -> np.ndarray:
+    """Read an IDX file (LeCun's MNIST format), gzipped or not; ``magic`` is 2051 for images, 2049 for labels.
+
+    A bad file is a user problem (interrupted copy, wrong file), so it is a SeedError naming the file.
+    """
     opener = gzip.open if path.suffix == ".gz" else open
     try:
         with opener(path, "rb") as handle:
             raw = handle.read()
-    except (OSError, EOFError) as error:
+    except (OSError, EOFError, zlib.error) as error:
         raise SeedError(f"{path} cannot be read ({error}); delete it and fetch the dataset again (make data)") from None
-    magic = int.from_bytes(raw[:4], "big")
-    if magic not in (2049, 2051):
-        raise SeedError(f"{path} is not an IDX file (magic number {magic}); fetch the dataset again (make data)")
+    found = int.from_bytes(raw[:4], "big")
+    if found != magic:
+        kind = "images" if magic == 2051 else "labels"
+        raise SeedError(f"{path} is not an IDX {kind} file (magic number {found}, expected {magic}); fetch the dataset again (make data)")
     ndim = magic - 2048
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise SeedError(f"{path} is truncated (incomplete IDX header); fetch the dataset again (make data)")
     shape = [int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim)]
-    data = np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim)
+    data = np.frombuffer(raw, dtype=np.uint8, offset=header)
     if data.size != int(np.prod(shape)):
-        raise SeedError(f"{path} is truncated ({data.size} of {int(np.prod(shape))} values); fetch the dataset again (make data)")
+        raise SeedError(f"{path} holds {data.size} values, its header says {int(np.prod(shape))}; fetch the dataset again (make data)")
     return data.reshape(shape)
 
 
 def _find_idx(folder: Path, name: str) -> Path | None:
+    """``name.gz`` or uncompressed ``name`` in ``folder``, whichever exists (gzipped first)."""
     for candidate in (folder / f"{name}.gz", folder / name):
         if candidate.is_file():
             return candidate
@@ -84,17 +96,20 @@ def _fashion_mnist(split: str, data_root: str | None, download: bool, transform:
     folder = fashion_mnist_folder()
     if folder is not None:
         images_name, labels_name = _FASHION_FILES[split]
-        images, labels = read_idx(_find_idx(folder, images_name)), read_idx(_find_idx(folder, labels_name))
+        images, labels = read_idx(_find_idx(folder, images_name), 2051), read_idx(_find_idx(folder, labels_name), 2049)
         if len(images) != len(labels):
             raise SeedError(f"fashion-mnist in {folder}: {len(images)} images but {len(labels)} labels; fetch the dataset again (make data)")
         return ArrayImageDataset(images, labels, FASHION_MNIST_CLASSES, transform)
     if download:
         root = Path(data_root or Path.home() / ".cache" / "seed")
-        tv = datasets.FashionMNIST(str(root), train=split == "train", download=True)
+        try:
+            tv = datasets.FashionMNIST(str(root), train=split == "train", download=True)
+        except (RuntimeError, OSError) as error:
+            raise SeedError(f"fashion-mnist could not be downloaded to {root} ({str(error).splitlines()[0]}); run `make data` instead") from None
         return ArrayImageDataset(tv.data.numpy(), tv.targets.tolist(), FASHION_MNIST_CLASSES, transform)
     raise SeedError(
-        "fashion-mnist not found in $SEED_DATA/fashion-mnist or /usr/share/datasets/fashion-mnist; "
-        "run `make data` (or `apt-get install dataset-fashion-mnist`), or pass --download when online"
+        f"fashion-mnist not found in $SEED_DATA/fashion-mnist or {FASHION_MNIST_SYSTEM}; run `make data` "
+        "(or `apt-get install dataset-fashion-mnist`), set SEED_DATA to a folder holding fashion-mnist/, or pass --download when online"
     )
 
 
@@ -117,12 +132,14 @@ def _torchvision(name: str, split: str, data_root: str | None, download: bool, t
     try:
         if name == "stl10":
             dataset = datasets.STL10(data_root, split="train" if train else "test", download=download, transform=transform)
-            dataset.targets = dataset.labels.tolist()
+            dataset.targets = dataset.labels.tolist()  # STL10 calls them labels; callers read .targets
             return dataset
         kind = datasets.CIFAR10 if name == "cifar10" else datasets.CIFAR100
         return kind(data_root, train=train, download=download, transform=transform)
     except RuntimeError as error:
         raise SeedError(f"{name} not found in {data_root} ({str(error).splitlines()[0]}); pass --download when online, or the right --data-root") from None
+    except OSError as error:
+        raise SeedError(f"{name} could not be downloaded to {data_root} ({error}); check the network, or put the files there and drop --download") from None
 
 
 def _rgb_loader(path: str) -> Image.Image:
@@ -160,25 +177,24 @@ def load_dataset(data: str, split: str, data_root: str | None = None, download: 
     raise SeedError(f"unknown dataset '{data}'; choose one of: {', '.join(BUILTIN)}, or pass the path of an ImageFolder with train/ and val/")
 
 
-def _recipe(method: str, image_size: int, blur: bool | None) -> dict[str, Any]:
-    """lightly's arguments for ``method``'s augmentation; blur is off below 96px as CIFAR recipes do."""
-    blur_prob = 0.5 if (image_size >= 96 if blur is None else blur) else 0.0
-    common = {"input_size": image_size, "gaussian_blur": blur_prob}
-    if method == "simclr":
-        return common
-    # MoCo v2's colour jitter and crop scale (those of lightly's MoCoV2Transform).
-    return {**common, "cj_bright": 0.4, "cj_contrast": 0.4, "cj_sat": 0.4, "cj_hue": 0.1, "min_scale": 0.2}
+def _method(method: str) -> type[MultiViewTransform]:
+    if method not in METHODS:
+        raise SeedError(f"unknown method '{method}'; choose one of: {', '.join(METHODS)}")
+    return METHODS[method]
 
 
-def view_transform(method: str, image_size: int, blur: bool | None = None) -> Callable:
-    """Two augmented views per image: MoCo v2's or SimCLR's recipe (lightly)."""
-    kind = SimCLRTransform if method == "simclr" else MoCoV2Transform
-    return kind(**_recipe(method, image_size, blur))
+def view_transform(method: str, image_size: int, blur: bool | None = None) -> MultiViewTransform:
+    """Two augmented views per image with lightly's MoCo v2 or SimCLR recipe.
+
+    Gaussian blur is off below 96px (as CIFAR recipes do: it erases small images) and on otherwise; ``blur`` overrides.
+    """
+    use_blur = image_size >= 96 if blur is None else blur
+    return _method(method)(input_size=image_size, gaussian_blur=0.5 if use_blur else 0.0)
 
 
 def single_view_transform(method: str, image_size: int, blur: bool | None = None) -> Callable:
-    """One augmented view of the same recipe (SEED feeds one view to teacher and student)."""
-    return SimCLRViewTransform(**_recipe(method, image_size, blur))
+    """One augmented view (the first of ``view_transform``'s): SEED feeds the same view to teacher and student."""
+    return view_transform(method, image_size, blur).transforms[0]
 
 
 def eval_transform(image_size: int) -> Callable:

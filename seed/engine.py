@@ -126,6 +126,7 @@ def _quiet_lightning() -> None:
     for name in ("pytorch_lightning.utilities.rank_zero", "pytorch_lightning.accelerators.cuda", "lightning_fabric.utilities.seed"):
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", ".*does not have many workers.*")
+    warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")  # the frozen teacher
 
 
 def build_trainer(config: TrainConfig, run_dir: Path, val_every_steps: int | None = None, callbacks: Sequence[Callback] = ()) -> pl.Trainer:

@@ -4,11 +4,17 @@ It answers "is the network learning?" on a few thousand images in seconds.
 ``seed-eval knn`` (downstream/) is the full protocol with faiss.
 """
 
+import json
+from pathlib import Path
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
+
+from seed.engine import monitor_loaders
 
 
 @torch.no_grad()
@@ -35,3 +41,27 @@ def knn_top1(
         predicted = knn_predict(chunk, bank.T, bank_labels, num_classes, knn_k=k, knn_t=temperature)[:, 0]
         correct += int((predicted == query_labels[start:start + 1024]).sum())
     return 100.0 * correct / max(len(queries), 1)
+
+
+def compare_knn(backbones: dict[str, nn.Module], config: Any, num_classes: int) -> dict[str, float]:
+    """kNN top-1 of several backbones on the same monitor subsets (e.g. trained vs random init)."""
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    bank_loader, query_loader = monitor_loaders(config)
+    scores = {}
+    for name, backbone in backbones.items():
+        backbone = backbone.to(device)
+        bank, bank_labels = extract_features(backbone, bank_loader, device)
+        queries, query_labels = extract_features(backbone, query_loader, device)
+        scores[name] = knn_top1(bank, bank_labels, queries, query_labels, num_classes, k=config.knn_k)
+    return scores
+
+
+def print_knn_table(scores: dict[str, float], config: Any, run_dir: Path) -> None:
+    """Print the comparison and keep it as ``knn.json`` in the run folder."""
+    (run_dir / "knn.json").write_text(json.dumps({"metric": "knn_top1", "k": config.knn_k, "bank": config.knn_bank_size,
+                                                  "queries": config.knn_query_size, "scores": scores}, indent=2))
+    print(f"\nkNN top-1 (k={config.knn_k}, {config.knn_query_size} val images, {config.knn_bank_size} train images as bank)")
+    width = max(len(name) for name in scores) + 2
+    print(f"{'backbone':<{width}}{'top-1 %':>8}")
+    for name, value in scores.items():
+        print(f"{name:<{width}}{value:>8.2f}")

@@ -24,12 +24,12 @@ from seed.knn import knn_top1
 class TrainModule(pl.LightningModule):
     """Backbone + optimiser + cosine schedule + kNN monitor; subclasses add the method."""
 
-    def __init__(self, config: TrainConfig, num_classes: int) -> None:
+    def __init__(self, config: TrainConfig, arch: str, num_classes: int) -> None:
         super().__init__()
         self.config = config
         self.num_classes = num_classes
-        self.save_hyperparameters({"config": dataclasses.asdict(config), "num_classes": num_classes})
-        self.backbone = create_backbone(config.arch, small_images=bool(config.small_images))
+        self.save_hyperparameters({"config": dataclasses.asdict(config), "arch": arch, "num_classes": num_classes})
+        self.backbone = create_backbone(arch, small_images=bool(config.small_images))
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {0: [], 1: []}
 
     def lr(self) -> float:

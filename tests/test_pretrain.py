@@ -35,6 +35,7 @@ def _infonce(module, data: FixedViews) -> float:
     with torch.no_grad():
         query = F.normalize(module.projection_head(module.backbone(data.x0[:32])), dim=1)
         keys = F.normalize(key_head(key_backbone(torch.cat([data.x1[:32], data.x0[32:128]]))), dim=1)
+    module.train()
     logits = torch.cat([(query * keys[:32]).sum(1, keepdim=True), query @ keys[32:].T], dim=1) / 0.2
     return float(F.cross_entropy(logits, torch.zeros(32, dtype=torch.long)))
 
@@ -72,7 +73,7 @@ def test_pretrain_cli_writes_run_folder_and_resumes(tmp_path, tiny_args):
     from_ckpt = load_backbone(out / "last.ckpt")
     for key, value in teacher.state_dict().items():
         assert torch.equal(value, from_ckpt.state_dict()[key]), key
-    assert "random init" in first.stdout and "trained" in first.stdout
+    assert "r18 random init" in first.stdout and "r18 mocov2" in first.stdout
 
     second = run_command("seed-pretrain", *tiny_args, "--max-steps", "5", "--output", str(out))
     assert second.returncode == 0, second.stderr[-2000:]
