@@ -32,6 +32,7 @@ data:
 
 demo: setup data
 	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml
+	$(BIN)/seed-distill --config configs/demo/distill.yaml
 
 test: setup data
 	$(BIN)/ruff check .

@@ -28,7 +28,8 @@ def pretrain(config: PretrainConfig) -> Path:
     config = resolve(config, method.DEFAULTS)
     create_backbone(config.arch)  # unknown names fail here, before any data is read
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    train_set = load_dataset(config.data, "train", config.data_root, config.download, view_transform(config.method, config.image_size))
+    views = view_transform(config.method, config.image_size, min_scale=config.crop_min_scale)
+    train_set = load_dataset(config.data, "train", config.data_root, config.download, views)
     check_batch(len(train_set), config)
     run_dir = run_folder(config, "pretrain", f"{config.method}-{config.arch}-{data_name(config)}")
     module = method(config, num_classes=len(train_set.classes))

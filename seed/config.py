@@ -59,6 +59,7 @@ class TrainConfig(CommonConfig):
     momentum: float = _help("SGD momentum", 0.9)
     weight_decay: float | None = _help("weight decay (default: the method's)")
     warmup_epochs: float | None = _help("epochs of linear warm-up before the cosine schedule (default: the method's)")
+    crop_min_scale: float | None = _help("smallest random crop, as a fraction of the image (default: the augmentation recipe's)")
     checkpoint_every: int = _help("also write last.ckpt every N optimiser steps", 500)
     resume: str = _help("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto")
     knn_every: int = _help("kNN top-1 monitor every N epochs (0: off)", 1)

@@ -183,18 +183,20 @@ def _method(method: str) -> type[MultiViewTransform]:
     return METHODS[method]
 
 
-def view_transform(method: str, image_size: int, blur: bool | None = None) -> MultiViewTransform:
+def view_transform(method: str, image_size: int, blur: bool | None = None, min_scale: float | None = None) -> MultiViewTransform:
     """Two augmented views per image with lightly's MoCo v2 or SimCLR recipe.
 
     Gaussian blur is off below 96px (as CIFAR recipes do: it erases small images) and on otherwise; ``blur`` overrides.
+    ``min_scale`` overrides the recipe's smallest crop (0.2 MoCo v2, 0.08 SimCLR).
     """
     use_blur = image_size >= 96 if blur is None else blur
-    return _method(method)(input_size=image_size, gaussian_blur=0.5 if use_blur else 0.0)
+    crop = {} if min_scale is None else {"min_scale": min_scale}
+    return _method(method)(input_size=image_size, gaussian_blur=0.5 if use_blur else 0.0, **crop)
 
 
-def single_view_transform(method: str, image_size: int, blur: bool | None = None) -> Callable:
+def single_view_transform(method: str, image_size: int, blur: bool | None = None, min_scale: float | None = None) -> Callable:
     """One augmented view (the first of ``view_transform``'s): SEED feeds the same view to teacher and student."""
-    return view_transform(method, image_size, blur).transforms[0]
+    return view_transform(method, image_size, blur, min_scale).transforms[0]
 
 
 def eval_transform(image_size: int) -> Callable:

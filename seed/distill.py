@@ -99,7 +99,7 @@ def check_config(config: DistillConfig) -> None:
 def train_transform(config: DistillConfig) -> Any:
     """One MoCo v2 view; with ``--small-crops N`` lightly's SwAV multi-crop (1 big + N small)."""
     if not config.small_crops:
-        return single_view_transform("mocov2", config.image_size)
+        return single_view_transform("mocov2", config.image_size, min_scale=config.crop_min_scale)
     small = max(round(config.image_size * 96 / 224), 8)
     return SwaVTransform(crop_sizes=(config.image_size, small), crop_counts=(1, config.small_crops),
                          crop_min_scales=(0.14, 0.05), crop_max_scales=(1.0, 0.14), gaussian_blur=0.5 if config.image_size >= 96 else 0.0)

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from seed.config import PretrainConfig, make_config, read_yaml
+from seed.config import DistillConfig, PretrainConfig, make_config, read_yaml
 
 from .conftest import run_command
 
@@ -27,3 +27,9 @@ def test_pretrain_help_lists_common_flags():
 def test_shipped_pretrain_configs_are_valid(path):
     config = make_config(PretrainConfig, {"config": str(path)})
     assert set(read_yaml(str(path))) <= set(vars(config))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "distill").glob("seed_*.yaml")) + sorted((CONFIGS / "demo").glob("distill*.yaml")), ids=lambda p: p.name)
+def test_shipped_distill_configs_are_valid(path):
+    config = make_config(DistillConfig, {"config": str(path)})
+    assert config.mode == "seed"
