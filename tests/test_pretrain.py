@@ -59,10 +59,11 @@ def test_training_lowers_the_contrastive_loss(method, tmp_path):
 
 def test_pretrain_cli_writes_run_folder_and_resumes(tmp_path, tiny_args):
     out = tmp_path / "run"
-    first = run_command("seed-pretrain", *tiny_args, "--max-steps", "3", "--output", str(out))
+    first = run_command("seed-pretrain", *tiny_args, "--max-steps", "3", "--knn-every-steps", "3", "--output", str(out))
     assert first.returncode == 0, first.stderr[-2000:]
     assert {"config.yaml", "last.ckpt", "teacher.pt", "knn.json"} <= {p.name for p in out.iterdir()}
-    assert (out / "logs" / "metrics.csv").is_file()
+    log = (out / "logs" / "metrics.csv").read_text()
+    assert all(column in log.splitlines()[0] for column in ("loss", "lr", "img_s", "knn_top1"))  # the online kNN monitor ran
     ckpt = load_file(out / "last.ckpt")
     assert ckpt["global_step"] == 3
     assert int(ckpt["memory_banks"]["criterion.memory_bank"]["ptr"]) == 3 * 16 % 64
