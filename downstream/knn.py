@@ -1,0 +1,199 @@
+"""``seed-eval knn``: weighted k-nearest-neighbour classification on frozen features.
+
+The protocol of InstDisc (Wu et al., CVPR 2018, eq. 5 and sec. 3.4), used by
+SEED's kNN tables: features are L2-normalised, each val image finds its k
+nearest train images by cosine similarity s_i, and class c scores
+sum_i exp(s_i / tau) [y_i = c] (k = 200, tau = 0.07). We report that vote at
+k = 200 and k = 20, and the plain majority vote (every neighbour weighs 1),
+top-1 and top-5.
+
+Search runs on faiss (``IndexFlatIP``, exact; ``--index ivf`` for the
+approximate inverted-file index on very large banks), on the GPU when faiss
+has GPU support and CUDA is there. Queries go in chunks, so memory holds the
+bank plus a chunk's k neighbours, never a queries x bank similarity matrix.
+:func:`torch_search` is the same search in plain torch (chunked over queries
+and bank) for cross-checks and machines without faiss.
+"""
+
+import math
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from downstream.common import EvalConfig, eval_folder, open_checkpoint, option, print_table, write_results
+from downstream.features import train_val_features
+from seed.config import load_config
+from seed.errors import SeedError
+
+QUERY_CHUNK = 4096
+
+
+@dataclass
+class KnnConfig(EvalConfig):
+    """``seed-eval knn``."""
+
+    k: str = option("neighbours, comma-separated; each is reported, the first is the headline number", "200,20")
+    temperature: float = option("tau of the weighted vote exp(similarity / tau)", 0.07)
+    index: str = option("flat (exact inner-product search) or ivf (approximate, for banks of millions)", "flat")
+    nlist: int | None = option("IVF cells (default: 4 x sqrt(bank size), at most bank size / 39)")
+    nprobe: int = option("IVF cells visited per query", 32)
+    backend: str = option("faiss or torch (brute force, chunked; the cross-check)", "faiss")
+
+
+def _as_numpy(x: Tensor) -> np.ndarray:
+    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+
+
+def faiss_gpu_available() -> bool:
+    """faiss built with GPU support and a CUDA device present."""
+    import faiss
+
+    return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0
+
+
+def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, nprobe: int = 32, gpu: bool | None = None):
+    """A faiss inner-product index holding ``bank`` (L2-normalised rows, so inner product = cosine)."""
+    import faiss
+
+    vectors = _as_numpy(bank)
+    dim = vectors.shape[1]
+    if index == "flat":
+        built = faiss.IndexFlatIP(dim)
+    elif index == "ivf":
+        nlist = nlist or max(1, min(round(4 * math.sqrt(len(vectors))), len(vectors) // 39))
+        built = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        built.train(vectors)
+        built.nprobe = min(nprobe, nlist)
+    else:
+        raise SeedError(f"unknown --index '{index}'; choose flat or ivf")
+    if gpu if gpu is not None else faiss_gpu_available():
+        resources = faiss.StandardGpuResources()
+        built = faiss.index_cpu_to_gpu(resources, 0, built)
+        built.resources = resources  # keep the GPU memory alive as long as the index
+    built.add(vectors)
+    return built
+
+
+def faiss_search(bank: Tensor, queries: Tensor, k: int, chunk: int = QUERY_CHUNK, **index_options) -> Iterator[tuple[Tensor, Tensor]]:
+    """Similarities and bank indices (best first) of each chunk of ``queries``' ``k`` nearest bank rows."""
+    built = build_index(bank, **index_options)
+    for start in range(0, len(queries), chunk):
+        similarities, indices = built.search(_as_numpy(queries[start:start + chunk]), k)
+        yield torch.from_numpy(similarities), torch.from_numpy(indices)
+
+
+def torch_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024, bank_chunk: int = 65536) -> Iterator[tuple[Tensor, Tensor]]:
+    """:func:`faiss_search` in plain torch: per query chunk, a running top-k over bank chunks (memory: chunk x bank_chunk)."""
+    for start in range(0, len(queries), chunk):
+        query = queries[start:start + chunk].float()
+        best_sims = torch.empty(len(query), 0)
+        best_idx = torch.empty(len(query), 0, dtype=torch.long)
+        for offset in range(0, len(bank), bank_chunk):
+            sims = query @ bank[offset:offset + bank_chunk].float().T
+            top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
+            merged_sims = torch.cat([best_sims, top_sims], dim=1)
+            merged_idx = torch.cat([best_idx, top_idx + offset], dim=1)
+            best_sims, order = merged_sims.topk(min(k, merged_sims.shape[1]), dim=1)
+            best_idx = merged_idx.gather(1, order)
+        yield best_sims, best_idx
+
+
+def vote(similarities: Tensor, indices: Tensor, bank_labels: Tensor, num_classes: int, k: int, temperature: float | None) -> Tensor:
+    """Class scores (Q, C) from each query's nearest neighbours (sorted best first), of which the first ``k`` vote.
+
+    ``temperature`` given: neighbour i weighs exp(s_i / temperature) (InstDisc eq. 5); ``None``: each weighs 1.
+    faiss marks missing neighbours (an IVF search that found fewer than k) with index -1; they do not vote.
+    """
+    similarities, indices = similarities[:, :k].double(), indices[:, :k]
+    found = indices >= 0
+    weights = torch.exp(similarities / temperature) if temperature is not None else torch.ones_like(similarities)
+    weights = torch.where(found, weights, torch.zeros_like(weights))
+    labels = bank_labels[indices.clamp(min=0)]
+    return torch.zeros(len(indices), num_classes, dtype=torch.float64).scatter_add_(1, labels, weights)
+
+
+def variants(ks: list[int], temperature: float) -> list[tuple[str, int, float | None]]:
+    """(metric suffix, k, temperature or None): the weighted vote at each k, then the majority vote at each k."""
+    return [(f"k{k}", k, temperature) for k in ks] + [(f"k{k}_majority", k, None) for k in ks]
+
+
+def knn_metrics(
+    bank: Tensor,
+    bank_labels: Tensor,
+    queries: Tensor,
+    query_labels: Tensor,
+    num_classes: int,
+    ks: Sequence[int] = (200, 20),
+    temperature: float = 0.07,
+    backend: str = "faiss",
+    **index_options,
+) -> dict[str, float]:
+    """Top-1 and top-5 accuracy (%) of each vote of :func:`variants`, on L2-normalised features."""
+    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    ks = [min(k, len(bank)) for k in ks]
+    search = faiss_search(bank, queries, max(ks), **index_options) if backend == "faiss" else torch_search(bank, queries, max(ks))
+    tops = [t for t in (1, 5) if t <= num_classes]
+    correct = {(name, t): 0 for name, _, _ in variants(ks, temperature) for t in tops}
+    start = 0
+    for similarities, indices in search:
+        labels = query_labels[start:start + len(indices)]
+        start += len(indices)
+        for name, k, tau in variants(ks, temperature):
+            predicted = vote(similarities, indices, bank_labels, num_classes, k, tau).topk(max(tops), dim=1).indices
+            hits = predicted == labels[:, None]
+            for t in tops:
+                correct[name, t] += int(hits[:, :t].any(dim=1).sum())
+    return {f"top{t}_{name}": 100.0 * count / len(queries) for (name, t), count in correct.items()}
+
+
+def predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, k: int = 200, temperature: float | None = 0.07,
+            backend: str = "faiss", **index_options) -> Tensor:
+    """Top-1 class of each query under one vote (for tests and scripts)."""
+    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    k = min(k, len(bank))
+    search = faiss_search(bank, queries, k, **index_options) if backend == "faiss" else torch_search(bank, queries, k)
+    return torch.cat([vote(s, i, bank_labels, num_classes, k, temperature).argmax(dim=1) for s, i in search])
+
+
+def parse_ks(text: str) -> list[int]:
+    try:
+        ks = [int(part) for part in str(text).split(",") if part.strip()]
+    except ValueError:
+        raise SeedError(f"--k {text}: give whole numbers separated by commas, e.g. 200,20") from None
+    if not ks or min(ks) < 1:
+        raise SeedError(f"--k {text}: every k must be at least 1")
+    return list(dict.fromkeys(ks))
+
+
+def evaluate(config: KnnConfig) -> dict:
+    """The protocol: features of train (the bank) and val (the queries), the votes, ``results.json``."""
+    started = time.perf_counter()
+    ks = parse_ks(config.k)
+    if config.backend not in ("faiss", "torch"):
+        raise SeedError(f"unknown --backend '{config.backend}'; choose faiss or torch")
+    if config.index not in ("flat", "ivf"):
+        raise SeedError(f"unknown --index '{config.index}'; choose flat or ivf")
+    checkpoint = open_checkpoint(config)
+    run_dir = eval_folder(config, "knn", checkpoint)
+    train, val = train_val_features(checkpoint, config)
+    options = {"index": config.index, "nlist": config.nlist, "nprobe": config.nprobe} if config.backend == "faiss" else {}
+    metrics = knn_metrics(train.features, train.labels, val.features, val.labels, len(train.classes), ks, config.temperature, config.backend, **options)
+    ks = [min(k, len(train)) for k in ks]
+    settings = {"k": ks, "temperature": config.temperature, "backend": config.backend, "index": config.index,
+                "train_images": len(train), "val_images": len(val), "feature_dim": train.features.shape[1]}
+    results = write_results(run_dir, "knn", metrics, f"top1_k{ks[0]}", config, checkpoint, settings, time.perf_counter() - started)
+    rows = [(f"{'weighted' if tau else 'majority'} k={k}", [metrics.get(f"top{t}_{name}") for t in (1, 5)])
+            for name, k, tau in variants(ks, config.temperature)]
+    print_table(f"kNN on {config.data} ({len(val)} val images, {len(train)} train images as bank, tau={config.temperature})",
+                ["vote", "top-1 %", "top-5 %"], rows, run_dir)
+    return results
+
+
+def main(argv: list[str] | None) -> None:
+    description = "kNN classification (InstDisc's weighted vote) on frozen features of train (bank) and val (queries)."
+    evaluate(load_config(KnnConfig, argv, "seed-eval knn", description))

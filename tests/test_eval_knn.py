@@ -1,0 +1,109 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from lightly.utils.benchmarking import knn_predict
+
+from downstream.knn import faiss_search, knn_metrics, parse_ks, predict, torch_search, vote
+from seed.errors import SeedError
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def random_set(n: int, dim: int = 32, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    generator = torch.Generator().manual_seed(seed)
+    return torch.randn(n, dim, generator=generator), torch.randint(0, classes, (n,), generator=generator)
+
+
+def clusters(per_class: int, classes: int = 5, dim: int = 16, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tight clusters around orthogonal directions: every neighbour of a point shares its class."""
+    generator = torch.Generator().manual_seed(seed)
+    labels = torch.arange(classes).repeat_interleave(per_class)
+    centres = torch.eye(dim)[:classes] * 10
+    return centres[labels] + 0.1 * torch.randn(len(labels), dim, generator=generator), labels
+
+
+@pytest.mark.parametrize("temperature", [0.07, None])
+def test_faiss_and_brute_force_agree(temperature):
+    bank, bank_labels = random_set(2000)
+    queries, _ = random_set(300, seed=1)
+    from_faiss = predict(bank, bank_labels, queries, 10, k=200, temperature=temperature, backend="faiss")
+    from_torch = predict(bank, bank_labels, queries, 10, k=200, temperature=temperature, backend="torch")
+    assert torch.equal(from_faiss, from_torch)
+
+
+def test_matches_lightly_knn_predict():
+    bank, bank_labels = random_set(1000)
+    queries, _ = random_set(200, seed=2)
+    ours = predict(bank, bank_labels, queries, 10, k=50, temperature=0.07)
+    theirs = knn_predict(F.normalize(queries, dim=1), F.normalize(bank, dim=1).T, bank_labels, 10, knn_k=50, knn_t=0.07)[:, 0]
+    assert torch.equal(ours, theirs)
+
+
+def test_torch_search_is_exact_across_bank_chunks():
+    bank, _ = random_set(1000)
+    queries, _ = random_set(70, seed=3)
+    bank, queries = F.normalize(bank, dim=1), F.normalize(queries, dim=1)
+    chunks = list(torch_search(bank, queries, 25, chunk=32, bank_chunk=128))
+    sims, idx = torch.cat([s for s, _ in chunks]), torch.cat([i for _, i in chunks])
+    expected_sims, expected_idx = (queries @ bank.T).topk(25, dim=1)
+    assert torch.allclose(sims, expected_sims) and torch.equal(idx, expected_idx)
+    faiss_idx = torch.cat([i for _, i in faiss_search(bank, queries, 25, chunk=16)])
+    assert torch.equal(faiss_idx, expected_idx)
+
+
+@pytest.mark.parametrize("backend, options", [("faiss", {}), ("torch", {}), ("faiss", {"index": "ivf", "nlist": 5, "nprobe": 5})])
+def test_separated_clusters_are_classified_perfectly(backend, options):
+    bank, bank_labels = clusters(60)
+    queries, query_labels = clusters(20, seed=1)
+    metrics = knn_metrics(bank, bank_labels, queries, query_labels, 5, ks=[20, 5], backend=backend, **options)
+    assert metrics["top1_k20"] == 100.0 and metrics["top1_k5_majority"] == 100.0
+    assert metrics["top5_k20"] == 100.0
+
+
+def test_hand_computed_weighted_and_majority_votes():
+    """Query (1, 0); its 3 nearest bank points have cosine 1.0 (class 0), 0.8 and 0.6 (class 1).
+
+    Weighted: class 0 scores exp(1/0.07) = e^14.29, class 1 exp(0.8/0.07) + exp(0.6/0.07) = e^11.43 + e^8.57: class 0 wins.
+    Majority: class 1 has two votes against one.
+    """
+    bank = torch.tensor([[1.0, 0.0], [0.8, 0.6], [0.6, 0.8], [0.0, 1.0]])
+    bank_labels = torch.tensor([0, 1, 1, 0])
+    query = torch.tensor([[1.0, 0.0]])
+    sims, idx = next(faiss_search(bank, query, 3))
+    assert idx.tolist() == [[0, 1, 2]]
+    scores = vote(sims, idx, bank_labels, 2, k=3, temperature=0.07)
+    assert scores[0, 0].item() == pytest.approx(math.exp(1 / 0.07), rel=1e-5)
+    assert scores[0, 1].item() == pytest.approx(math.exp(0.8 / 0.07) + math.exp(0.6 / 0.07), rel=1e-5)
+    assert predict(bank, bank_labels, query, 2, k=3, temperature=0.07).tolist() == [0]
+    assert predict(bank, bank_labels, query, 2, k=3, temperature=None).tolist() == [1]
+    assert predict(bank, bank_labels, query, 2, k=1, temperature=None).tolist() == [0]
+
+
+def test_missing_neighbours_do_not_vote():
+    sims = torch.tensor([[0.9, 0.5, -3.4e38]])
+    idx = torch.tensor([[1, 0, -1]])
+    scores = vote(sims, idx, torch.tensor([0, 1]), 2, k=3, temperature=None)
+    assert scores.tolist() == [[1.0, 1.0]]
+
+
+def test_k_larger_than_the_bank_uses_the_whole_bank():
+    bank, bank_labels = clusters(3, classes=2)
+    metrics = knn_metrics(bank, bank_labels, bank, bank_labels, 2, ks=[200])
+    assert metrics == {"top1_k6": 100.0, "top1_k6_majority": 50.0}  # majority of all 6 is a tie: class 0 wins
+
+
+def test_parse_ks():
+    assert parse_ks("200,20") == [200, 20]
+    assert parse_ks("20, 20") == [20]
+    with pytest.raises(SeedError, match="whole numbers"):
+        parse_ks("a")
+    with pytest.raises(SeedError, match="at least 1"):
+        parse_ks("0")
