@@ -106,17 +106,19 @@ class LastCheckpoint(Callback):
 
 
 class Throughput(Callback):
-    """Logs images/s and the learning rate to the progress bar and the loggers."""
+    """Logs images/s (data loading included) and the learning rate to the progress bar and the loggers."""
 
     def __init__(self) -> None:
-        self._start = 0.0
+        self._last: float | None = None
 
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._start = time.perf_counter()
+        if self._last is None:
+            self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
         images = batch[0][0] if isinstance(batch[0], (list, tuple)) else batch[0]
-        elapsed = max(time.perf_counter() - self._start, 1e-9)
+        now = time.perf_counter()
+        elapsed, self._last = max(now - self._last, 1e-9), now
         pl_module.log("img_s", len(images) * trainer.world_size / elapsed, prog_bar=True, on_step=True, on_epoch=False)
         pl_module.log("lr", trainer.optimizers[0].param_groups[0]["lr"], prog_bar=True, on_step=True, on_epoch=False)
 
