@@ -68,13 +68,15 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=96)
     parser.add_argument("--max-iter", type=int, default=600)
     parser.add_argument("--batch-size", type=int, default=4)
-    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--lr", type=float, default=None, help="default: the recipe's 0.02 x batch size / 16")
+    parser.add_argument("--roi-per-image", type=int, default=128, help="sampled RoIs per image (512 in the paper recipe; fewer is faster on a CPU)")
     parser.add_argument("--head", default="c4", choices=["c4", "fpn"])
     parser.add_argument("--num-workers", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's)")
     parser.add_argument("--cpu", action="store_true", help="stay on the CPU even with a GPU")
     parser.add_argument("--work", help="folder for data and runs (default: a temporary one)")
     args = parser.parse_args()
+    args.lr = args.lr or 0.02 * args.batch_size / 16
     if args.threads:
         torch.set_num_threads(args.threads)
     work = Path(args.work) if args.work else Path(tempfile.mkdtemp(prefix="seed-detection-bench-"))
@@ -91,8 +93,8 @@ def main() -> None:
     for name, path in ((f"{trained.arch} trained ({checkpoint.name})", checkpoint), (f"{trained.arch} random init", random_path)):
         config = make_config(DetectionConfig, {
             "checkpoint": str(path), "dataset": "voc", "data": str(voc), "engine": "torchvision", "head": args.head,
-            "image_size": args.image_size, "max_iter": args.max_iter, "batch_size": args.batch_size, "lr": args.lr,
-            "warmup_iters": min(100, args.max_iter // 10), "num_workers": args.num_workers, "seed": 0, "resume": "never",
+            "image_size": args.image_size, "max_iter": args.max_iter, "batch_size": args.batch_size, "lr": args.lr, "roi_per_image": args.roi_per_image,
+            "warmup_iters": min(100, args.max_iter // 5), "num_workers": args.num_workers, "seed": 0, "resume": "never",
             "accelerator": "cpu" if args.cpu else "auto", "output": str(work / "runs" / path.stem), "checkpoint_every": 0,
         })
         results = detect(config)
@@ -100,7 +102,8 @@ def main() -> None:
     report = {
         "benchmark": "detection transfer, synthetic VOC (3 classes, shapes on noise)",
         "machine": machine(),
-        "settings": {k: getattr(args, k) for k in ("train_images", "test_images", "image_size", "max_iter", "batch_size", "lr", "head", "pretrain_epochs")}
+        "settings": {k: getattr(args, k) for k in ("train_images", "test_images", "image_size", "max_iter", "batch_size", "lr", "roi_per_image", "head",
+                                               "pretrain_epochs")}
         | {"checkpoint": str(checkpoint), "small_images": small_images, "pretrain_s": round(pretrain_s, 1) if not args.checkpoint else None},
         "results": rows,
     }

@@ -280,7 +280,7 @@ def train_torchvision(model: nn.Module, data: DetectionData, config: DetectionCo
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, plan["steps"], plan["warmup_iters"]))
     autocast, scaled = _autocast(config.precision, device)
     scaler = torch.amp.GradScaler(device.type, enabled=scaled)
-    start = _resume(model, optimizer, scheduler, run_dir, config) if config.resume == "auto" else 0
+    start = _resume(model, optimizer, scheduler, run_dir) if config.resume == "auto" else 0
     stop = min(plan["max_iter"], config.max_steps) if config.max_steps is not None else plan["max_iter"]
     if start >= stop:
         return start
@@ -314,7 +314,7 @@ def _unwrap(model: nn.Module) -> nn.Module:
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
 
 
-def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, run_dir: Path, config: DetectionConfig) -> int:
+def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, run_dir: Path) -> int:
     """Continue from the run folder's ``last.pt``; returns the iteration it stopped at (0 when there is none)."""
     path = run_dir / LAST
     if not path.is_file():

@@ -76,7 +76,8 @@ class DetectionData:
         """
         if self.coco_gt is not None:
             return self.coco_gt
-        records = self.test if image_ids is None else [r for r in self.test if r.image_id in set(image_ids)]
+        wanted = None if image_ids is None else set(image_ids)
+        records = self.test if wanted is None else [r for r in self.test if r.image_id in wanted]
         return coco_from_dict(records_to_coco(records, self.classes, self.category_ids))
 
 
