@@ -8,6 +8,7 @@ import torch
 
 from pretrain.mocov2 import MoCoV2
 from pretrain.simclr import SimCLR
+from pretrain.supervised import Supervised, report
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model
 from seed.cli import run_cli
@@ -17,7 +18,7 @@ from seed.engine import check_batch, data_name, fit, make_loader, monitor_loader
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table
 
-METHODS = {"mocov2": MoCoV2, "simclr": SimCLR}
+METHODS = {"mocov2": MoCoV2, "simclr": SimCLR, "supervised": Supervised}
 
 
 def pretrain(config: PretrainConfig) -> Path:
@@ -28,7 +29,10 @@ def pretrain(config: PretrainConfig) -> Path:
     config = resolve(config, method.DEFAULTS)
     create_backbone(config.arch)  # unknown names fail here, before any data is read
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    views = view_transform(config.method, config.image_size, min_scale=config.crop_min_scale)
+    if hasattr(method, "train_transform"):
+        views = method.train_transform(config)
+    else:
+        views = view_transform(config.method, config.image_size, min_scale=config.crop_min_scale)
     train_set = load_dataset(config.data, "train", config.data_root, config.download, views)
     check_batch(len(train_set), config)
     run_dir = run_folder(config, "pretrain", f"{config.method}-{config.arch}-{data_name(config)}")
@@ -36,14 +40,17 @@ def pretrain(config: PretrainConfig) -> Path:
     train_loader = make_loader(train_set, config, shuffle=True, drop_last=True)
     trainer = fit(module, train_loader, monitor_loaders(config), config, run_dir)
     if trainer.is_global_zero:
+        head, embed_dim, extra = module.exported_head() if isinstance(module, Supervised) else (module.projection_head, config.embed_dim, None)
         export_model(
-            run_dir / "teacher.pt", config.arch, module.backbone, module.projection_head, config.embed_dim,
-            config.method, dataclasses.asdict(config), bool(config.small_images),
+            run_dir / "teacher.pt", config.arch, module.backbone, head, embed_dim,
+            config.method, dataclasses.asdict(config), bool(config.small_images), extra,
         )
         torch.manual_seed(config.seed)
         random_init = create_backbone(config.arch, small_images=bool(config.small_images))
         scores = compare_knn({f"{config.arch} random init": random_init, f"{config.arch} {config.method}": module.backbone}, config, len(train_set.classes))
         print_knn_table(scores, config, run_dir)
+        if isinstance(module, Supervised):
+            report(module, config, run_dir)
         print(f"\nrun folder: {run_dir} (teacher.pt, last.ckpt, config.yaml, logs/)")
     return run_dir
 
@@ -52,7 +59,7 @@ def main(argv: list[str] | None = None) -> None:
     """Entry point of ``seed-pretrain``."""
     run_cli(
         "seed-pretrain",
-        lambda args: pretrain(load_config(PretrainConfig, args, "seed-pretrain", "Train a self-supervised teacher (MoCo v2, SimCLR).")),
+        lambda args: pretrain(load_config(PretrainConfig, args, "seed-pretrain", "Train a teacher: self-supervised (MoCo v2, SimCLR) or supervised.")),
         argv,
     )
 

@@ -64,8 +64,12 @@ def export_model(
     method: str,
     config: dict[str, Any],
     small_images: bool,
+    extra: Mapping[str, Any] | None = None,
 ) -> None:
-    """Write the ``.pt`` that downstream tools read: backbone with torchvision-style keys plus head."""
+    """Write the ``.pt`` that downstream tools read: backbone with torchvision-style keys plus head.
+
+    ``extra`` adds entries, such as a classifier's ``num_classes``.
+    """
     atomic_save(
         {
             "format": EXPORT_FORMAT,
@@ -76,6 +80,7 @@ def export_model(
             "state_dict": {k: v.detach().cpu() for k, v in backbone.state_dict().items()},
             "head_state_dict": None if head is None else {k: v.detach().cpu() for k, v in head.state_dict().items()},
             "config": config,
+            **(extra or {}),
         },
         path,
     )
@@ -227,16 +232,20 @@ def build_head(state: Mapping[str, torch.Tensor]) -> nn.Sequential:
     return head
 
 
+def _small_images(found: dict[str, Any]) -> bool:
+    """The stem a file was trained with: recorded in ours; in published files a 3x3 conv1 means the small-image stem."""
+    if found.get("small_images") is not None:
+        return bool(found["small_images"])
+    conv1 = found["state_dict"].get("conv1.weight")
+    return conv1 is not None and conv1.shape[-1] == 3
+
+
 def _backbone_from(found: dict[str, Any], path: str | Path, arch: str | None) -> nn.Module:
     arch = arch or found["arch"]
     if arch is None:
         raise SeedError(f"checkpoint {path} ({found['format']}) does not record its architecture; pass --arch")
     state = found["state_dict"]
-    small_images = found.get("small_images")
-    if small_images is None:  # published files: a 3x3 conv1 means the small-image stem
-        conv1 = state.get("conv1.weight")
-        small_images = conv1 is not None and conv1.shape[-1] == 3
-    backbone = create_backbone(arch, small_images=small_images)
+    backbone = create_backbone(arch, small_images=_small_images(found))
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]
     if missing:
@@ -279,3 +288,49 @@ def load_encoder(path: str | Path, arch: str | None = None, use_head: bool | Non
                     f"checkpoint {path}: its projection head does not take the {backbone.feature_dim}-d features of {backbone.arch}; check --arch"
                 ) from None
     return backbone, head, found["format"]
+
+
+def _classifier_keys(state: Mapping[str, torch.Tensor], backbone_keys: set[str], feature_dim: int) -> dict[str, torch.Tensor] | None:
+    """The class Linear among the keys the backbone did not take.
+
+    torchvision names it ``fc`` (ResNet), ``classifier.3`` (MobileNetV3) or
+    ``classifier.1`` (EfficientNet): the one 2-D weight left over whose input
+    is the pooled feature.
+    """
+    rest = {k: v for k, v in state.items() if k not in backbone_keys}
+    prefixes = [k[: -len("weight")] for k, v in rest.items() if k.endswith(".weight") and v.dim() == 2 and v.shape[1] == feature_dim]
+    return _strip(rest, prefixes[0]) if len(prefixes) == 1 else None
+
+
+def load_classifier(path: str | Path, arch: str | None = None, require_classifier: bool = True) -> tuple[nn.Module, nn.Linear | None, str, bool]:
+    """Backbone, class Linear, format name and stem (``small_images``) of a supervised classifier checkpoint.
+
+    Reads our exports and Lightning checkpoints of ``seed-pretrain --method
+    supervised`` and ``seed-distill --mode meal`` (the classifier is their
+    ``head``), and torchvision state dicts, also saved from ``DataParallel``
+    with a ``module.`` prefix (as MEAL V2's released models are). A file whose
+    head is an MLP (a self-supervised projection head) has no classifier; with
+    ``require_classifier=False`` its backbone is still returned.
+    """
+    found = read_checkpoint(path)
+    state = found["state_dict"]
+    if all(k.startswith("module.") for k in state):
+        found = {**found, "state_dict": _strip(state, "module."), "format": f"{found['format']}, DataParallel"}
+    backbone = _backbone_from(found, path, arch)
+    if found["head"] is not None:
+        head = build_head(found["head"])
+        classifier = head[0] if len(head) == 1 and isinstance(head[0], nn.Linear) else None
+    else:
+        keys = _classifier_keys(found["state_dict"], set(backbone.state_dict()), backbone.feature_dim)
+        classifier = None
+        if keys is not None and "weight" in keys:
+            classifier = nn.Linear(keys["weight"].shape[1], keys["weight"].shape[0], bias="bias" in keys)
+            classifier.load_state_dict(keys)
+    if classifier is not None and classifier.in_features != backbone.feature_dim:
+        raise SeedError(f"checkpoint {path}: its classifier takes {classifier.in_features}-d features, "
+                        f"{backbone.arch} gives {backbone.feature_dim}; check the architecture")
+    if classifier is None and require_classifier:
+        what = "an MLP projection head" if found["head"] is not None else "no classifier layer"
+        raise SeedError(f"checkpoint {path} ({found['format']}) has {what}, not a classifier; MEAL V2 teachers are supervised classifiers "
+                        "(seed-pretrain --method supervised, or torchvision weights)")
+    return backbone, classifier, found["format"], _small_images(found)

@@ -30,7 +30,9 @@ def distill_main(argv: list[str] | None = None) -> None:
 
             distill(config)
         elif config.mode == "meal":
-            raise SeedError("seed-distill --mode meal is not implemented yet; it arrives with the MEAL V2 issue")
+            from seed.meal import distill as meal
+
+            meal(config)
         else:
             raise SeedError(f"unknown --mode '{config.mode}'; choose seed or meal")
 

@@ -75,7 +75,7 @@ class TrainConfig(CommonConfig):
 class PretrainConfig(TrainConfig):
     """``seed-pretrain``: a self-supervised teacher."""
 
-    method: str = _help("mocov2 or simclr", "mocov2")
+    method: str = _help("mocov2, simclr, or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2")
     arch: str = _help("backbone, one of seed.backbones.available()", "r18")
     embed_dim: int = _help("output dimension of the projection head", 128)
     temperature: float | None = _help("contrastive temperature (default: the method's)")
@@ -100,6 +100,24 @@ class DistillConfig(TrainConfig):
     small_crops: int = _help("SwAV-style extra small crops per image, with their own queue (0: off; the paper's variant uses 6)", 0)
     teacher_fold_bn: bool = _help("fold the teacher's BatchNorm into its convolutions (same outputs, faster)", True)
     channels_last: bool | None = _help("run the teacher in channels_last memory format (default: on GPU)")
+    teachers: str | None = _help("MEAL V2: comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
+                                 "default: the architectures recorded in --teacher-checkpoints")
+    teacher_checkpoints: str | None = _help("MEAL V2: comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
+                                            "an empty entry takes torchvision's or timm's ImageNet weights (default: the demo's teachers, runs/demo/meal/)")
+    student_init: str | None = _help("MEAL V2: the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
+                                     "or 'torchvision' for its ImageNet V1 weights; default: the demo's with the demo's teachers, else random")
+    kd_temperature: float = _help("MEAL V2: softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0)
+    discriminator: str = _help("MEAL V2: joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
+                               "minimax (gradient reversal into the student), or off", "joint")
+    discriminator_weight: float = _help("MEAL V2: weight of the discriminator loss added to the KD loss", 1.0)
+    lr_schedule: str | None = _help("MEAL V2: step or cosine (default: the method's; MEAL V2: step)")
+    lr_milestones: str | None = _help("step schedule: comma-separated epochs after which the lr is multiplied by 0.1 (MEAL V2: 100)")
+    cutmix: bool = _help("MEAL V2: CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
+    cutmix_alpha: float = _help("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0)
+    cache_teacher_logits: bool = _help("MEAL V2: keep the ensemble target of every image under --cache-crops fixed crops, "
+                                       "so epochs after the first --cache-crops skip the teachers (as FKD does)", False)
+    cache_crops: int = _help("fixed augmentations per image when caching; epoch e uses crop e mod N", 4)
+    cache_top_k: int = _help("classes kept per cached target, the rest of the probability spread evenly (FKD keeps top-k)", 10)
 
 
 def _flag(name: str) -> str:

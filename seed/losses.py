@@ -22,3 +22,37 @@ def seed_loss(student: Tensor, teacher: Tensor, queue: Tensor, tau_s: float, tau
     anchors_teacher = torch.cat([(teacher * teacher).sum(1, keepdim=True), teacher @ queue.T], dim=1)
     target = F.softmax(anchors_teacher / tau_t, dim=1)
     return -(target * F.log_softmax(anchors_student / tau_s, dim=1)).sum(dim=1).mean()
+
+
+def ensemble_target(teacher_logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """MEAL V2's soft target (Shen & Savvides 2020, Sec. 3): the mean of the teachers' softmax outputs.
+
+    ``teacher_logits`` is (T, N, C), one row of logits per teacher and image;
+    returns (N, C) probabilities ``p_T = 1/T sum_t softmax(z_t / temperature)``.
+    """
+    return F.softmax(teacher_logits.float() / temperature, dim=-1).mean(dim=0)
+
+
+def soft_cross_entropy(student_logits: Tensor, target: Tensor, temperature: float = 1.0) -> Tensor:
+    """MEAL V2's KD loss: ``-sum_c p_T[c] log softmax(z_S / temperature)[c]``, averaged over the batch.
+
+    At a temperature other than MEAL V2's 1 the loss is multiplied by
+    ``temperature**2``, so that its gradients keep their size (Hinton et al.
+    2015, Sec. 2). No hard labels enter it.
+    """
+    log_probs = F.log_softmax(student_logits.float() / temperature, dim=1)
+    return -(target.float() * log_probs).sum(dim=1).mean() * temperature**2
+
+
+def discriminator_loss(student_scores: Tensor, teacher_scores: Tensor) -> Tensor:
+    """MEAL V2's discriminator loss: BCE-with-logits of the (N, 2) scores against one-hot rows.
+
+    Student rows are labelled ``[1, 0]``, teacher rows ``[0, 1]`` (as in the
+    public code); the mean runs over all ``2N x 2`` entries, as
+    ``nn.BCEWithLogitsLoss`` does.
+    """
+    scores = torch.cat([student_scores, teacher_scores]).float()
+    labels = torch.zeros_like(scores)
+    labels[: len(student_scores), 0] = 1.0
+    labels[len(student_scores):, 1] = 1.0
+    return F.binary_cross_entropy_with_logits(scores, labels)

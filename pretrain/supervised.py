@@ -1,0 +1,68 @@
+"""Supervised classifier training: a labelled teacher or student init for MEAL V2.
+
+The standard recipe (He et al. 2016; Goyal et al. 2017): backbone + Linear
+classifier, cross-entropy without label smoothing, SGD lr 0.1 x B/256,
+momentum 0.9, weight decay 1e-4, cosine schedule; RandomResizedCrop + flip
+(pad-and-crop + flip below 96px). ``teacher.pt`` holds the classifier as its
+head and ``num_classes``.
+"""
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from seed.config import PretrainConfig
+from seed.meal import print_top1, top1, train_transform, val_loader
+from seed.module import TrainModule
+
+
+class Supervised(TrainModule):
+    """Backbone + Linear classifier trained with cross-entropy on the labels."""
+
+    DEFAULTS = {"optimizer": "sgd", "base_lr": 0.1, "weight_decay": 1e-4, "warmup_epochs": 0.0}
+
+    def __init__(self, config: PretrainConfig, num_classes: int) -> None:
+        super().__init__(config, config.arch, num_classes)
+        self.head = nn.Linear(self.backbone.feature_dim, num_classes)
+        self._val = torch.zeros(2, dtype=torch.long)
+
+    @staticmethod
+    def train_transform(config: PretrainConfig) -> Any:
+        """One augmented view per image (not the two views of the contrastive methods)."""
+        return train_transform(config.image_size, config.crop_min_scale)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        images, labels = batch
+        loss = F.cross_entropy(self(images), labels)
+        self.log("loss", loss, prog_bar=True)
+        return loss
+
+    def exported_head(self) -> tuple[nn.Module, int, dict[str, Any]]:
+        """What ``teacher.pt`` holds beside the backbone: the classifier, its output size, ``num_classes``."""
+        return self.head, self.num_classes, {"num_classes": self.num_classes}
+
+    # The kNN monitor of the base, plus the classifier's top-1 on the same val images.
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        super().validation_step(batch, batch_idx, dataloader_idx)
+        if dataloader_idx == 1:
+            images, labels = batch
+            self._val += torch.tensor([int((self(images).argmax(1) == labels).sum()), len(labels)])
+
+    def on_validation_epoch_end(self) -> None:
+        super().on_validation_epoch_end()
+        correct, total = self.all_gather(self._val.to(self.device)).reshape(-1, 2).sum(0)
+        self.log("val_top1", 100.0 * correct / total.clamp_min(1), prog_bar=True, rank_zero_only=True)
+        self._val.zero_()
+
+
+def report(module: Supervised, config: PretrainConfig, run_dir: Path) -> None:
+    """The classifier's top-1 on the whole val split, printed and kept as ``top1.json``."""
+    loader = val_loader(config)
+    scores = top1({f"{config.arch} supervised": module}, {}, loader, "cuda" if torch.cuda.is_available() else "cpu")
+    print_top1(scores, len(loader.dataset), run_dir / "top1.json")

@@ -1,0 +1,501 @@
+"""MEAL V2: an ensemble of supervised teachers distilled into a student (Shen & Savvides 2020).
+
+The target is the mean of the frozen teachers' softmax outputs; the student
+minimises the soft cross-entropy to it (``seed.losses.soft_cross_entropy``),
+never reading a hard label. A discriminator on the class outputs tells the
+student's apart from the teachers' (``seed.losses.discriminator_loss``). As in
+the public code, its loss is added to the KD loss and one SGD step updates
+student and discriminator together, so both *minimise* the same BCE
+(``--discriminator joint``); ``minimax`` reverses the gradient into the student,
+the adversarial game the paper describes. The student starts from supervised
+weights (``--student-init``): a good start is the point of the method.
+
+Beyond the paper, ``--cache-teacher-logits`` stores the target of each image
+under a fixed set of crops, so that later epochs run no teacher (as FKD does).
+"""
+
+import dataclasses
+import json
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+import torchvision.transforms as T
+from lightly.transforms.utils import IMAGENET_NORMALIZE
+from lightly.utils.lars import LARS
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset, Subset
+
+from seed.backbones import available
+from seed.checkpoints import export_model, load_classifier, load_file
+from seed.config import CommonConfig, DistillConfig, resolve
+from seed.data import eval_transform, load_dataset
+from seed.engine import check_batch, data_name, fit, make_loader, run_folder
+from seed.errors import SeedError
+from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
+from seed.module import TrainModule
+from seed.teacher import FrozenTeacher
+
+DEMO = Path("runs/demo/meal")
+DEMO_TEACHERS = (DEMO / "teacher-r34" / "teacher.pt", DEMO / "teacher-r18" / "teacher.pt")
+DEMO_STUDENT_INIT = DEMO / "student-init" / "teacher.pt"
+
+
+class Discriminator(nn.Module):
+    """MEAL V2's discriminator on class outputs: C -> C/8 -> C/64 -> 2 with a ReLU after each layer.
+
+    The public code writes these as 1x1 convolutions on (N, C, 1, 1), which are
+    these linear layers, and puts a ReLU after the last one too; that quirk is
+    kept. Widths are at least 1, so that 10-class data works.
+    """
+
+    def __init__(self, num_classes: int) -> None:
+        super().__init__()
+        widths = [num_classes, max(num_classes // 8, 1), max(num_classes // 64, 1), 2]
+        layers: list[nn.Module] = []
+        for width_in, width_out in zip(widths[:-1], widths[1:], strict=True):
+            layers += [nn.Linear(width_in, width_out), nn.ReLU()]
+        self.layers = nn.Sequential(*layers)
+
+    def forward(self, outputs: Tensor) -> Tensor:
+        return self.layers(outputs)
+
+
+class _ReverseGradient(torch.autograd.Function):
+    """Identity forward, negated gradient backward (Ganin & Lempitsky 2015)."""
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor) -> Tensor:
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> Tensor:
+        return -grad
+
+
+class TargetCache(nn.Module):
+    """Ensemble targets per (image, crop), as top-k probabilities in fp16 and their classes.
+
+    Kept as buffers, so ``last.ckpt`` holds the cache and a resumed run keeps it.
+    A read spreads the probability left outside the top-k evenly over the other classes.
+    """
+
+    def __init__(self, num_images: int, crops: int, num_classes: int, top_k: int) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        k = min(top_k, num_classes)
+        self.register_buffer("values", torch.zeros(num_images, crops, k, dtype=torch.float16))
+        self.register_buffer("classes", torch.zeros(num_images, crops, k, dtype=torch.int16 if num_classes < 2**15 else torch.int32))
+        self.register_buffer("filled", torch.zeros(num_images, crops, dtype=torch.bool))
+
+    def read(self, index: Tensor, crop: Tensor) -> Tensor:
+        values, classes = self.values[index, crop].float(), self.classes[index, crop].long()
+        rest = self.num_classes - values.shape[1]
+        fill = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(rest, 1)
+        target = fill.expand(len(index), self.num_classes).clone() if rest else values.new_zeros(len(index), self.num_classes)
+        return target.scatter_(1, classes, values)
+
+    def write(self, index: Tensor, crop: Tensor, target: Tensor) -> None:
+        values, classes = target.topk(self.values.shape[2], dim=1)
+        self.values[index, crop] = values.to(self.values.dtype)
+        self.classes[index, crop] = classes.to(self.classes.dtype)
+        self.filled[index, crop] = True
+
+
+class MEAL(TrainModule):
+    """Student classifier (backbone + Linear) trained on the mean softmax of frozen teachers."""
+
+    # MEAL V2 (paper Sec. 4.1 and the public code): SGD momentum 0.9, weight decay 0, lr 0.01 at batch 512
+    # (here 0.005 per 256 images) for epochs 1-100, then 0.001; no warm-up.
+    DEFAULTS = {"optimizer": "sgd", "base_lr": 0.005, "weight_decay": 0.0, "warmup_epochs": 0.0, "lr_schedule": "step", "lr_milestones": "100"}
+
+    def __init__(self, config: DistillConfig, teachers: Sequence[nn.Module], num_classes: int, num_images: int = 0) -> None:
+        super().__init__(config, config.student, num_classes)
+        self.head = nn.Linear(self.backbone.feature_dim, num_classes)
+        self.teachers = nn.ModuleList(teachers)
+        self.discriminator = Discriminator(num_classes) if config.discriminator != "off" else None
+        self.cache = TargetCache(num_images, config.cache_crops, num_classes, config.cache_top_k) if config.cache_teacher_logits else None
+        self.crop_epoch: Tensor | None = None  # FixedCrops.epoch, shared with the loader's workers
+        self.strict_loading = False  # the teachers are rebuilt from their own files, not stored in ours
+        self._val = torch.zeros(2, dtype=torch.long)
+
+    def forward(self, images: Tensor) -> Tensor:
+        return self.head(self.backbone(images))
+
+    def teacher_outputs(self, images: Tensor) -> tuple[Tensor, Tensor]:
+        """The ensemble target (mean of softmaxes) and the mean of the teachers' logits (the discriminator's input)."""
+        logits = torch.stack([teacher(images) for teacher in self.teachers])
+        return ensemble_target(logits, self.config.kd_temperature), logits.mean(0)
+
+    def losses(self, student: Tensor, target: Tensor, teacher: Tensor) -> dict[str, Tensor]:
+        """KD loss plus the weighted discriminator loss on the student's and the teachers' outputs."""
+        kd = soft_cross_entropy(student, target, self.config.kd_temperature)
+        if self.discriminator is None:
+            return {"loss": kd, "kd_loss": kd}
+        if self.config.discriminator == "minimax":
+            student = _ReverseGradient.apply(student)
+        adversarial = discriminator_loss(self.discriminator(student), self.discriminator(teacher))
+        return {"loss": kd + self.config.discriminator_weight * adversarial, "kd_loss": kd, "disc_loss": adversarial}
+
+    def cached_outputs(self, images: Tensor, index: Tensor, crop: Tensor) -> tuple[Tensor, Tensor]:
+        """The target from the cache, the teachers run on the misses only; the discriminator sees log p_T."""
+        hit = self.cache.filled[index, crop]
+        target = images.new_zeros(len(images), self.num_classes, dtype=torch.float32)
+        if hit.any():
+            target[hit] = self.cache.read(index[hit], crop[hit])
+        if not hit.all():
+            target[~hit] = self.teacher_outputs(images[~hit])[0]
+        if self.trainer.world_size > 1:  # every rank keeps the whole cache
+            index, crop, target_all = (self.all_gather(t).flatten(0, 1) for t in (index, crop, target))
+            self.cache.write(index, crop, target_all)
+        else:
+            self.cache.write(index[~hit], crop[~hit], target[~hit])
+        self.log("cache_hits", hit.float().mean(), prog_bar=True)
+        return target, target.clamp_min(1e-6).log()
+
+    def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
+        images = batch[0]  # batch[1], the labels, is never read: MEAL V2 learns from the teachers alone
+        if self.cache is not None:
+            target, teacher = self.cached_outputs(images, batch[2], batch[3])
+        else:
+            if self.config.cutmix:
+                images = cutmix(images, self.config.cutmix_alpha)
+            target, teacher = self.teacher_outputs(images)
+        losses = self.losses(self(images), target, teacher)
+        for name, value in losses.items():
+            self.log(name, value, prog_bar=name == "loss")
+        return losses["loss"]
+
+    def on_train_epoch_start(self) -> None:
+        if self.crop_epoch is not None:
+            self.crop_epoch.fill_(self.current_epoch)
+
+    def configure_optimizers(self) -> Any:
+        if self.config.lr_schedule == "cosine":
+            return super().configure_optimizers()
+        params = [p for p in self.parameters() if p.requires_grad]  # student and discriminator: one optimiser, as the code
+        kind = LARS if self.config.optimizer == "lars" else torch.optim.SGD
+        optimizer = kind(params, lr=self.lr(), momentum=self.config.momentum, weight_decay=self.config.weight_decay)
+        schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(self.config), gamma=0.1)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
+
+    # Online monitor: the student classifier's top-1 on a val subset (every --knn-every epochs).
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        self._val += torch.tensor([int((self(images).argmax(1) == labels).sum()), len(labels)])
+
+    def on_validation_epoch_end(self) -> None:
+        correct, total = self.all_gather(self._val.to(self.device)).reshape(-1, 2).sum(0)
+        self.log("val_top1", 100.0 * correct / total.clamp_min(1), prog_bar=True, rank_zero_only=True)
+        self._val.zero_()
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_save_checkpoint(checkpoint)
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
+
+
+def cutmix(images: Tensor, alpha: float) -> Tensor:
+    """CutMix (Yun et al. 2019): a box of each image replaced by the same box of another image of the batch.
+
+    The area kept is drawn from Beta(alpha, alpha). Labels are not mixed: the
+    teachers see the mixed images, so their soft target follows the mix.
+    """
+    height, width = images.shape[-2:]
+    kept = float(torch.distributions.Beta(alpha, alpha).sample())
+    cut = math.sqrt(1 - kept)
+    box_h, box_w = int(height * cut), int(width * cut)
+    top, left = int(torch.randint(height - box_h + 1, ())), int(torch.randint(width - box_w + 1, ()))
+    mixed = images.clone()
+    mixed[..., top:top + box_h, left:left + box_w] = images[torch.randperm(len(images), device=images.device), ..., top:top + box_h, left:left + box_w]
+    return mixed
+
+
+def train_transform(image_size: int, min_scale: float | None = None) -> T.Compose:
+    """The supervised recipe: RandomResizedCrop (scale >= 0.08) + flip; small data: pad-and-crop + flip (the CIFAR recipe)."""
+    normalize = T.Normalize(mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"])
+    if image_size < 96 and min_scale is None:
+        crop = [T.Resize((image_size, image_size)), T.RandomCrop(image_size, padding=image_size // 8)]
+    else:
+        crop = [T.RandomResizedCrop(image_size, scale=(min_scale or 0.08, 1.0))]
+    return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), normalize])
+
+
+class FixedCrops(Dataset):
+    """Each image under one of ``crops`` fixed augmentations: epoch e shows crop e mod crops.
+
+    The augmentation's random draws are seeded by (seed, image, crop), so the
+    same crop comes back ``crops`` epochs later and its cached target still fits.
+    Items are ``(image, label, index, crop)``. ``epoch`` lives in shared memory:
+    the module sets it at each epoch start and the loader's workers read it.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Any, crops: int, seed: int) -> None:
+        self.dataset, self.transform, self.crops, self.seed = dataset, transform, crops, seed
+        self.classes = dataset.classes
+        self.epoch = torch.zeros(1, dtype=torch.long).share_memory_()
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int, int, int]:
+        image, label = self.dataset[index]
+        crop = int(self.epoch[0]) % self.crops
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed((self.seed * 1_000_003 + index) * self.crops + crop)
+            image = self.transform(image)
+        return image, label, index, crop
+
+
+def milestones(config: DistillConfig) -> list[int]:
+    try:
+        return [int(m) for m in str(config.lr_milestones).split(",") if m.strip()]
+    except ValueError:
+        raise SeedError(f"--lr-milestones must be comma-separated epochs such as 100 or 60,80, got {config.lr_milestones!r}") from None
+
+
+def check_config(config: DistillConfig) -> None:
+    """Mistakes that would otherwise surface deep inside training."""
+    if config.kd_temperature <= 0:
+        raise SeedError(f"--kd-temperature must be positive, got {config.kd_temperature}")
+    choices = {"discriminator": ("joint", "minimax", "off"), "lr_schedule": ("step", "cosine")}
+    for name, valid in choices.items():
+        if getattr(config, name) not in valid:
+            raise SeedError(f"--{name.replace('_', '-')} {getattr(config, name)}: choose one of {', '.join(valid)}")
+    milestones(config)
+    if config.cache_teacher_logits and config.cutmix:
+        raise SeedError("--cutmix mixes new images every step, which no cache holds; drop --cutmix or --cache-teacher-logits")
+    if config.cache_crops < 1 or config.cache_top_k < 1:
+        raise SeedError("--cache-crops and --cache-top-k must be at least 1")
+
+
+# ---- teachers --------------------------------------------------------------------------------------------------
+
+class _Renormalize(nn.Module):
+    """Images normalised with ImageNet's mean/std, renormalised with a timm model's own."""
+
+    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
+        super().__init__()
+        ours = torch.tensor(IMAGENET_NORMALIZE["mean"]), torch.tensor(IMAGENET_NORMALIZE["std"])
+        self.register_buffer("scale", (ours[1] / torch.tensor(std)).view(1, 3, 1, 1))
+        self.register_buffer("shift", ((ours[0] - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1))
+
+    def forward(self, images: Tensor) -> Tensor:
+        return images * self.scale + self.shift
+
+
+def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
+    """A timm classifier by name: weights from ``checkpoint`` (weights_only), else timm's pretrained ones."""
+    try:
+        import timm
+    except ImportError:
+        raise SeedError(f"teacher '{name}' is none of ours ({', '.join(available())}) and timm is not installed; pip install timm") from None
+    try:
+        model = timm.create_model(name, pretrained=not checkpoint)
+    except RuntimeError as error:
+        raise SeedError(f"timm model '{name}': {str(error).splitlines()[0]}") from None
+    except Exception as error:  # noqa: BLE001 - the hub download fails in many ways offline
+        raise SeedError(f"timm's pretrained weights of '{name}' could not be fetched ({type(error).__name__}); "
+                        "pass the file in --teacher-checkpoints") from None
+    if checkpoint:
+        content = load_file(checkpoint)
+        state = content.get("state_dict", content.get("model", content)) if isinstance(content, dict) else content
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+        if isinstance(classifier, str) and f"{classifier}.weight" in state and state[f"{classifier}.weight"].shape[0] != model.num_classes:
+            model.reset_classifier(state[f"{classifier}.weight"].shape[0])  # a fine-tuned model of other classes
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise SeedError(f"checkpoint {checkpoint} does not fit timm's {name}: {str(error).splitlines()[1].strip()[:200]}") from None
+    settings = getattr(model, "pretrained_cfg", None) or {}
+    ours = tuple(IMAGENET_NORMALIZE["mean"]), tuple(IMAGENET_NORMALIZE["std"])
+    mean, std = tuple(settings.get("mean", ours[0])), tuple(settings.get("std", ours[1]))
+    wrapped = model if (mean, std) == ours else nn.Sequential(_Renormalize(mean, std), model)
+    wrapped.arch, wrapped.feature_dim = f"timm:{name}", model.num_classes
+    return wrapped
+
+
+TORCHVISION_NAMES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "r152": "resnet152",
+                     "mbv3l": "mobilenet_v3_large", "mbv3s": "mobilenet_v3_small", "effb0": "efficientnet_b0", "effb1": "efficientnet_b1"}
+
+
+def torchvision_file(arch: str, version: str = "DEFAULT") -> str:
+    """torchvision's ImageNet classifier weights of ``arch``: the file in torch.hub's cache, downloaded there when missing."""
+    from torchvision.models import get_model_weights
+
+    if arch not in TORCHVISION_NAMES:
+        raise SeedError(f"{arch} has no torchvision weights; give its file ({', '.join(TORCHVISION_NAMES)} have them)")
+    weights = getattr(get_model_weights(TORCHVISION_NAMES[arch]), version)
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.is_file():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            torch.hub.download_url_to_file(weights.url, str(path), progress=False)
+        except (OSError, RuntimeError) as error:
+            raise SeedError(f"torchvision's {weights} weights could not be fetched ({type(error).__name__}); "
+                            f"put {Path(weights.url).name} in {path.parent} or pass the file") from None
+    return str(path)
+
+
+def teacher_specs(config: DistillConfig) -> list[tuple[str | None, str | None]]:
+    """(architecture, checkpoint) per teacher from --teachers / --teacher-checkpoints, else the demo's."""
+    archs = [a.strip() or None for a in config.teachers.split(",")] if config.teachers else []
+    files = [c.strip() or None for c in config.teacher_checkpoints.split(",")] if config.teacher_checkpoints else []
+    if not files and config.teacher_checkpoint:
+        files = [config.teacher_checkpoint]
+    if not archs and not files:
+        if not all(path.is_file() for path in DEMO_TEACHERS):
+            raise SeedError(f"no --teacher-checkpoints given and no demo teachers in {DEMO}; pass them, "
+                            "or train them: seed-pretrain --config configs/demo/meal_teacher_r34.yaml (and meal_teacher_r18.yaml)")
+        files = [str(path) for path in DEMO_TEACHERS]
+    if archs and files and len(archs) != len(files):
+        raise SeedError(f"--teachers names {len(archs)} teachers but --teacher-checkpoints gives {len(files)} files; give one file per teacher")
+    specs = list(zip(archs or [None] * len(files), files or [None] * len(archs), strict=True))
+    for arch, path in specs:
+        if path is None and arch in available() and arch not in TORCHVISION_NAMES:
+            raise SeedError(f"teacher {arch} has no torchvision weights: give its file in --teacher-checkpoints")
+    return specs
+
+
+def load_teacher(arch: str | None, checkpoint: str | None, config: DistillConfig) -> tuple[FrozenTeacher, str]:
+    """A frozen classifier (images -> logits): inference mode, BatchNorm folded, channels_last on GPU."""
+    if arch is not None and arch not in available():
+        model, head, found = timm_classifier(arch.removeprefix("timm:"), checkpoint), None, "timm"
+    else:
+        model, head, found, _ = load_classifier(checkpoint or torchvision_file(arch), arch)
+    channels_last = config.channels_last if config.channels_last is not None else torch.cuda.is_available()
+    return FrozenTeacher(model, head, fold_bn=config.teacher_fold_bn, channels_last=channels_last, normalize=False), found
+
+
+def load_teachers(config: DistillConfig) -> tuple[list[FrozenTeacher], list[str]]:
+    """All teachers, checked to share one number of classes; and a line describing each."""
+    teachers, lines = [], []
+    for number, (arch, path) in enumerate(teacher_specs(config), 1):
+        teacher, found = load_teacher(arch, path, config)
+        if teachers and teacher.embed_dim != teachers[0].embed_dim:
+            raise SeedError(f"teacher {number} ({path or arch}) has {teacher.embed_dim} classes, teacher 1 has {teachers[0].embed_dim}; "
+                            "an ensemble averages class probabilities, so all teachers need the same classes")
+        teachers.append(teacher)
+        source = path or ("torchvision ImageNet weights" if arch in available() else "timm pretrained weights")
+        lines.append(f"teacher {number}: {teacher.arch} from {source} ({found}, {teacher.embed_dim} classes)")
+    return teachers, lines
+
+
+# ---- evaluation --------------------------------------------------------------------------------------------------
+
+@torch.no_grad()
+def top1(students: dict[str, nn.Module], teachers: dict[str, nn.Module], loader: DataLoader, device: str = "cpu") -> dict[str, float]:
+    """Top-1 (%) of each student and teacher and of the teachers' ensemble (mean softmax), one pass over ``loader``."""
+    models = {**students, **teachers}
+    modes = {name: model.training for name, model in models.items()}
+    for model in models.values():
+        model.to(device).eval()
+    correct = dict.fromkeys([*models, "ensemble (mean softmax)"] if len(teachers) > 1 else models, 0)
+    total = 0
+    for images, labels in loader:
+        images, labels = images.to(device), labels.to(device)
+        outputs = {name: model(images).float() for name, model in models.items()}
+        if len(teachers) > 1:
+            outputs["ensemble (mean softmax)"] = ensemble_target(torch.stack([outputs[name] for name in teachers]))
+        for name, output in outputs.items():
+            correct[name] += int((output.argmax(1) == labels).sum())
+        total += len(labels)
+    for name, model in models.items():
+        model.train(modes[name])
+    return {name: 100.0 * value / max(total, 1) for name, value in correct.items()}
+
+
+def print_top1(scores: dict[str, float], images: int, path: Path | None = None) -> None:
+    """The table of top-1 scores; kept as ``top1.json`` when ``path`` is given."""
+    if path is not None:
+        path.write_text(json.dumps({"metric": "top1", "val_images": images, "scores": scores}, indent=2))
+    width = max(len(name) for name in scores) + 2
+    print(f"\nval top-1 ({images} images)\n{'model':<{width}}{'top-1 %':>8}")
+    for name, value in scores.items():
+        print(f"{name:<{width}}{value:>8.2f}")
+
+
+def val_loader(config: CommonConfig, size: int | None = None) -> DataLoader:
+    """The val split with the eval transform: whole, or a seeded subset of ``size`` images (the online monitor's)."""
+    dataset = load_dataset(config.data, "val", config.data_root, config.download, eval_transform(config.image_size))
+    if size is not None and size < len(dataset):
+        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
+        dataset = Subset(dataset, order[:size].tolist())
+    return make_loader(dataset, config, shuffle=False, batch_size=max(config.batch_size, 256))
+
+
+# ---- the run --------------------------------------------------------------------------------------------------
+
+def load_student_init(config: DistillConfig, demo_teachers: bool) -> tuple[str | None, nn.Module | None, nn.Linear | None, bool | None]:
+    """--student-init (the demo's with the demo's teachers): path, backbone, classifier (or None) and stem."""
+    path = config.student_init
+    if path is None and demo_teachers and DEMO_STUDENT_INIT.is_file():
+        path = str(DEMO_STUDENT_INIT)
+    if path == "torchvision":  # ImageNet V1 weights: the paper's starting point (R-50 76.15, R-18 69.76)
+        path = torchvision_file(config.student, "IMAGENET1K_V1")
+    if path is None:
+        return None, None, None, None
+    backbone, classifier, found, small_images = load_classifier(path, config.student, require_classifier=False)
+    print(f"student init: {path} ({found}{'' if classifier is not None else ', no classifier: a new one'})")
+    return path, backbone, classifier, small_images
+
+
+def distill(config: DistillConfig) -> Path:
+    """Run MEAL V2 as ``config`` says; returns the run folder."""
+    config = dataclasses.replace(config, **{k: v for k, v in MEAL.DEFAULTS.items() if getattr(config, k) is None})
+    check_config(config)
+    demo_teachers = not (config.teachers or config.teacher_checkpoints or config.teacher_checkpoint)
+    teachers, lines = load_teachers(config)
+    print("\n".join(lines))
+    num_classes = teachers[0].embed_dim
+    init_path, init_backbone, init_classifier, small_images = load_student_init(config, demo_teachers)
+    if init_path is None:
+        print(f"student: {config.student} from random weights (MEAL V2 starts from supervised ones: pass --student-init)")
+    if init_classifier is not None and init_classifier.out_features != num_classes:
+        raise SeedError(f"student init {init_path} has {init_classifier.out_features} classes, the teachers {num_classes}; "
+                        "student and teachers must classify the same classes")
+    if small_images is not None:
+        if config.small_images is not None and config.small_images != small_images:
+            raise SeedError(f"student init {init_path} was trained with{'' if small_images else 'out'} the small-image stem; "
+                            f"drop --{'no-' if small_images else ''}small-images")
+        config = dataclasses.replace(config, small_images=small_images)
+    config = resolve(config, {})
+    pl.seed_everything(config.seed, workers=True, verbose=False)
+    transform = train_transform(config.image_size, config.crop_min_scale)
+    if config.cache_teacher_logits:
+        train_set = FixedCrops(load_dataset(config.data, "train", config.data_root, config.download), transform, config.cache_crops, config.seed)
+    else:
+        train_set = load_dataset(config.data, "train", config.data_root, config.download, transform)
+    if len(train_set.classes) != num_classes:
+        raise SeedError(f"--data {config.data} has {len(train_set.classes)} classes, the teachers {num_classes}; distil on the teachers' classes")
+    check_batch(len(train_set), config)
+    run_dir = run_folder(config, "distill", f"meal-{config.student}-{data_name(config)}")
+    module = MEAL(config, teachers, num_classes, num_images=len(train_set))
+    if init_backbone is not None:
+        module.backbone.load_state_dict(init_backbone.state_dict())
+    if init_classifier is not None:
+        module.head.load_state_dict(init_classifier.state_dict())
+    if isinstance(train_set, FixedCrops):
+        module.crop_epoch = train_set.epoch
+    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), [val_loader(config, config.knn_query_size)], config, run_dir)
+    if trainer.is_global_zero:
+        export_model(run_dir / "student.pt", config.student, module.backbone, module.head, num_classes, "meal",
+                     dataclasses.asdict(config), bool(config.small_images), extra={"num_classes": num_classes})
+        students = {}
+        if init_classifier is not None:
+            students[f"student {config.student} init"] = nn.Sequential(init_backbone, init_classifier)
+        students[f"student {config.student} MEAL V2"] = module
+        named = {f"teacher {n} {t.arch}": t for n, t in enumerate(module.teachers, 1)}
+        loader = val_loader(config)
+        scores = top1(students, named, loader, "cuda" if torch.cuda.is_available() else "cpu")
+        print_top1(scores, len(loader.dataset), run_dir / "top1.json")
+        print(f"\nrun folder: {run_dir} (student.pt, last.ckpt, config.yaml, top1.json, logs/)")
+    return run_dir
+
+
+def main(config: DistillConfig) -> Path:
+    """``seed-distill --mode meal``."""
+    return distill(config)

@@ -1,0 +1,366 @@
+import json
+import math
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+from torch.utils.data import DataLoader, Dataset, TensorDataset
+
+from seed.backbones import create_backbone
+from seed.checkpoints import export_model, load_classifier, load_file
+from seed.config import DistillConfig, make_config, resolve
+from seed.engine import build_trainer
+from seed.errors import SeedError
+from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
+from seed.meal import MEAL, Discriminator, FixedCrops, TargetCache, cutmix, distill, load_teacher
+from seed.teacher import FrozenTeacher
+
+from .conftest import run_command
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+FAST = ["--data", "digits", "--image-size", "16", "--no-small-images", "--batch-size", "16", "--num-workers", "0", "--knn-query-size", "64"]
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny tensors on a shared 2-core machine: one thread each, here and in the commands run, is many times faster."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
+
+
+def _config(tmp_path, **values) -> DistillConfig:
+    base = {"mode": "meal", "student": "r18", "image_size": 16, "small_images": False, "batch_size": 32, "knn_every": 0, "output": str(tmp_path)}
+    return resolve(make_config(DistillConfig, {**base, **values}), MEAL.DEFAULTS)
+
+
+def _linear_teacher(seed: int, classes: int = 10, scale: float = 3.0) -> FrozenTeacher:
+    """A fixed random classifier of 16px images: pixels -> 32-d projection -> classes."""
+    generator = torch.Generator().manual_seed(seed)
+    backbone = nn.Sequential(nn.Flatten(), nn.Linear(3 * 16 * 16, 32))
+    head = nn.Linear(32, classes)
+    with torch.no_grad():
+        for parameter in [*backbone.parameters(), *head.parameters()]:
+            parameter.copy_(scale * torch.randn(parameter.shape, generator=generator) / math.sqrt(max(parameter.shape[-1], 1)))
+    backbone.feature_dim, backbone.arch = 32, f"linear{seed}"
+    return FrozenTeacher(backbone, head, fold_bn=False, normalize=False)
+
+
+def _classifier_file(path: Path, classes: int = 10, arch: str = "r18", seed: int = 0) -> Path:
+    """Our supervised export (as seed-pretrain --method supervised writes it), random weights."""
+    torch.manual_seed(seed)
+    backbone = create_backbone(arch, small_images=False)
+    head = nn.Linear(backbone.feature_dim, classes)
+    export_model(path, arch, backbone, head, classes, "supervised", {}, False, extra={"num_classes": classes})
+    return path
+
+
+# ---- losses ----------------------------------------------------------------------------------------------------
+
+def test_ensemble_target_is_the_mean_of_the_teachers_softmaxes():
+    logits = torch.tensor([[[0.0, math.log(3.0)]], [[math.log(4.0), 0.0]]])  # teacher 1: [1/4, 3/4], teacher 2: [4/5, 1/5]
+    expected = torch.tensor([[(0.25 + 0.8) / 2, (0.75 + 0.2) / 2]])
+    assert torch.allclose(ensemble_target(logits), expected, atol=1e-6)
+    assert torch.allclose(ensemble_target(logits, temperature=2.0), (F.softmax(logits[0] / 2, 1) + F.softmax(logits[1] / 2, 1)) / 2)
+
+
+def test_soft_cross_entropy_equals_its_formula():
+    student = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])  # softmax rows [1/4, 3/4] and [1/2, 1/2]
+    target = torch.tensor([[0.5, 0.5], [1.0, 0.0]])
+    expected = (-(0.5 * math.log(0.25) + 0.5 * math.log(0.75)) - math.log(0.5)) / 2
+    assert math.isclose(float(soft_cross_entropy(student, target)), expected, rel_tol=1e-6)
+    tau = 4.0
+    scaled = -(target * F.log_softmax(student / tau, 1)).sum(1).mean() * tau**2
+    assert math.isclose(float(soft_cross_entropy(student, target, tau)), float(scaled), rel_tol=1e-6)
+
+
+def test_discriminator_loss_is_bce_against_one_hot_rows():
+    student, teacher = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.0, 1.0]])
+    bce = lambda x, y: -(y * math.log(1 / (1 + math.exp(-x))) + (1 - y) * math.log(1 - 1 / (1 + math.exp(-x))))  # noqa: E731
+    expected = (bce(2.0, 1) + bce(0.0, 0) + bce(0.0, 0) + bce(1.0, 1)) / 4  # student rows [1,0], teacher rows [0,1]
+    assert math.isclose(float(discriminator_loss(student, teacher)), expected, rel_tol=1e-6)
+
+
+def test_discriminator_has_the_codes_layers():
+    layers = [m for m in Discriminator(1000).layers]
+    assert [(m.in_features, m.out_features) for m in layers if isinstance(m, nn.Linear)] == [(1000, 125), (125, 15), (15, 2)]
+    assert [type(m) for m in layers] == [nn.Linear, nn.ReLU] * 3  # a ReLU after the last layer too, as in the code
+    assert (Discriminator(10)(torch.randn(5, 10)) >= 0).all()
+
+
+# ---- gradients: who learns from what ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("mode", ["joint", "minimax", "off"])
+def test_each_part_gets_the_gradients_of_its_losses(mode, tmp_path):
+    module = MEAL(_config(tmp_path, discriminator=mode, discriminator_weight=0.5), [_linear_teacher(0)], num_classes=10)
+    torch.manual_seed(0)
+    student = torch.randn(6, 10, requires_grad=True)
+    teacher_logits = torch.randn(6, 10)
+    target = F.softmax(teacher_logits, 1)
+    losses = module.losses(student, target, teacher_logits)
+    parts = [student, *(module.discriminator.parameters() if module.discriminator else [])]
+    grads = torch.autograd.grad(losses["loss"], parts)
+    kd = torch.autograd.grad(soft_cross_entropy(student, target), student)[0]
+    if mode == "off":
+        assert set(losses) == {"loss", "kd_loss"}
+        assert torch.allclose(grads[0], kd)
+        return
+    disc = module.discriminator
+    bce = discriminator_loss(disc(student), disc(teacher_logits))
+    bce_student, *bce_disc = torch.autograd.grad(bce, [student, *disc.parameters()])
+    sign = 1.0 if mode == "joint" else -1.0  # joint: the code's shared BCE; minimax: reversed into the student
+    assert torch.allclose(grads[0], kd + sign * 0.5 * bce_student, atol=1e-6)
+    for got, expected in zip(grads[1:], bce_disc, strict=True):  # the discriminator learns from its BCE alone
+        assert torch.allclose(got, 0.5 * expected, atol=1e-6)
+    assert not teacher_logits.requires_grad
+
+
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+def test_student_moves_toward_the_ensemble_without_reading_labels(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    teachers = [_linear_teacher(1), _linear_teacher(2)]
+    frozen = [{k: v.clone() for k, v in t.state_dict().items()} for t in teachers]
+    config = _config(tmp_path, epochs=10, batch_size=16, lr=0.05, lr_schedule="cosine")
+    module = MEAL(config, teachers, num_classes=10)
+    images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.randint(0, 10, (32,))
+    with torch.no_grad():
+        target = ensemble_target(torch.stack([t(images) for t in teachers]))
+
+    def kl() -> float:
+        """KL(p_T || p_S) on the whole set, BatchNorm on batch statistics as in training."""
+        with torch.no_grad():
+            return float(F.kl_div(F.log_softmax(module(images), 1), target, reduction="batchmean"))
+
+    module.train()
+    loss_right = module.training_step((images[:16], labels[:16]), 0)
+    loss_wrong = module.training_step((images[:16], (labels[:16] + 3) % 10), 0)  # wrong labels: the same loss
+    assert torch.equal(loss_right, loss_wrong)
+    before = kl()
+    build_trainer(config, tmp_path).fit(module, DataLoader(TensorDataset(images, labels), batch_size=16, shuffle=True))
+    after = kl()
+    assert after < 0.5 * before, (before, after)
+    for teacher, weights in zip(teachers, frozen, strict=True):
+        assert all(torch.equal(v, weights[k]) for k, v in teacher.state_dict().items())  # the teachers never move
+        assert not teacher.training and not any(p.requires_grad for p in teacher.parameters())
+
+
+# ---- the teacher-target cache -----------------------------------------------------------------------------------
+
+class _Counting(nn.Module):
+    """A teacher that counts the images it sees."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.teacher, self.seen = teacher, 0
+
+    def forward(self, images):
+        self.seen += len(images)
+        return self.teacher(images)
+
+
+class _Images(Dataset):
+    classes = [str(c) for c in range(10)]
+
+    def __init__(self) -> None:
+        self.images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index):
+        return self.images[index], index % 10
+
+
+def _augment(image):
+    """Random flip and noise, drawn from torch's generator as torchvision's transforms are."""
+    image = image.flip(-1) if torch.rand(()) < 0.5 else image
+    return image + 0.1 * torch.randn(image.shape)
+
+
+def test_cache_holds_each_crop_and_later_epochs_skip_the_teachers(tmp_path):
+    pl.seed_everything(0, verbose=False)
+    data = FixedCrops(_Images(), _augment, crops=2, seed=0)
+    first = data[5]
+    assert torch.equal(first[0], data[5][0]) and first[3] == 0  # a crop is the same every time it comes back
+    data.epoch.fill_(1)
+    assert data[5][3] == 1 and not torch.equal(data[5][0], first[0])  # the next epoch shows the next crop
+    data.epoch.fill_(0)
+    teacher = _Counting(_linear_teacher(4))
+    config = _config(tmp_path, epochs=3, batch_size=8, cache_teacher_logits=True, cache_crops=2, cache_top_k=10)
+    module = MEAL(config, [teacher], num_classes=10, num_images=len(data))
+    module.crop_epoch = data.epoch
+    seen = []
+    callback = pl.callbacks.LambdaCallback(on_train_epoch_end=lambda *_: seen.append(teacher.seen))
+    trainer = build_trainer(config, tmp_path, callbacks=[callback])
+    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True))
+    assert seen == [32, 64, 64]  # epochs 0 and 1 fill crops 0 and 1; epoch 2 reads crop 0 from the cache
+    assert bool(module.cache.filled.all())
+    index, crop = torch.arange(32), torch.ones(32, dtype=torch.long)
+    with torch.no_grad():
+        direct = F.softmax(teacher.teacher(torch.stack([_crop(i, 1) for i in range(32)])), 1)
+    assert torch.allclose(module.cache.read(index, crop), direct, atol=2e-3)  # fp16 storage
+
+
+def _crop(index: int, crop: int):
+    data = FixedCrops(_Images(), _augment, crops=2, seed=0)
+    data.epoch.fill_(crop)
+    return data[index][0]
+
+
+def test_cache_keeps_top_k_and_spreads_the_rest():
+    cache = TargetCache(num_images=2, crops=1, num_classes=4, top_k=2)
+    target = torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.0, 0.0, 0.0, 1.0]])
+    cache.write(torch.tensor([0, 1]), torch.tensor([0, 0]), target)
+    read = cache.read(torch.tensor([0, 1]), torch.tensor([0, 0]))
+    assert torch.allclose(read, torch.tensor([[0.5, 0.1, 0.3, 0.1], [0.0, 0.0, 0.0, 1.0]]), atol=1e-3)
+    assert torch.allclose(read.sum(1), torch.ones(2), atol=1e-3)
+
+
+def test_cutmix_pastes_one_box_of_another_image():
+    torch.manual_seed(0)
+    images = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    mixed = cutmix(images, alpha=1.0)
+    for original, result in zip(images, mixed, strict=True):
+        changed = (result != original).any(0)
+        if changed.any():
+            rows, cols = changed.nonzero().T
+            assert changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one rectangle
+            assert len(result[:, changed].unique()) == 1
+
+
+# ---- checkpoints of teacher classifiers ---------------------------------------------------------------------------
+
+def _torchvision_layouts():
+    resnet = torchvision.models.resnet18(num_classes=10).state_dict()
+    mobilenet = torchvision.models.mobilenet_v3_small(num_classes=10).state_dict()
+    return {
+        "r18": (resnet, "fc."),
+        "mbv3s": (mobilenet, "classifier.3."),
+        "r18 DataParallel": ({f"module.{k}": v for k, v in resnet.items()}, "module.fc."),
+    }
+
+
+@pytest.mark.parametrize("layout", ["ours", "r18", "mbv3s", "r18 DataParallel"])
+def test_teacher_classifiers_load(layout, tmp_path):
+    path = tmp_path / "teacher.pth"
+    if layout == "ours":
+        _classifier_file(path)
+        expected = load_file(path)["head_state_dict"]
+        arch = None
+    else:
+        state, prefix = _torchvision_layouts()[layout]
+        torch.save(state, path)
+        expected = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+        arch = layout.split()[0]
+    teacher, found = load_teacher(arch, str(path), _config(tmp_path))
+    assert teacher.embed_dim == 10 and not teacher.normalize
+    backbone, classifier, _, _ = load_classifier(path, arch)
+    assert torch.equal(classifier.weight, expected["weight"]) and torch.equal(classifier.bias, expected["bias"])
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(images), classifier(backbone.eval()(images)), atol=1e-4)  # folded BN: same logits
+
+
+def test_a_projection_head_is_not_a_classifier(tmp_path):
+    backbone = create_backbone("r18", small_images=False)
+    mlp = nn.Sequential(nn.Linear(512, 512), nn.ReLU(), nn.Linear(512, 128))
+    export_model(tmp_path / "moco.pt", "r18", backbone, mlp, 128, "mocov2", {}, False)
+    with pytest.raises(SeedError, match="has an MLP projection head, not a classifier"):
+        load_classifier(tmp_path / "moco.pt")
+    assert load_classifier(tmp_path / "moco.pt", require_classifier=False)[1] is None  # still fine as a student init
+
+
+def test_timm_teacher_when_timm_is_installed(tmp_path):
+    timm = pytest.importorskip("timm")
+    model = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "timm.pth")
+    teacher, found = load_teacher("timm:resnet18", str(tmp_path / "timm.pth"), _config(tmp_path))
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(teacher(images), model(images), atol=1e-4)
+    assert teacher.arch == "timm:resnet18" and teacher.embed_dim == 10
+
+
+@pytest.mark.parametrize(
+    "teacher_classes, init_classes, message",
+    [
+        ((10, 5), 10, "teacher 2 (.*) has 5 classes, teacher 1 has 10"),
+        ((5, 5), 10, "student init .* has 10 classes, the teachers 5"),
+        ((5, 5), 5, "--data digits has 10 classes, the teachers 5"),
+    ],
+)
+def test_class_mismatch_is_a_one_line_error(teacher_classes, init_classes, message, tmp_path):
+    files = [str(_classifier_file(tmp_path / f"t{i}.pt", classes=c)) for i, c in enumerate(teacher_classes)]
+    init = _classifier_file(tmp_path / "init.pt", classes=init_classes)
+    config = make_config(DistillConfig, {"mode": "meal", "data": "digits", "teacher_checkpoints": ",".join(files),
+                                         "student_init": str(init), "output": str(tmp_path / "out")})
+    with pytest.raises(SeedError, match=message):
+        distill(config)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_class_mismatch_exits_2_with_one_line(tmp_path):
+    files = [str(_classifier_file(tmp_path / f"t{c}.pt", classes=c)) for c in (10, 7)]
+    result = run_command("seed-distill", "--mode", "meal", *FAST, "--teacher-checkpoints", ",".join(files), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert "has 7 classes, teacher 1 has 10" in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+
+
+# ---- end to end --------------------------------------------------------------------------------------------------
+
+def test_meal_cli_with_two_teachers_exports_the_student_and_a_table(tmp_path):
+    teachers = [str(_classifier_file(tmp_path / f"t{i}.pt", arch=arch, seed=i)) for i, arch in enumerate(("r18", "r34"))]
+    init = _classifier_file(tmp_path / "init.pt", seed=5)
+    out = tmp_path / "run"
+    result = run_command("seed-distill", "--mode", "meal", *FAST, "--teacher-checkpoints", ",".join(teachers), "--student-init", str(init),
+                         "--max-steps", "2", "--output", str(out))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "teacher 2: r34" in result.stdout and "seed export (supervised)" in result.stdout
+    for row in ("student r18 init", "student r18 MEAL V2", "teacher 1 r18", "teacher 2 r34", "ensemble (mean softmax)"):
+        assert row in result.stdout, row
+    scores = json.loads((out / "top1.json").read_text())["scores"]
+    assert len(scores) == 5 and json.loads((out / "top1.json").read_text())["val_images"] == 360
+    student = load_file(out / "student.pt")
+    assert student["method"] == "meal" and student["num_classes"] == 10 and student["head_state_dict"]["weight"].shape == (10, 512)
+    ckpt = load_file(out / "last.ckpt")
+    assert ckpt["global_step"] == 2 and not any(k.startswith("teachers.") for k in ckpt["state_dict"])
+    assert load_classifier(out / "student.pt")[1].out_features == 10  # a MEAL student can teach the next one
+    log = (out / "logs" / "metrics.csv").read_text().splitlines()[0]
+    assert all(column in log for column in ("loss", "kd_loss", "disc_loss"))
+
+
+@pytest.mark.parametrize("path", sorted((CONFIGS / "distill").glob("meal_*.yaml")) + sorted((CONFIGS / "demo").glob("meal*.yaml")), ids=lambda p: p.name)
+def test_shipped_meal_configs_are_valid(path):
+    from seed.config import PretrainConfig
+
+    kind = DistillConfig if "mode: meal" in path.read_text() else PretrainConfig
+    config = make_config(kind, {"config": str(path)})
+    assert config.method == "supervised" if kind is PretrainConfig else config.mode == "meal"
+
+
+def test_the_papers_schedule_and_defaults(tmp_path):
+    config = _config(tmp_path, batch_size=512)
+    optimizers = MEAL(config, [_linear_teacher(0)], num_classes=10).configure_optimizers()
+    optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01) and optimizer.param_groups[0]["weight_decay"] == 0.0  # lr 0.01 at batch 512
+    assert list(schedule.milestones) == [100] and schedule.gamma == 0.1 and optimizers["lr_scheduler"]["interval"] == "epoch"
+    assert (config.kd_temperature, config.discriminator, config.discriminator_weight, config.cutmix) == (1.0, "joint", 1.0, False)
+
+
+def test_without_teachers_or_demo_the_error_says_how_to_make_them(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SeedError, match="no --teacher-checkpoints given and no demo teachers in runs/demo/meal.*meal_teacher_r34.yaml"):
+        distill(make_config(DistillConfig, {"mode": "meal"}))
+    with pytest.raises(SeedError, match="--teachers names 2 teachers but --teacher-checkpoints gives 1 file"):
+        distill(make_config(DistillConfig, {"mode": "meal", "teachers": "r18,r34", "teacher_checkpoints": "a.pt"}))
+    with pytest.raises(SeedError, match="r50x2 has no torchvision weights"):
+        distill(make_config(DistillConfig, {"mode": "meal", "teachers": "r50x2"}))
+    with pytest.raises(SeedError, match="--discriminator gan: choose one of joint, minimax, off"):
+        distill(make_config(DistillConfig, {"mode": "meal", "discriminator": "gan"}))
