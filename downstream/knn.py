@@ -19,6 +19,7 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,8 +46,12 @@ class KnnConfig(EvalConfig):
     backend: str = option("faiss or torch (brute force, chunked; the cross-check)", "faiss")
 
 
-def _as_numpy(x: Tensor) -> np.ndarray:
-    return np.ascontiguousarray(x.detach().to("cpu", torch.float32).numpy())
+ADD_CHUNK = 65536
+
+
+def _unit(x: Tensor) -> np.ndarray:
+    """Rows L2-normalised, as the contiguous float32 array faiss takes."""
+    return np.ascontiguousarray(F.normalize(x.detach().to("cpu", torch.float32), dim=1).numpy())
 
 
 def faiss_gpu_available() -> bool:
@@ -56,45 +61,54 @@ def faiss_gpu_available() -> bool:
     return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0
 
 
-def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, nprobe: int = 32, gpu: bool | None = None):
-    """A faiss inner-product index holding ``bank`` (L2-normalised rows, so inner product = cosine)."""
+def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, nprobe: int = 32, gpu: bool | None = None) -> tuple[Any, Any]:
+    """A faiss inner-product index of the L2-normalised rows of ``bank`` (inner product = cosine).
+
+    Rows are normalised and added chunk by chunk, so the index is the only
+    normalised copy of the bank. Returns the index and its GPU resources
+    (``None`` on the CPU), which must live as long as the index.
+    """
     import faiss
 
-    vectors = _as_numpy(bank)
-    dim = vectors.shape[1]
+    size, dim = bank.shape
     if index == "flat":
         built = faiss.IndexFlatIP(dim)
     elif index == "ivf":
-        nlist = nlist or max(1, min(round(4 * math.sqrt(len(vectors))), len(vectors) // 39))
+        nlist = nlist or max(1, min(round(4 * math.sqrt(size)), size // 39))
         built = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
-        built.train(vectors)
+        sample = torch.randperm(size, generator=torch.Generator().manual_seed(0))[:256 * nlist]  # faiss uses at most 256 per cell
+        built.train(_unit(bank[sample]))
         built.nprobe = min(nprobe, nlist)
     else:
         raise SeedError(f"unknown --index '{index}'; choose flat or ivf")
+    resources = None
     if gpu if gpu is not None else faiss_gpu_available():
         resources = faiss.StandardGpuResources()
         built = faiss.index_cpu_to_gpu(resources, 0, built)
-        built.resources = resources  # keep the GPU memory alive as long as the index
-    built.add(vectors)
-    return built
+    for start in range(0, size, ADD_CHUNK):
+        built.add(_unit(bank[start:start + ADD_CHUNK]))
+    return built, resources
 
 
 def faiss_search(bank: Tensor, queries: Tensor, k: int, chunk: int = QUERY_CHUNK, **index_options) -> Iterator[tuple[Tensor, Tensor]]:
-    """Similarities and bank indices (best first) of each chunk of ``queries``' ``k`` nearest bank rows."""
-    built = build_index(bank, **index_options)
+    """Cosine similarities and bank indices (best first) of the ``k`` nearest bank rows, per chunk of ``queries``."""
+    built, _resources = build_index(bank, **index_options)  # the generator's frame keeps both alive while it searches
     for start in range(0, len(queries), chunk):
-        similarities, indices = built.search(_as_numpy(queries[start:start + chunk]), k)
+        similarities, indices = built.search(_unit(queries[start:start + chunk]), k)
         yield torch.from_numpy(similarities), torch.from_numpy(indices)
 
 
 def torch_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024, bank_chunk: int = 65536) -> Iterator[tuple[Tensor, Tensor]]:
-    """:func:`faiss_search` in plain torch: per query chunk, a running top-k over bank chunks (memory: chunk x bank_chunk)."""
+    """:func:`faiss_search` in plain torch: per query chunk, a running top-k over bank chunks.
+
+    Memory: one query chunk x bank chunk block of similarities; bank rows are normalised block by block.
+    """
     for start in range(0, len(queries), chunk):
-        query = queries[start:start + chunk].float()
+        query = F.normalize(queries[start:start + chunk].float(), dim=1)
         best_sims = torch.empty(len(query), 0)
         best_idx = torch.empty(len(query), 0, dtype=torch.long)
         for offset in range(0, len(bank), bank_chunk):
-            sims = query @ bank[offset:offset + bank_chunk].float().T
+            sims = query @ F.normalize(bank[offset:offset + bank_chunk].float(), dim=1).T
             top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
             merged_sims = torch.cat([best_sims, top_sims], dim=1)
             merged_idx = torch.cat([best_idx, top_idx + offset], dim=1)
@@ -133,8 +147,7 @@ def knn_metrics(
     backend: str = "faiss",
     **index_options,
 ) -> dict[str, float]:
-    """Top-1 and top-5 accuracy (%) of each vote of :func:`variants`, on L2-normalised features."""
-    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    """Top-1 and top-5 accuracy (%) of each vote of :func:`variants`, by cosine similarity."""
     ks = [min(k, len(bank)) for k in ks]
     search = faiss_search(bank, queries, max(ks), **index_options) if backend == "faiss" else torch_search(bank, queries, max(ks))
     tops = [t for t in (1, 5) if t <= num_classes]
@@ -153,8 +166,7 @@ def knn_metrics(
 
 def predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, k: int = 200, temperature: float | None = 0.07,
             backend: str = "faiss", **index_options) -> Tensor:
-    """Top-1 class of each query under one vote (for tests and scripts)."""
-    bank, queries = F.normalize(bank.float(), dim=1), F.normalize(queries.float(), dim=1)
+    """Top-1 class of each query under one vote, by cosine similarity (for tests and scripts)."""
     k = min(k, len(bank))
     search = faiss_search(bank, queries, k, **index_options) if backend == "faiss" else torch_search(bank, queries, k)
     return torch.cat([vote(s, i, bank_labels, num_classes, k, temperature).argmax(dim=1) for s, i in search])

@@ -56,7 +56,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
-    """Horizontal bars, one per row, labelled run / metric."""
+    """Horizontal bars, one per row, labelled run / metric, coloured by protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -65,7 +65,12 @@ def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
     labels = [f"{row['run']} / {row['metric']}" for row in rows]
     values = [row["value"] for row in rows]
     figure, axes = plt.subplots(figsize=(8, 1.2 + 0.4 * len(rows)))
-    bars = axes.barh(range(len(rows)), values, color="#4c72b0")
+    protocols = list(dict.fromkeys(row["protocol"] for row in rows))
+    colours = [plt.get_cmap("tab10")(protocols.index(row["protocol"]) % 10) for row in rows]
+    bars = axes.barh(range(len(rows)), values, color=colours)
+    for protocol in protocols:
+        axes.barh([0], [0], color=plt.get_cmap("tab10")(protocols.index(protocol) % 10), label=protocol)
+    axes.legend(loc="lower right", fontsize=8)
     axes.set_yticks(range(len(rows)), labels, fontsize=8)
     axes.invert_yaxis()
     axes.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
