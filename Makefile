@@ -33,6 +33,8 @@ data:
 demo: setup data
 	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml
 	$(BIN)/seed-distill --config configs/demo/distill.yaml
+	$(BIN)/seed-eval knn
+	$(BIN)/seed-eval linear --fast
 
 test: setup data
 	$(BIN)/ruff check .
