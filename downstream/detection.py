@@ -26,7 +26,6 @@ averaged over 0.5:0.95 (the numbers MoCo's tables give for VOC).
 import bisect
 import contextlib
 import dataclasses
-import hashlib
 import importlib.util
 import io
 import json
@@ -56,6 +55,7 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from tqdm import tqdm
 
+from downstream.common import file_sha256
 from downstream.detection_data import DetectionData, DetectionDataset, Record, collate, read_detection_data
 from seed.checkpoints import atomic_save, load_encoder, load_file
 from seed.cli import run_cli
@@ -663,14 +663,6 @@ def run_detectron2(config: DetectionConfig, plan: dict[str, Any], backbone: nn.M
 # ---------------------------------------------------------------- the command
 
 
-def sha256(path: str | Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def _device(config: DetectionConfig) -> tuple[torch.device, int, int]:
     """Device, world size and rank; several processes come from ``torchrun``."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -757,7 +749,7 @@ def detect(config: DetectionConfig) -> dict[str, Any]:
         "data": data.description,
         "data_path": str(config.data),
         "checkpoint": str(config.checkpoint),
-        "checkpoint_sha256": sha256(config.checkpoint),
+        "checkpoint_sha256": file_sha256(config.checkpoint),
         "checkpoint_format": checkpoint_format,
         "arch": backbone.arch,
         "iterations": iterations,

@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 BIN = Path(sys.executable).parent
 TINY = ["--data", "digits", "--image-size", "16", "--batch-size", "16", "--num-workers", "0",
@@ -16,6 +17,17 @@ def run_command(name: str, *args: str, timeout: int = 300) -> subprocess.Complet
     script = shutil.which(name, path=str(BIN)) or name
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     return subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.fixture(autouse=True)
+def one_thread(monkeypatch):
+    """Tiny models on a shared 2-core machine: one thread per process (here and in the commands run)
+    avoids oversubscribing the cores, which makes small forward passes many times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    yield
+    torch.set_num_threads(threads)
 
 
 @pytest.fixture

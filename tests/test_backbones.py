@@ -1,6 +1,6 @@
 """The architecture registry: shapes, parameter counts and torchvision-compatible names."""
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -11,15 +11,6 @@ from seed.backbones import available, create_backbone, feature_dim
 from seed.errors import SeedError
 
 RESNETS = {"r18", "r34", "r50", "r101", "r152", "r50x2", "r50x4"}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread() -> Iterator[None]:
-    """Tiny inputs: threads only add overhead, and on a busy CI runner they oversubscribe the cores (100x slower)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def _num_params(model: nn.Module) -> int:

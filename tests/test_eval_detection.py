@@ -25,14 +25,6 @@ from seed.config import make_config
 HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Two shared cores: one thread per test keeps the suite's runtime predictable."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def synthetic(tmp_path_factory) -> tuple[Path, Path]:

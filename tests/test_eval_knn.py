@@ -9,14 +9,6 @@ from downstream.knn import faiss_search, knn_metrics, parse_ks, predict, torch_s
 from seed.errors import SeedError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def random_set(n: int, dim: int = 32, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     generator = torch.Generator().manual_seed(seed)
     return torch.randn(n, dim, generator=generator), torch.randint(0, classes, (n,), generator=generator)

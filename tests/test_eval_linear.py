@@ -8,14 +8,6 @@ from downstream.linear import LinearClassifier, default_lr, evaluate_head, fit_l
 from seed.errors import SeedError
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def separated(n: int, classes: int = 10, dim: int = 64, seed: int = 0) -> Features:
     """Classes around random centres, far apart relative to the noise, on a large offset (as raw ReLU features are)."""
     generator = torch.Generator().manual_seed(seed)
