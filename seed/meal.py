@@ -40,7 +40,7 @@ from seed.module import TrainModule
 from seed.teacher import FrozenTeacher
 
 DEMO = Path("runs/demo/meal")
-DEMO_TEACHERS = (DEMO / "teacher-r34" / "teacher.pt", DEMO / "teacher-r18" / "teacher.pt")
+DEMO_TEACHERS = (DEMO / "teacher-a" / "teacher.pt", DEMO / "teacher-b" / "teacher.pt")
 DEMO_STUDENT_INIT = DEMO / "student-init" / "teacher.pt"
 
 
@@ -88,8 +88,8 @@ class TargetCache(nn.Module):
         self.num_classes = num_classes
         k = min(top_k, num_classes)
         self.register_buffer("values", torch.zeros(num_images, crops, k, dtype=torch.float16))
-        self.register_buffer("classes", torch.zeros(num_images, crops, k, dtype=torch.int16 if num_classes < 2**15 else torch.int32))
-        self.register_buffer("filled", torch.zeros(num_images, crops, dtype=torch.bool))
+        self.register_buffer("classes", torch.zeros(num_images, crops, k, dtype=torch.int32))  # gloo broadcasts no int16 or bool
+        self.register_buffer("filled", torch.zeros(num_images, crops, dtype=torch.uint8))
 
     def read(self, index: Tensor, crop: Tensor) -> Tensor:
         values, classes = self.values[index, crop].float(), self.classes[index, crop].long()
@@ -102,7 +102,7 @@ class TargetCache(nn.Module):
         values, classes = target.topk(self.values.shape[2], dim=1)
         self.values[index, crop] = values.to(self.values.dtype)
         self.classes[index, crop] = classes.to(self.classes.dtype)
-        self.filled[index, crop] = True
+        self.filled[index, crop] = 1
 
 
 class MEAL(TrainModule):
@@ -142,7 +142,7 @@ class MEAL(TrainModule):
 
     def cached_outputs(self, images: Tensor, index: Tensor, crop: Tensor) -> tuple[Tensor, Tensor]:
         """The target from the cache, the teachers run on the misses only; the discriminator sees log p_T."""
-        hit = self.cache.filled[index, crop]
+        hit = self.cache.filled[index, crop].bool()
         target = images.new_zeros(len(images), self.num_classes, dtype=torch.float32)
         if hit.any():
             target[hit] = self.cache.read(index[hit], crop[hit])
@@ -349,7 +349,7 @@ def teacher_specs(config: DistillConfig) -> list[tuple[str | None, str | None]]:
     if not archs and not files:
         if not all(path.is_file() for path in DEMO_TEACHERS):
             raise SeedError(f"no --teacher-checkpoints given and no demo teachers in {DEMO}; pass them, "
-                            "or train them: seed-pretrain --config configs/demo/meal_teacher_r34.yaml (and meal_teacher_r18.yaml)")
+                            "or train them: seed-pretrain --config configs/demo/meal_teacher_a.yaml (then meal_teacher_b, meal_student_init)")
         files = [str(path) for path in DEMO_TEACHERS]
     if archs and files and len(archs) != len(files):
         raise SeedError(f"--teachers names {len(archs)} teachers but --teacher-checkpoints gives {len(files)} files; give one file per teacher")
@@ -444,7 +444,7 @@ def load_student_init(config: DistillConfig, demo_teachers: bool) -> tuple[str |
 
 
 def distill(config: DistillConfig) -> Path:
-    """Run MEAL V2 as ``config`` says; returns the run folder."""
+    """Run MEAL V2 as ``config`` says (``seed-distill --mode meal``); returns the run folder."""
     config = dataclasses.replace(config, **{k: v for k, v in MEAL.DEFAULTS.items() if getattr(config, k) is None})
     check_config(config)
     demo_teachers = not (config.teachers or config.teacher_checkpoints or config.teacher_checkpoint)
@@ -494,8 +494,3 @@ def distill(config: DistillConfig) -> Path:
         print_top1(scores, len(loader.dataset), run_dir / "top1.json")
         print(f"\nrun folder: {run_dir} (student.pt, last.ckpt, config.yaml, top1.json, logs/)")
     return run_dir
-
-
-def main(config: DistillConfig) -> Path:
-    """``seed-distill --mode meal``."""
-    return distill(config)

@@ -356,7 +356,7 @@ def test_the_papers_schedule_and_defaults(tmp_path):
 
 def test_without_teachers_or_demo_the_error_says_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(SeedError, match="no --teacher-checkpoints given and no demo teachers in runs/demo/meal.*meal_teacher_r34.yaml"):
+    with pytest.raises(SeedError, match="no --teacher-checkpoints given and no demo teachers in runs/demo/meal.*meal_teacher_a.yaml"):
         distill(make_config(DistillConfig, {"mode": "meal"}))
     with pytest.raises(SeedError, match="--teachers names 2 teachers but --teacher-checkpoints gives 1 file"):
         distill(make_config(DistillConfig, {"mode": "meal", "teachers": "r18,r34", "teacher_checkpoints": "a.pt"}))
