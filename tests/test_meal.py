@@ -25,16 +25,6 @@ CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAST = ["--data", "digits", "--image-size", "16", "--no-small-images", "--batch-size", "16", "--num-workers", "0", "--knn-query-size", "64"]
 
 
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny tensors on a shared 2-core machine: one thread each, here and in the commands run, is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
-
-
 def _config(tmp_path, **values) -> DistillConfig:
     base = {"mode": "meal", "student": "r18", "image_size": 16, "small_images": False, "batch_size": 32, "knn_every": 0, "output": str(tmp_path)}
     return resolve(make_config(DistillConfig, {**base, **values}), MEAL.DEFAULTS)

@@ -1,4 +1,3 @@
-import pytest
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
@@ -10,16 +9,6 @@ from seed.config import PretrainConfig, make_config, resolve
 from seed.engine import build_trainer
 
 from .conftest import run_command
-
-
-@pytest.fixture(autouse=True)
-def one_thread(monkeypatch):
-    """Tiny tensors on a shared 2-core machine: one thread each, here and in the commands run, is many times faster."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    yield
-    torch.set_num_threads(threads)
 
 
 def test_the_recipe_is_the_standard_one(tmp_path):
