@@ -48,7 +48,8 @@ def main(argv: list[str] | None = None) -> int:
         script, cpu_args, gpu_args = SUITE[name]
         if args.gpu and gpu_args is None:
             continue
-        command = [sys.executable, script, *(gpu_args if args.gpu else cpu_args)]
+        module = script.removesuffix(".py").replace("/", ".")  # run as a module so that `bench.common` imports
+        command = [sys.executable, "-m", module, *(gpu_args if args.gpu else cpu_args)]
         print(f"\n=== {name}: {' '.join(command[1:])}", flush=True)
         start = time.perf_counter()
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
