@@ -3,16 +3,24 @@
 Query encoder = backbone + MLP head; key encoder = its momentum copy; the
 InfoNCE loss uses a queue of past keys as negatives (lightly's ``NTXentLoss``
 with a memory bank); shuffle-BN via lightly's ``batch_shuffle``.
+
+Shuffle-BN only helps when BatchNorm statistics are per GPU: on one device the
+key encoder would normalise the whole batch at once, and the paper (Sec. 3.3)
+shows the model then cheats through the batch statistics. There the key
+encoder's BatchNorm normalises ``--bn-splits`` shuffled groups separately
+(lightly's ``SplitBatchNorm``), which is what shuffle-BN on that many GPUs does.
 """
 
 import copy
+import math
 
 import torch
 from lightly.loss import NTXentLoss
+from lightly.models.batchnorm import SplitBatchNorm
 from lightly.models.modules import MoCoProjectionHead
 from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requires_grad, update_momentum
 from lightly.utils.scheduler import cosine_schedule
-from torch import Tensor
+from torch import Tensor, nn
 
 from seed.config import PretrainConfig
 from seed.module import TrainModule
@@ -29,6 +37,9 @@ class MoCoV2(TrainModule):
         self.projection_head = MoCoProjectionHead(dim, dim, config.embed_dim)
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
+        self.bn_splits = bn_splits(config)
+        if self.bn_splits > 1:
+            split_batchnorm(self.backbone_momentum, self.bn_splits)
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = NTXentLoss(config.temperature, memory_bank_size=(config.queue_size, config.embed_dim), gather_distributed=True)
@@ -49,3 +60,24 @@ class MoCoV2(TrainModule):
         loss = self.criterion(query, key)
         self.log("loss", loss, prog_bar=True)
         return loss
+
+
+def bn_splits(config: PretrainConfig) -> int:
+    """Groups for the key encoder's BatchNorm: the flag (default 8 on one device, 1 under DDP), a divisor of the batch."""
+    wanted = config.bn_splits if config.bn_splits is not None else (1 if config.devices * config.num_nodes > 1 else 8)
+    return math.gcd(max(wanted, 1), config.batch_size)
+
+
+def split_batchnorm(module: nn.Module, splits: int) -> None:
+    """Replace every ``BatchNorm2d`` below ``module`` by a ``SplitBatchNorm`` with the same weights and statistics."""
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            split = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+            with torch.no_grad():
+                split.weight.copy_(child.weight)
+                split.bias.copy_(child.bias)
+                split.running_mean.copy_(child.running_mean.repeat(splits))
+                split.running_var.copy_(child.running_var.repeat(splits))
+            setattr(module, name, split)
+        else:
+            split_batchnorm(child, splits)

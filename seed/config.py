@@ -17,6 +17,7 @@ from typing import Any, Union
 
 import yaml
 
+from seed import data as seed_data
 from seed.errors import SeedError
 
 
@@ -43,6 +44,8 @@ class CommonConfig:
     accelerator: str = _help("auto, cpu or gpu", "auto")
     precision: str = _help("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision", "auto")
     num_workers: int | None = _help("data-loading processes per device (default: up to 8, never more than the CPU cores)")
+    strict_data: bool = _help("stop at the first image that cannot be read instead of skipping it (skipped files are listed in the run's skipped.txt)",
+                              False)
 
 
 @dataclasses.dataclass
@@ -61,6 +64,8 @@ class TrainConfig(CommonConfig):
     warmup_epochs: float | None = _help("epochs of linear warm-up before the cosine schedule (default: the method's)")
     crop_min_scale: float | None = _help("smallest random crop, as a fraction of the image (default: the augmentation recipe's)")
     checkpoint_every: int = _help("also write last.ckpt every N optimiser steps", 500)
+    deterministic: bool = _help("deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical GPU runs and resumes, "
+                                "slower; CPU runs are already", False)
     resume: str = _help("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto")
     knn_every: int = _help("kNN top-1 monitor every N epochs (0: off)", 1)
     knn_every_steps: int | None = _help("run the kNN monitor every N steps instead of per epoch")
@@ -82,6 +87,8 @@ class PretrainConfig(TrainConfig):
     queue_size: int = _help("MoCo queue length K", 65536)
     moco_momentum: float = _help("momentum of MoCo's key encoder", 0.999)
     moco_momentum_cosine: bool = _help("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
+    bn_splits: int | None = _help("MoCo on one device: the key encoder's BatchNorm normalises this many shuffled groups separately, "
+                                  "as shuffle-BN across GPUs does (default: 8 on one device, 1 under DDP, where real shuffle-BN runs)")
 
 
 @dataclasses.dataclass
@@ -131,13 +138,27 @@ def _base_type(annotation: Any) -> type:
     return annotation
 
 
+class _Parser(argparse.ArgumentParser):
+    """Errors in one line (``prog: error: ...``, exit code 2), an unknown flag with the closest known one."""
+
+    def error(self, message: str) -> typing.NoReturn:
+        if message.startswith("unrecognized arguments: "):
+            unknown = message.split(": ", 1)[1].split()[0]
+            typed = unknown.split("=")[0]
+            flags = [flag for action in self._actions for flag in action.option_strings]
+            close = [flag for flag in flags if flag.startswith(typed)] or difflib.get_close_matches(typed, flags, n=1)
+            message = f"unknown flag '{unknown}'; " + (f"did you mean '{' or '.join(close)}'?" if close else "see --help")
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def build_parser(config_class: type, prog: str, description: str) -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field.
 
     Defaults are suppressed so that only flags the user typed override the YAML
-    file; the dataclass holds the real defaults.
+    file; the dataclass holds the real defaults. Flags are never abbreviated
+    (``--temp`` is not silently ``--temperature``).
     """
-    parser = argparse.ArgumentParser(prog=prog, description=description, argument_default=argparse.SUPPRESS)
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False)
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         kind = _base_type(hints[field.name])
@@ -195,9 +216,14 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def load_config(config_class: type, argv: list[str] | None, prog: str, description: str) -> Any:
-    """Parse flags, merge them over the ``--config`` YAML file and the defaults."""
+    """Parse flags, merge them over the ``--config`` YAML file and the defaults.
+
+    The command's ``--strict-data`` becomes the default of every dataset it opens.
+    """
     flags = vars(build_parser(config_class, prog, description).parse_args(argv))
-    return make_config(config_class, flags)
+    config = make_config(config_class, flags)
+    seed_data.strict_data = config.strict_data
+    return config
 
 
 def make_config(config_class: type, overrides: dict[str, Any]) -> Any:

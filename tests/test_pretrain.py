@@ -113,3 +113,36 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, tiny_args):
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def test_moco_key_encoder_normalises_shuffled_groups_separately():
+    """Single-device shuffle-BN: with --bn-splits 4 each of the 4 groups (sample n in group n % 4) gets its own statistics."""
+    from lightly.models.batchnorm import SplitBatchNorm
+
+    from pretrain.mocov2 import MoCoV2
+
+    config = make_config(PretrainConfig, {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 8, "bn_splits": 4, "queue_size": 64})
+    module = MoCoV2(resolve(config, MoCoV2.DEFAULTS), num_classes=10)
+    norm = module.backbone_momentum.bn1
+    assert isinstance(norm, SplitBatchNorm) and norm.num_splits == 4
+    assert not any(isinstance(m, SplitBatchNorm) for m in module.backbone.modules())  # the exported query encoder keeps plain BN
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 2.0)
+        norm.bias.uniform_(-1.0, 1.0)
+    x = torch.randn(8, 64, 4, 4) * 3 + 1
+    out = norm.train()(x)
+    for group in range(4):
+        members = x[group::4]
+        mean, var = members.mean(dim=(0, 2, 3), keepdim=True), members.var(dim=(0, 2, 3), unbiased=False, keepdim=True)
+        expected = (members - mean) / torch.sqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
+        torch.testing.assert_close(out[group::4], expected, atol=1e-5, rtol=1e-5)
+    # parameters stay shared with the query encoder's shape, so the momentum update pairs them one to one
+    assert [p.shape for p in module.backbone.parameters()] == [p.shape for p in module.backbone_momentum.parameters()]
+
+
+@pytest.mark.parametrize(("devices", "batch", "flag", "expected"), [(1, 256, None, 8), (1, 12, None, 4), (2, 256, None, 1), (1, 256, 1, 1)])
+def test_bn_splits_default_follows_devices_and_divides_the_batch(devices, batch, flag, expected):
+    from pretrain.mocov2 import bn_splits
+
+    config = make_config(PretrainConfig, {"devices": devices, "batch_size": batch, "bn_splits": flag})
+    assert bn_splits(config) == expected
