@@ -1,0 +1,206 @@
+"""Does distillation help a small student? The paper's claim, on the offline default data.
+
+For each seed, with the recipes in ``configs/bench/``:
+
+1. a teacher (the larger backbone) trained with ``seed-pretrain --method mocov2``;
+2. the student trained with ``seed-pretrain --method mocov2`` alone, for as many steps as (3);
+3. the student distilled with ``seed-distill`` (SEED) from the teacher of (1);
+4. optionally (``--simclr``) the student distilled from a SimCLR teacher.
+
+Every network is then scored the same way, in this process: kNN top-1 (k = 200,
+tau = 0.07, seed-eval's vote) and the fast linear probe (seed-eval linear --fast's
+``fit_linear``) on frozen centre-crop features of a fixed train subset (bank /
+probe training set) and the whole val split. The runs' kNN monitors give the
+curves of (2) and (3) against training steps. Results: ``bench/results/quality.json``.
+
+    python -m bench.quality                    # 3 seeds (make bench)
+    python -m bench.quality --seeds 0 --quick  # a smoke run: minutes
+"""
+
+import argparse
+import csv
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+from torch.utils.data import Subset
+
+from bench.common import ROOT, mean_std, write_result
+from downstream.features import Features, extract
+from downstream.knn import knn_metrics
+from downstream.linear import FAST_LR, evaluate_head, fit_linear
+from seed.backbones import create_backbone
+from seed.checkpoints import load_encoder
+from seed.data import eval_transform, load_dataset
+
+CONFIGS = ROOT / "configs" / "bench"
+RUNS = ROOT / "runs" / "bench" / "quality"
+BIN = Path(sys.executable).parent
+
+# row key -> (label, command, config, exported file)
+ROWS = {
+    "teacher": ("teacher: {teacher} MoCo v2", "seed-pretrain", "quality_teacher.yaml", "teacher.pt"),
+    "student_moco": ("student: {student} MoCo v2 alone", "seed-pretrain", "quality_student_mocov2.yaml", "teacher.pt"),
+    "student_seed": ("student: {student} SEED from the MoCo v2 teacher", "seed-distill", "quality_student_seed.yaml", "student.pt"),
+    "simclr_teacher": ("teacher: {teacher} SimCLR", "seed-pretrain", "quality_teacher_simclr.yaml", "teacher.pt"),
+    "student_seed_simclr": ("student: {student} SEED from the SimCLR teacher", "seed-distill", "quality_student_seed.yaml", "student.pt"),
+}
+
+
+def run(command: list[str], log: Path, threads: int) -> float:
+    """One of our commands, its output in ``log``; returns its wall time. A failure stops the benchmark."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        code = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        sys.exit(f"{command[0]} failed (exit {code}); see {log}")
+    return time.perf_counter() - start
+
+
+def train(key: str, seed: int, extra: list[str], threads: int) -> tuple[Path, float]:
+    """Train one row's network for ``seed``; returns its run folder and wall time (reuses a finished run)."""
+    _, command, config, exported = ROWS[key]
+    folder = RUNS / f"seed{seed}" / key
+    if (folder / exported).is_file():
+        return folder, float("nan")
+    args = [command, "--config", str(CONFIGS / config), "--seed", str(seed), "--output", str(folder), "--resume", "never", *extra]
+    return folder, run(args, folder.with_suffix(".log"), threads)
+
+
+def knn_curve(folder: Path) -> dict[int, float]:
+    """kNN top-1 of the run's monitor by training step, from its CSV log."""
+    curve = {}
+    with open(folder / "logs" / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("knn_top1"):
+                curve[int(row["step"])] = float(row["knn_top1"])
+    return curve
+
+
+class Scorer:
+    """kNN and fast-linear top-1 of a frozen backbone on fixed train/val images."""
+
+    def __init__(self, data: str, image_size: int, train_images: int, val_images: int | None, linear_epochs: int) -> None:
+        transform = eval_transform(image_size)
+        train = load_dataset(data, "train", transform=transform)
+        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_images]
+        self.train = Subset(train, order.tolist())
+        val = load_dataset(data, "val", transform=transform)
+        self.val = Subset(val, range(min(val_images or len(val), len(val))))
+        self.classes = len(train.classes)
+        self.linear_epochs = linear_epochs
+
+    def features(self, backbone: torch.nn.Module) -> tuple[Features, Features]:
+        return (extract(backbone, self.train, 256, 0, torch.device("cpu"), "train features"),
+                extract(backbone, self.val, 256, 0, torch.device("cpu"), "val features"))
+
+    def score(self, backbone: torch.nn.Module) -> dict[str, float]:
+        train, val = self.features(backbone)
+        knn = knn_metrics(train.features, train.labels, val.features, val.labels, self.classes, ks=(200,), backend="torch")
+        epochs = self.linear_epochs
+        head = fit_linear(train, self.classes, epochs, lr=FAST_LR, milestones=[round(0.6 * epochs), round(0.8 * epochs)])
+        return {"knn": knn["top1_k200"], "linear": evaluate_head(head, val)["top1"]}
+
+
+def cell(values: list[float]) -> str:
+    mean, std = mean_std(values)
+    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--simclr", action="store_true", help="also distil from a SimCLR teacher (row 4)")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps per network, small eval")
+    parser.add_argument("--train-images", type=int, default=10000, help="train images in the kNN bank / linear probe's training set")
+    parser.add_argument("--linear-epochs", type=int, default=30)
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    extra = ["--max-steps", "20", "--knn-every-steps", "10", "--knn-bank-size", "500", "--knn-query-size", "200"] if args.quick else []
+    torch.set_num_threads(args.threads)
+    keys = ["teacher", "student_moco", "student_seed"] + (["simclr_teacher", "student_seed_simclr"] if args.simclr else [])
+    started = time.perf_counter()
+
+    folders: dict[tuple[str, int], Path] = {}
+    times: dict[str, list[float]] = {key: [] for key in keys}
+    for seed in seeds:
+        for key in keys:
+            teacher_key = {"student_seed": "teacher", "student_seed_simclr": "simclr_teacher"}.get(key)
+            teacher = ["--teacher-checkpoint", str(folders[teacher_key, seed] / "teacher.pt")] if teacher_key else []
+            folder, seconds = train(key, seed, extra + teacher, args.threads)
+            folders[key, seed] = folder
+            times[key].append(seconds)
+
+    scorer = Scorer("fashion-mnist", 32, 500 if args.quick else args.train_images, 500 if args.quick else None, 3 if args.quick else args.linear_epochs)
+    scores: dict[str, list[dict[str, float]]] = {key: [] for key in keys}
+    random_init: dict[str, list[dict[str, float]]] = {}
+    for (key, seed), folder in folders.items():
+        backbone, _, _ = load_encoder(folder / ROWS[key][3], use_head=False)
+        scores[key].append(scorer.score(backbone))
+        if key in ("teacher", "student_moco"):
+            torch.manual_seed(seed)
+            arch = backbone.arch
+            random_init.setdefault(arch, []).append(scorer.score(create_backbone(arch, small_images=False)))
+
+    config_names = {key: ROWS[key][2] for key in keys}
+    teacher_arch = load_encoder(folders["teacher", seeds[0]] / "teacher.pt", use_head=False)[0].arch
+    student_arch = load_encoder(folders["student_seed", seeds[0]] / "student.pt", use_head=False)[0].arch
+    rows = []
+    for arch, values in random_init.items():
+        rows.append([f"{arch} random init", cell([v["knn"] for v in values]), cell([v["linear"] for v in values]), "", ""])
+    for key in keys:
+        label = ROWS[key][0].format(teacher=teacher_arch, student=student_arch)
+        minutes = [t / 60 for t in times[key] if t == t]
+        rows.append([label, cell([v["knn"] for v in scores[key]]), cell([v["linear"] for v in scores[key]]),
+                     f"{sum(minutes) / len(minutes):.1f}" if minutes else "(reused)", f"`configs/bench/{config_names[key]}`"])
+
+    curves = {key: [knn_curve(folders[key, seed]) for seed in seeds] for key in ("student_moco", "student_seed")}
+    series = []
+    for key, label in (("student_moco", f"{student_arch} MoCo v2 alone"), ("student_seed", f"{student_arch} SEED")):
+        steps = sorted(set.intersection(*(set(c) for c in curves[key])))
+        stats = [mean_std([c[s] for c in curves[key]]) for s in steps]
+        series.append({"label": label, "x": steps, "y": [m for m, _ in stats], "yerr": [s for _, s in stats]})
+
+    knn = {key: mean_std([v["knn"] for v in scores[key]])[0] for key in keys}
+    linear = {key: mean_std([v["linear"] for v in scores[key]])[0] for key in keys}
+    notes = [
+        f"SEED vs the student trained alone for the same steps: kNN {knn['student_seed'] - knn['student_moco']:+.2f}, "
+        f"linear {linear['student_seed'] - linear['student_moco']:+.2f} points (mean over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}).",
+        f"SEED student vs its teacher: kNN {knn['student_seed'] - knn['teacher']:+.2f}, linear {linear['student_seed'] - linear['teacher']:+.2f} points.",
+    ]
+    baselines = ", ".join(f"{arch} {mean_std([v['knn'] for v in values])[0]:.2f}" for arch, values in random_init.items())
+    notes.append(f"Random init already scores kNN {baselines}: on Fashion-MNIST random convolutional features are strong, "
+                 "so short CPU runs move the numbers by a few points.")
+    description = (
+        f"Fashion-MNIST (the offline default), 32px, CPU; seeds {', '.join(map(str, seeds))}; mean ± std over seeds. "
+        f"Teacher {teacher_arch}, student {student_arch}; the recipes (steps, batch, lr, queue) are the YAML files named in the table, "
+        "each run as `<command> --config <file> --seed S`. Scores: kNN top-1 (k = 200, tau = 0.07) and a linear probe "
+        f"({scorer.linear_epochs} epochs on standardised frozen features, the `seed-eval linear --fast` trainer) with "
+        f"{len(scorer.train)} train images (fixed subset) as bank / probe training set and all {len(scorer.val)} val images. "
+        "The plot is the kNN monitor during training (bank of 5000 train images, 1000 val queries)."
+        + (" **Smoke run (--quick): not a result.**" if args.quick else "")
+    )
+    write_result("quality", {
+        "title": "Quality: does distillation help a small student?",
+        "order": 10,
+        "command": "python -m bench.quality" + (" --simclr" if args.simclr else "") + (f" --seeds {args.seeds}" if args.seeds != "0,1,2" else ""),
+        "description": description,
+        "tables": [{"caption": "", "columns": ["network", "kNN top-1 %", "linear top-1 %", "train min / run", "recipe"], "rows": rows}],
+        "plots": [{"file": "quality_knn_curve.png", "title": "kNN top-1 while training the student", "xlabel": "training step",
+                   "ylabel": "kNN top-1 % (monitor)", "kind": "line", "series": series}],
+        "notes": notes,
+        "data": {"scores": scores, "random_init": random_init, "minutes": times, "curves": {k: [{str(s): v for s, v in c.items()} for c in cs]
+                                                                                            for k, cs in curves.items()},
+                 "wall_minutes": (time.perf_counter() - started) / 60},
+    })
+
+
+if __name__ == "__main__":
+    main()
