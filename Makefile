@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 export SEED_DATA ?= $(CURDIR)/.data
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test lint clean
+.PHONY: setup data demo test lint bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -42,6 +42,14 @@ test: setup data
 
 lint: setup
 	$(BIN)/ruff check .
+
+# Every CPU benchmark (under an hour on 2 cores), then docs/BENCHMARKS.md and docs/bench/*.png from bench/results/*.json.
+bench: setup data
+	$(BIN)/python -m bench
+
+# The speed benchmarks on a CUDA GPU at 224px (bench/results/*_gpu.json); one line and exit 2 where there is none.
+bench-gpu: setup data
+	$(BIN)/python -m bench --gpu
 
 clean:
 	rm -rf runs .pytest_cache

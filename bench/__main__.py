@@ -18,15 +18,26 @@ import time
 from bench.common import ROOT
 from bench.render import render
 
-# name -> (script, CPU arguments, GPU arguments or None when the benchmark is CPU-only)
+# name -> (script, CPU arguments, GPU arguments or None when the benchmark is CPU-only).
+# A GPU run writes bench/results/<name>_gpu.json beside the CPU one.
 SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {}
+OPTIONAL: set[str] = set()  # registered but too long for `make bench`: run with --only NAME
 
 
-def register(name: str, script: str, cpu_args: list[str], gpu_args: list[str] | None = None) -> None:
+def register(name: str, script: str, cpu_args: list[str], gpu_args: list[str] | None = None, default: bool = True) -> None:
     SUITE[name] = (script, cpu_args, gpu_args)
+    if not default:
+        OPTIONAL.add(name)
 
 
 register("quality", "bench/quality.py", [])
+GPU_SPEED = ["--device", "cuda", "--image-size", "224", "--batch-size", "256", "--rounds", "10"]
+register("distill_speed", "bench/distill_speed.py", ["--threads", "1", "--rounds", "8"], [*GPU_SPEED, "--pairs", "r50:r18,r50x2:mbv3l"])
+register("queue", "bench/queue_bench.py", ["--threads", "1", "--rounds", "6"], GPU_SPEED)
+register("knn", "bench/knn_bench.py", ["--threads", "1"])
+register("data_loading", "bench/data_loading.py", ["--threads", "1"],
+         ["--device", "cuda", "--datasets", "fashion-mnist:32:256,synthetic:224:256", "--workers", "0,4,8,16"])
+register("meal", "bench/meal_bench.py", [], default=False)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -37,9 +48,16 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, (script, _, gpu_args) in SUITE.items():
-            print(f"{name:16s} {script}{'' if gpu_args is None else '  (has --gpu variant)'}")
+            print(f"{name:16s} {script}{'' if gpu_args is None else '  (has --gpu variant)'}{'  (not in the default suite)' if name in OPTIONAL else ''}")
         return 0
-    names = [n for n in args.only.split(",") if n] or list(SUITE)
+    if args.gpu:
+        import torch
+
+        if not torch.cuda.is_available():
+            print(f"python -m bench --gpu: torch {torch.__version__} sees no CUDA GPU on this machine; run it on one that has a GPU "
+                  "(`make bench-gpu`), or drop --gpu", file=sys.stderr)
+            return 2
+    names = [n for n in args.only.split(",") if n] or [n for n in SUITE if n not in OPTIONAL]
     unknown = sorted(set(names) - SUITE.keys())
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SUITE)}")

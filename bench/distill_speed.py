@@ -1,138 +1,231 @@
-"""Speed of one SEED step: teacher, student and total images/s, ours vs a plain PyTorch step.
+"""Distillation step speed: ours vs the official code's SEED step, each teacher optimisation in turn, and the KD overhead.
 
-The plain step is written the way the official SEED code does it: teacher in
-eval mode under ``torch.no_grad`` with its BatchNorm layers, the queue cloned
-before the enqueue. Ours adds each teacher optimisation in turn (inference mode,
-BatchNorm folding, channels_last, autocast on GPU). Variants run interleaved,
-round-robin, so that load from other processes hits all of them alike.
+Every variant trains a fresh student on the same random batch with the same
+models, batch, image size and K; variants run interleaved, round-robin, and
+each reports medians (``bench/speed.py``). Rows, from the official code's step:
 
-    python bench/distill_speed.py --teacher r50 --student r18 --image-size 64 --batch-size 32
-    python bench/distill_speed.py --device cuda --image-size 224 --batch-size 256     # on a GPU
+1. the official step (jacobswan1/SEED: teacher eval + ``no_grad``, BatchNorm as
+   is, the (D, K) queue cloned for each einsum, fp32);
+2. ours (``seed.distill.SEED``: queue read in place) with that same teacher;
+3. then one teacher optimisation more per row: ``inference_mode``
+   (``FrozenTeacher``), channels_last, BatchNorm folded, and on a GPU bf16 autocast
+   over the step (Lightning's ``bf16-mixed``, what ``seed-distill`` uses there);
+4. on a CPU, ``seed-distill``'s own CPU setting (BN folded, no channels_last).
+
+KD overhead: our step against the student alone trained self-supervised, a MoCo
+v2 step of the student (``pretrain/mocov2.py``'s parts: two views, momentum
+encoder, K negatives), same batch. Writes ``bench/results/distill_speed.json``
+(``distill_speed_gpu.json`` with ``--device cuda``).
+
+    python -m bench.distill_speed                       # CPU: r50 -> r18, 64px, batch 32, K 65536 (about 3 min on 2 cores)
+    python -m bench.distill_speed --device cuda --image-size 224 --batch-size 256 --pairs r50:r18,r50x2:mbv3l
 """
 
 import argparse
 import copy
-import json
 import os
-import platform
-import statistics
-import time
-from pathlib import Path
+import sys
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
-from seed.backbones import create_backbone
-from seed.losses import seed_loss
-from seed.queue import TeacherQueue
-from seed.teacher import FrozenTeacher
+from bench.common import write_result
+from bench.speed import (
+    OfficialSEED,
+    OfficialTeacher,
+    Stopwatch,
+    check_device,
+    fmt_ms,
+    interleaved,
+    mocov2_step,
+    official_step,
+    ours_step,
+    parse_pairs,
+    result_name,
+    seed_module,
+    spread,
+    teacher_parts,
+    teacher_variant,
+)
+
+OFFICIAL = "official step (no_grad teacher, BN as is, queue cloned, fp32)"
+SAME_TEACHER = "ours, the official teacher (queue read in place)"
+MOCO = "student alone: MoCo v2 step (2 views, momentum encoder)"
+CPU_DEFAULT = "seed-distill on CPU: inference_mode + BN folded (no channels_last)"
+SHORT = {OFFICIAL: "official", SAME_TEACHER: "ours, no_grad teacher", "+ inference_mode": "+ inference_mode", "+ channels_last": "+ channels_last",
+         "+ BN folded": "+ BN folded", "+ bf16 autocast (seed-distill on GPU)": "+ bf16", CPU_DEFAULT: "seed-distill CPU", MOCO: "MoCo v2, student alone"}
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
-
-
-class PlainTeacher(nn.Module):
-    """The official code's teacher: eval mode, no_grad, BatchNorm as is."""
-
-    def __init__(self, backbone: nn.Module) -> None:
-        super().__init__()
-        self.backbone = backbone.eval()
-
-    def forward(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad():
-            return F.normalize(self.backbone(images), dim=1)
-
-
-def make_teachers(arch: str, device: str) -> dict[str, nn.Module]:
-    torch.manual_seed(0)
-    base = create_backbone(arch).to(device)
-    gpu = device == "cuda"
-    variants = {
-        "plain (official style)": PlainTeacher(copy.deepcopy(base)),
-        "+ inference_mode": FrozenTeacher(copy.deepcopy(base), None, fold_bn=False),
-        "+ BN folded": FrozenTeacher(copy.deepcopy(base), None, fold_bn=True),
-        "+ BN folded + channels_last": FrozenTeacher(copy.deepcopy(base), None, fold_bn=True, channels_last=True),
-    }
+def chain(gpu: bool) -> list[tuple[str, bool, bool, bool]]:
+    """(row, fold BN, channels_last, bf16): one teacher optimisation more per row."""
+    rows = [("+ inference_mode", False, False, False), ("+ channels_last", False, True, False), ("+ BN folded", True, True, False)]
     if gpu:
-        variants["+ BN folded + channels_last + bf16"] = FrozenTeacher(copy.deepcopy(base), None, fold_bn=True, channels_last=True)
-    return variants
+        rows.append(("+ bf16 autocast (seed-distill on GPU)", True, True, True))
+    return rows
+
+
+def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+    device, gpu = args.device, args.device.startswith("cuda")
+    backbone, head = teacher_parts(teacher)
+    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)).to(device)
+
+    def official_teacher() -> Stopwatch:
+        return Stopwatch(OfficialTeacher(copy.deepcopy(backbone), copy.deepcopy(head)).to(device), device)
+
+    def ours(teacher_module: Stopwatch, bf16: bool = False):
+        return ours_step(seed_module(student, teacher_module, args.queue_size, args.image_size).to(device), images, device, bf16)
+
+    steps = {OFFICIAL: official_step(OfficialSEED(student, official_teacher(), args.queue_size).to(device), images),
+             SAME_TEACHER: ours(official_teacher())}
+    for name, fold_bn, channels_last, bf16 in chain(gpu):
+        steps[name] = ours(teacher_variant(backbone, head, device, fold_bn, channels_last), bf16)
+    if not gpu:
+        steps[CPU_DEFAULT] = ours(teacher_variant(backbone, head, device, True, False))
+    steps[MOCO] = mocov2_step(student, args.queue_size, args.image_size, images, device, bf16=gpu)
+    print(f"{teacher} -> {student}: {len(steps)} variants x {args.rounds} rounds", flush=True)
+    return interleaved(steps, args.rounds, device, args.warmup)
+
+
+def pair_table(teacher: str, student: str, timings: dict[str, dict[str, float]], args: argparse.Namespace) -> dict:
+    gpu = args.device.startswith("cuda")
+    batch = args.batch_size
+    official = timings[OFFICIAL]
+    columns = ["variant", "step", "images/s", "× official", "× previous row", "teacher forward", "teacher × official", "teacher share"]
+    if gpu:
+        columns.append("step memory (MiB)")
+    rows, previous = [], None
+    chained = [OFFICIAL, SAME_TEACHER, *[name for name, *_ in chain(gpu)]]
+    for name, t in timings.items():
+        if name == MOCO:
+            continue
+        row = [name, fmt_ms(t["step_s"]) + spread(t, "step_s"), f"{batch / t['step_s']:.0f}", f"{official['step_s'] / t['step_s']:.2f}x",
+               f"{previous['step_s'] / t['step_s']:.2f}x" if previous and name in chained else "—", fmt_ms(t["teacher_s"]) + spread(t, "teacher_s"),
+               f"{official['teacher_s'] / t['teacher_s']:.2f}x", f"{100 * t['teacher_s'] / t['step_s']:.0f}%"]
+        if gpu:
+            row.append(f"{t['step_mib']:.0f}")
+        rows.append(row)
+        previous = t if name in chained else previous
+    caption = (f"**{teacher} → {student}**, {args.image_size}px, batch {batch}, K = {args.queue_size}, {args.device}, median of {args.rounds} "
+               "interleaved steps (± half the interquartile range):")
+    return {"caption": caption, "columns": columns, "rows": rows}
+
+
+def ours_name(gpu: bool) -> str:
+    return "+ bf16 autocast (seed-distill on GPU)" if gpu else CPU_DEFAULT
+
+
+def overhead_table(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> dict:
+    ours = ours_name(args.device.startswith("cuda"))
+    rows = []
+    for teacher, student in pairs:
+        t = results[f"{teacher}:{student}"]
+        seed_s, moco_s, teacher_s = t[ours]["step_s"], t[MOCO]["step_s"], t[ours]["teacher_s"]
+        rows.append([f"{teacher} → {student}", fmt_ms(moco_s), fmt_ms(seed_s), f"{seed_s / moco_s:.2f}x", fmt_ms(seed_s - teacher_s),
+                     f"+{100 * teacher_s / (seed_s - teacher_s):.0f}%"])
+    settings = "BN folded, channels_last, bf16" if args.device.startswith("cuda") else "BN folded, fp32"
+    return {"caption": f"KD overhead: our SEED step as `seed-distill` runs it on this device ({settings}) against the student trained alone with MoCo v2 "
+                       "(same batch and K; the MoCo step runs a second student forward for its key view):",
+            "columns": ["pair", "student alone (MoCo v2 step)", "SEED step", "SEED / MoCo v2", "SEED step without the teacher forward",
+                        "teacher forward on top"],
+            "rows": rows}
+
+
+def listing(names: list[str]) -> str:
+    """``a``, ``a and b``, ``a, b and c``."""
+    return " and ".join([", ".join(names[:-1]), names[-1]] if len(names) > 1 else names)
+
+
+def notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, float]]], args: argparse.Namespace) -> list[str]:
+    gpu = args.device.startswith("cuda")
+    ours = ours_name(gpu)
+    found = []
+    for teacher, student in pairs:
+        t = results[f"{teacher}:{student}"]
+        step = {name: v["step_s"] for name, v in t.items()}
+        teach = {name: v["teacher_s"] for name, v in t.items()}
+        ordered = [OFFICIAL, SAME_TEACHER, *[name for name, *_ in chain(gpu)]]
+        # (optimisation, row without it, row with it)
+        changes = [(ordered[i].lstrip("+ ").split(" (")[0], ordered[i - 1], ordered[i]) for i in range(2, len(ordered))]
+        if not gpu:
+            changes.append(("BN folded alone (no channels_last)", "+ inference_mode", CPU_DEFAULT))
+        gains = {name: teach[without] / teach[with_it] for name, without, with_it in changes}
+        margin = {name: t[without].get("teacher_s_spread", 0.0) + t[with_it].get("teacher_s_spread", 0.0) for name, without, with_it in changes}
+        noise = abs(teach[SAME_TEACHER] / teach[OFFICIAL] - 1)
+        fastest = max((n for n in step if n != MOCO), key=lambda n: 1 / step[n])
+        found.append(f"{teacher} → {student}: as `seed-distill` runs it here ({SHORT[ours]}), our step is "
+                     f"{step[OFFICIAL] / step[ours]:.2f}x the official step's speed ({args.batch_size / step[ours]:.0f} vs "
+                     f"{args.batch_size / step[OFFICIAL]:.0f} images/s); its teacher forward {teach[OFFICIAL] / teach[ours]:.2f}x. "
+                     f"Fastest row: {SHORT[fastest]} ({step[OFFICIAL] / step[fastest]:.2f}x).")
+        helped = [name for name, gain in gains.items() if gain > 1 + margin[name]]
+        hurt = [name for name, gain in gains.items() if gain < 1 - margin[name]]
+        verdict = (f"{listing(helped)} speed{'s' if len(helped) == 1 else ''} the teacher up by more than that" if helped else
+                   "no teacher optimisation speeds the teacher up by more than that")
+        found.append(f"{teacher} → {student}: each optimisation's effect on the teacher forward, over the row before it: "
+                     + ", ".join(f"{name} {gain:.2f}x (±{100 * margin[name]:.0f}%)" for name, gain in gains.items())
+                     + f", the ± being the two rows' spreads added; {verdict}"
+                     + (f", and {listing(hurt)} slow{'s' if len(hurt) == 1 else ''} it down" if hurt else "") + ".")
+        found.append(f"{teacher} → {student}: the first two rows run the same teacher code, so their teacher forwards differ by noise alone: "
+                     f"{100 * noise:.0f}% in this run.")
+        found.append(f"{teacher} → {student}: the teacher is {100 * teach[ours] / step[ours]:.0f}% of our step "
+                     f"({100 * teach[OFFICIAL] / step[OFFICIAL]:.0f}% of the official one): a forward without backward, so the "
+                     "student's forward + backward bounds the step, and a teacher speed-up moves the step by at most that share.")
+        found.append(f"{teacher} → {student}: a SEED step costs {step[ours] / step[MOCO]:.2f}x a MoCo v2 step of the student alone.")
+    found.append("Not measured: a teacher cache. SEED in `seed-distill` has none (the target is the teacher's embedding of the "
+                 "random view of each step, and its queue only holds past embeddings); `--cache-teacher-logits` exists for MEAL V2 and "
+                 "is measured in its section.")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--teacher", default="r50")
-    parser.add_argument("--student", default="r18")
+    parser.add_argument("--pairs", default="r50:r18", help="teacher:student pairs, comma-separated")
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--queue-size", type=int, default=65536)
-    parser.add_argument("--steps", type=int, default=8)
+    parser.add_argument("--rounds", type=int, default=5, help="timed steps per variant (medians)")
+    parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--output", default="bench/results/distill_speed.json")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = parser.parse_args()
-    device = args.device
-    teachers = make_teachers(args.teacher, device)
-    student = create_backbone(args.student).to(device)
-    dim, embed_dim = student.feature_dim, teachers["+ BN folded"].embed_dim
-    head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(), nn.Linear(dim, embed_dim)).to(device)
-    optimizer = torch.optim.SGD([*student.parameters(), *head.parameters()], lr=0.01, momentum=0.9)
-    queue = TeacherQueue(args.queue_size, embed_dim, gather_distributed=False).to(device)
-    images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, device=device)
-
-    def sync() -> None:
-        if device == "cuda":
-            torch.cuda.synchronize()
-
-    def step(name: str, teacher: nn.Module) -> tuple[float, float]:
-        autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=name.endswith("bf16"))
-        plain = name.startswith("plain")
-        sync()
-        start = time.perf_counter()
-        with autocast:
-            target = teacher(images)
-        sync()
-        teacher_time = time.perf_counter() - start
-        with autocast:
-            embedding = F.normalize(head(student(images)), dim=1)
-            bank = queue.bank.clone() if plain else queue.bank  # lightly/official: a K x D copy per step
-            loss = seed_loss(embedding, target, bank, 0.2, 1e-4)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        queue.enqueue(target)
-        sync()
-        return teacher_time, time.perf_counter() - start
-
-    timings: dict[str, list[tuple[float, float]]] = {name: [] for name in teachers}
-    for name, teacher in teachers.items():  # warm-up
-        step(name, teacher)
-    for _ in range(args.steps):
-        for name, teacher in teachers.items():
-            timings[name].append(step(name, teacher))
-    rows = []
-    for name, values in timings.items():
-        teacher_s = statistics.median(t for t, _ in values)
-        total_s = statistics.median(t for _, t in values)
-        rows.append({"variant": name, "teacher_img_s": args.batch_size / teacher_s, "student_img_s": args.batch_size / (total_s - teacher_s),
-                     "total_img_s": args.batch_size / total_s, "teacher_share": teacher_s / total_s})
-    baseline = rows[0]["total_img_s"]
-    for row in rows:
-        row["speedup_total"] = row["total_img_s"] / baseline
-        row["speedup_teacher"] = row["teacher_img_s"] / rows[0]["teacher_img_s"]
-    result = {"machine": machine(), "device": device, **vars(args), "rows": rows}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
-    print(f"{args.teacher} -> {args.student}, {args.image_size}px, batch {args.batch_size}, K={args.queue_size}, {device}: {result['machine']}")
-    print("| variant | teacher img/s | student img/s | total img/s | teacher share | teacher speed-up | total speed-up |")
-    print("|---|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['variant']} | {row['teacher_img_s']:.0f} | {row['student_img_s']:.0f} | {row['total_img_s']:.0f} | "
-              f"{100 * row['teacher_share']:.0f}% | {row['speedup_teacher']:.2f}x | {row['speedup_total']:.2f}x |")
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    gpu = args.device.startswith("cuda")
+    pairs = parse_pairs(args.pairs)
+    load_before = os.getloadavg()
+    results = {f"{t}:{s}": measure_pair(t, s, args) for t, s in pairs}
+    load_after = os.getloadavg()
+    tables = [pair_table(t, s, results[f"{t}:{s}"], args) for t, s in pairs]
+    tables.append(overhead_table(pairs, results, args))
+    for table in tables:
+        print(table["caption"])
+        for row in table["rows"]:
+            print(" | ".join(row))
+    labels = [SHORT[name] for name in results[f"{pairs[0][0]}:{pairs[0][1]}"]]
+    plot = {"file": f"{result_name('distill_speed', args.device)}.png", "kind": "bar", "ylabel": "images/s (step)",
+            "title": f"SEED step, {args.image_size}px, batch {args.batch_size}, K {args.queue_size}, {args.device}",
+            "series": [{"label": f"{t} → {s}", "x": labels, "y": [args.batch_size / v["step_s"] for v in results[f"{t}:{s}"].values()]}
+                       for t, s in pairs]}
+    shared = (f"The CPU was shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on "
+              f"{os.cpu_count()} cores), so absolute numbers are low and vary between runs; the ratios come from one run with the "
+              "variants interleaved. " if not gpu else "")
+    description = (
+        "One SEED training step (teacher forward, student forward + backward, SGD step, enqueue) on a random batch with "
+        "random weights, the ImageNet stem at every size, τS 0.2, τT 1e-4. Rows: the official code's step written in plain "
+        "PyTorch as jacobswan1/SEED does it (teacher in eval mode under `no_grad` with its BatchNorm, the (D, K) queue cloned for "
+        "each einsum, fp32); ours (`seed.distill.SEED.seed_step` + enqueue) with that same teacher; then one teacher optimisation "
+        "more per row (`inference_mode` via `FrozenTeacher`, channels_last, BatchNorm folded into the convolutions"
+        + (", bf16 autocast over the step as Lightning's `bf16-mixed`" if gpu else "; bf16 autocast is GPU-only") + "). "
+        + ("" if gpu else "The last row is what `seed-distill` runs on a CPU (channels_last is on by default on GPUs only). ")
+        + "“× previous row” is each optimisation's own speed-up. KD overhead compares our step with the student trained alone, "
+        "self-supervised: a MoCo v2 step (`pretrain/mocov2.py`'s encoders, momentum copy and lightly loss; 2 views). "
+        + shared + f"Torch threads: {torch.get_num_threads()}."
+    )
+    write_result(result_name("distill_speed", args.device), {
+        "title": "Distillation step speed" + (" (GPU)" if gpu else ""), "order": 20 if not gpu else 21,
+        "command": "python " + " ".join(["-m", "bench.distill_speed", *sys.argv[1:]]),
+        "description": description, "tables": tables, "plots": [plot], "notes": notes(pairs, results, args),
+        "data": {"settings": vars(args), "load_average": [load_before, load_after], "timings": results},
+    }, device=args.device)
 
 
 if __name__ == "__main__":

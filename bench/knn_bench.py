@@ -5,21 +5,27 @@ features (d = 512, 1000 classes, 1000 queries, k = 200, weighted vote), timing
 search + vote and measuring the peak resident memory the method adds on top
 of the bank and queries (Linux: the high-water mark is reset after the data
 is built). lightly's ``knn_predict`` builds the whole queries x bank
-similarity matrix; ours never does. Writes ``bench/results/knn.json``.
+similarity matrix; ours never does. Writes ``bench/results/knn.json``; bank
+sizes not measured this time (1M by default) are carried over from the
+previous file, each with the machine and date it was measured on.
 
-    python bench/knn_bench.py                       # N = 10k, 100k, 1M
-    python bench/knn_bench.py --sizes 10000 --methods faiss,torch
+    python -m bench.knn_bench                       # N = 10k, 100k (about 1 min)
+    python -m bench.knn_bench --sizes 10000,100000,1000000   # and 1M (several minutes, 8 GB of memory)
+    python -m bench.knn_bench --sizes 10000 --methods faiss,torch
 """
 
 import argparse
+import datetime
 import json
 import multiprocessing
 import os
-import platform
+import sys
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results" / "knn.json"
+from bench.common import RESULTS, describe_machine, machine, write_result
+
+METHODS = {"faiss": "faiss `IndexFlatIP` (ours)", "torch": "torch brute force, chunked (ours)", "lightly": "lightly `knn_predict`"}
 
 
 def _status(field: str) -> int:
@@ -75,23 +81,79 @@ def measure(method: str, size: int, args: argparse.Namespace) -> dict:
     return answer.get()
 
 
-def machine() -> dict:
-    import faiss
-    import torch
+def previous_runs(path: Path) -> list[dict]:
+    """Runs of the last result file, each with the machine and date it was measured on (old and common format)."""
+    if not path.is_file():
+        return []
+    saved = json.loads(path.read_text())
+    if "data" in saved:  # the common format: runs measured then, plus those it had carried over itself
+        measured = [{**run, "machine": saved["machine"], "measured": saved["data"].get("measured")} for run in saved["data"]["runs"]]
+        return measured + saved["data"].get("carried", [])
+    return [{**run, "machine": {**saved["machine"], "threads": saved["settings"]["threads"], "device": "cpu"}, "measured": None}
+            for run in saved.get("runs", [])]
 
-    cpu = platform.processor()
-    try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    memory = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30
-    return {"cpu": cpu, "cores": os.cpu_count(), "memory_gib": round(memory, 1), "torch": torch.__version__, "faiss": faiss.__version__,
-            "python": platform.python_version()}
+
+def human(n: int) -> str:
+    return f"{n // 1_000_000}M" if n >= 1_000_000 and n % 1_000_000 == 0 else f"{n // 1000}k" if n % 1000 == 0 else str(n)
+
+
+def megabytes(mb: float) -> str:
+    return f"{mb / 1000:.1f} GB" if mb >= 1000 else f"{mb:.0f} MB"
+
+
+def cell(run: dict | None) -> str:
+    if run is None:
+        return "—"
+    if "error" in run:
+        return run["error"]
+    return f"{run['seconds']:.1f} s, +{megabytes(run['extra_peak_mb'])}"
+
+
+def table(runs: list[dict], methods: list[str], caption: str) -> dict:
+    sizes = sorted({run["bank"] for run in runs})
+    rows = [[human(size), *[cell(next((r for r in runs if r["bank"] == size and r["method"] == m), None)) for m in methods]] for size in sizes]
+    return {"caption": caption, "columns": ["bank N", *[METHODS[m] for m in methods]], "rows": rows}
+
+
+def notes(runs: list[dict], args: argparse.Namespace) -> list[str]:
+    ok = [r for r in runs if "error" not in r]
+    found = []
+    agreement = [r["agree_with_first"] for r in ok if "agree_with_first" in r]
+    if agreement:
+        found.append("All methods return the same predictions for every query." if min(agreement) == 1.0 else
+                     f"Predictions agree with the first method's on {100 * min(agreement):.2f}% of queries at worst (ties broken differently).")
+    by = {(r["method"], r["bank"]): r for r in ok}
+    sizes = sorted({r["bank"] for r in ok})
+    one_hot_gb = args.queries * args.k * args.classes * 4 / 1e9
+    matrix = ", ".join(f"{megabytes(args.queries * n * 4 / 1e6)} at N = {human(n)}" for n in sorted({*sizes, 1_000_000}))
+    if all(("lightly", n) in by for n in sizes):
+        ours = {n: max(by[(m, n)]["extra_peak_mb"] for m in ("faiss", "torch") if (m, n) in by) for n in sizes}
+        found.append(f"lightly's `knn_predict` builds the whole {args.queries} x N similarity matrix ({matrix}) and a ({args.queries}·k) x classes "
+                     f"one-hot tensor ({one_hot_gb:.1f} GB at {args.classes} classes, whatever N): it adds "
+                     + ", ".join(f"{megabytes(by[('lightly', n)]['extra_peak_mb'])} at N = {human(n)}" for n in sizes)
+                     + "; ours search query chunks against the bank (faiss) or against bank chunks of 65,536 rows (torch), so memory grows "
+                     "with the bank only (at most " + ", ".join(f"{megabytes(ours[n])} at {human(n)}" for n in sizes) + ").")
+    if all(("faiss", n) in by for n in sizes):
+        found.append("faiss's extra memory includes its own normalised copy of the bank (the index): "
+                     + ", ".join(f"+{megabytes(by[('faiss', n)]['extra_peak_mb'])} for a {megabytes(by[('faiss', n)]['data_mb'])} bank + queries"
+                                 for n in sizes) + ".")
+    if all((m, n) in by for m in ("faiss", "torch") for n in sizes):
+        largest = sizes[-1]
+        ratio = by[("faiss", largest)]["seconds"] / by[("torch", largest)]["seconds"]
+        faster = (f"the chunked torch search (matmul + topk) is {ratio:.1f}x faster than faiss-cpu's flat index" if ratio > 1.1 else
+                  f"faiss-cpu's flat index is {1 / ratio:.1f}x faster than the chunked torch search" if ratio < 1 / 1.1 else
+                  "faiss-cpu's flat index and the chunked torch search take about the same time")
+        found.append(f"At N = {human(largest)} on this CPU {faster} at k = {args.k}; faiss stays the default for its GPU index "
+                     "(`faiss-gpu`) and the approximate `--index ivf`; `--backend torch` selects the other.")
+    if all((m, n) in by for m in ("lightly", "torch") for n in sizes):
+        found.append("lightly against our torch search: " + ", ".join(
+            f"{by[('lightly', n)]['seconds'] / by[('torch', n)]['seconds']:.1f}x the time at N = {human(n)}" for n in sizes) + ".")
+    return found
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--sizes", default="10000,100000,1000000", help="bank sizes, comma-separated")
+    parser.add_argument("--sizes", default="10000,100000", help="bank sizes, comma-separated (add 1000000 for 1M)")
     parser.add_argument("--methods", default="faiss,torch,lightly")
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--queries", type=int, default=1000)
@@ -99,24 +161,62 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--timeout", type=int, default=600, help="seconds per run before it is given up")
-    parser.add_argument("--output", default=str(RESULTS))
     args = parser.parse_args()
-    rows = []
-    for size in [int(s) for s in args.sizes.split(",")]:
+    sizes, methods = [int(s) for s in args.sizes.split(",")], args.methods.split(",")
+    unknown = sorted(set(methods) - METHODS.keys())
+    if unknown:
+        raise SystemExit(f"--methods: unknown {', '.join(unknown)}; choose from {', '.join(METHODS)}")
+    load_before = os.getloadavg()
+    runs = []
+    for size in sizes:
         reference = None
-        for method in args.methods.split(","):
+        for method in methods:
             row = measure(method, size, args)
             predictions = row.pop("predictions", None)
             if predictions is not None:
                 reference = reference or predictions
                 row["agree_with_first"] = round(sum(a == b for a, b in zip(predictions, reference, strict=True)) / len(reference), 4)
-            rows.append(row)
+            runs.append(row)
             print(json.dumps(row), flush=True)
-    out = Path(args.output)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    settings = {k: v for k, v in vars(args).items() if k not in ("output", "sizes", "methods")}
-    out.write_text(json.dumps({"benchmark": "knn search + weighted vote (top-1)", "machine": machine(), "settings": settings, "runs": rows}, indent=2) + "\n")
-    print(f"wrote {out}")
+    load_after = os.getloadavg()
+    carried = [run for run in previous_runs(RESULTS / "knn.json") if run["bank"] not in sizes]
+    import faiss
+    import lightly
+
+    tables = [table(runs, methods, f"{args.queries} queries, d = {args.dim}, {args.classes} classes, k = {args.k}; seconds for search + vote, "
+                                   "and the peak memory the method adds:")]
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for run in carried:
+        groups.setdefault((describe_machine(run["machine"]), f"a run on {run['measured']}" if run["measured"] else "an earlier run"), []).append(run)
+    for (where, when), rows in groups.items():
+        tables.append(table(rows, [m for m in METHODS if any(r["method"] == m for r in rows)],
+                            f"Carried over from {when} (`python -m bench.knn_bench --sizes {','.join(str(n) for n in sorted({r['bank'] for r in rows}))}`; "
+                            f"{where}, {rows[0]['machine'].get('threads')} threads); not measured this time, compare within this table only:"))
+    plot_runs = [r for r in runs if "error" not in r]
+    plots = [{"file": "knn_time.png", "title": "kNN search + vote, 1000 queries", "xlabel": "bank N", "ylabel": "seconds", "logx": True, "logy": True,
+              "series": [{"label": METHODS[m].replace("`", ""), "x": [r["bank"] for r in plot_runs if r["method"] == m],
+                          "y": [r["seconds"] for r in plot_runs if r["method"] == m]} for m in methods]},
+             {"file": "knn_memory.png", "title": "Memory the search adds", "xlabel": "bank N", "ylabel": "MB", "logx": True, "logy": True,
+              "series": [{"label": METHODS[m].replace("`", ""), "x": [r["bank"] for r in plot_runs if r["method"] == m],
+                          "y": [r["extra_peak_mb"] for r in plot_runs if r["method"] == m]} for m in methods]}]
+    description = (
+        f"The search and weighted vote of `seed-eval knn` (k = {args.k}, τ = 0.07, top-1) for {args.queries} queries against a bank of N "
+        f"random L2-normalised features, d = {args.dim}, {args.classes} classes, on the CPU with {args.threads} thread(s). Each run is a "
+        "fresh process; “+memory” is the peak resident memory the method adds on top of the bank and queries (the bank alone is "
+        f"{args.dim * 4 * 10_000 / 1e6:.0f} MB per 10k rows). faiss-cpu {faiss.__version__}, lightly {lightly.__version__}. "
+        f"The CPU was shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} "
+        "cores); timings on a loaded machine vary by about 2x between runs, so compare methods within one row. "
+        "CPU only: `--gpu` has no kNN variant (faiss-gpu is an optional extra)."
+    )
+    info = machine("cpu")
+    info["threads"] = args.threads
+    write_result("knn", {
+        "title": "kNN search", "order": 40, "machine": info,
+        "command": "python " + " ".join(["-m", "bench.knn_bench", *sys.argv[1:]]),
+        "description": description, "tables": tables, "plots": plots, "notes": notes(runs, args),
+        "data": {"settings": {k: v for k, v in vars(args).items() if k not in ("sizes", "methods")},
+                 "measured": datetime.date.today().isoformat(), "load_average": [load_before, load_after], "runs": runs, "carried": carried},
+    })
 
 
 if __name__ == "__main__":

@@ -7,34 +7,39 @@ What it runs, in order (the demo's configs, each into runs/bench/meal/):
     seed-pretrain --config configs/demo/meal_teacher_b.yaml       # teacher 2, the same with another seed
     seed-pretrain --config configs/demo/meal_student_init.yaml    # the student's own supervised start, r18
     seed-distill  --config configs/demo/meal.yaml                 # MEAL V2: top-1 table of all of them
+    seed-distill  --config configs/demo/meal.yaml --discriminator off|minimax   # the two other discriminator modes
 
 then, in this process, the student init trained as many steps on the labels (the control: more
 training without teachers), one training step timed with and without the teachers (round-robin), and
 two short multi-epoch MEAL runs on a Fashion-MNIST subset written as an ImageFolder, with and
-without --cache-teacher-logits. Results: bench/results/meal_bench.json and markdown tables.
+without --cache-teacher-logits. Writes bench/results/meal.json in the common format (bench/common.py).
 
-    python bench/meal_bench.py                 # about 12 minutes on a shared 2-core CPU
-    python bench/meal_bench.py --reuse         # keep finished runs, redo the rest
+It takes 12+ minutes on a shared 2-core CPU, so ``make bench`` leaves it out: ``python -m bench --only meal``.
+
+    python -m bench.meal_bench                 # the whole benchmark
+    python -m bench.meal_bench --reuse         # keep finished runs, redo the rest
+    python -m bench.meal_bench --from-json FILE   # no training: re-render the raw numbers of an earlier run (its "data")
 """
 
 import argparse
 import csv
+import datetime
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bench.common import ROOT, machine, write_result
 from seed.config import read_yaml
 
-ROOT = Path(__file__).resolve().parent.parent
 BIN = Path(sys.executable).parent
 RUNS = Path("runs/bench/meal")
 STAGES = {  # name -> (command, config, file it writes)
@@ -42,14 +47,6 @@ STAGES = {  # name -> (command, config, file it writes)
     "teacher-b": ("seed-pretrain", "configs/demo/meal_teacher_b.yaml", "teacher.pt"),
     "student-init": ("seed-pretrain", "configs/demo/meal_student_init.yaml", "teacher.pt"),
 }
-
-
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    if Path("/proc/cpuinfo").is_file():
-        names = [line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("model name")]
-        cpu = names[0] if names else cpu
-    return f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}"
 
 
 def run(command: list[str], threads: int) -> float:
@@ -157,18 +154,8 @@ def supervised_control(init_file: str, steps: int, lr: float, batch_size: int) -
     return top1({"control": model}, {}, val_loader(make_config(DistillConfig, {"num_workers": 2})))["control"]
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: fastest on a shared machine)")
-    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
-    parser.add_argument("--subset-train", type=int, default=768, help="train images of the cache experiment")
-    parser.add_argument("--subset-val", type=int, default=2000)
-    parser.add_argument("--subset-epochs", type=int, default=6)
-    parser.add_argument("--cache-crops", type=int, default=2)
-    parser.add_argument("--rounds", type=int, default=8, help="timed steps per variant of the KD overhead")
-    parser.add_argument("--output", default="bench/results/meal_bench.json")
-    args = parser.parse_args()
-    os.chdir(ROOT)
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Run every stage; the raw numbers (the result's ``data``)."""
     torch.set_num_threads(args.threads)
     RUNS.mkdir(parents=True, exist_ok=True)
     started, load_before = time.perf_counter(), os.getloadavg()
@@ -189,6 +176,12 @@ def main() -> None:
     meal = ["--teacher-checkpoints", ",".join(teacher_files), "--student-init", init_file, "--resume", "never"]
     stage("meal", ["seed-distill", "--config", "configs/demo/meal.yaml", *meal, "--output", str(RUNS / "student")], RUNS / "student" / "top1.json")
     scores = json.loads((RUNS / "student" / "top1.json").read_text())
+    variants = {}
+    for mode in ("off", "minimax"):
+        folder = RUNS / f"student-discriminator-{mode}"
+        stage(f"meal-{mode}", ["seed-distill", "--config", "configs/demo/meal.yaml", *meal, "--discriminator", mode, "--output", str(folder)],
+              folder / "top1.json")
+        variants[mode] = meal_score(json.loads((folder / "top1.json").read_text())["scores"])
 
     meal_config = read_yaml("configs/demo/meal.yaml")
     print("control: the student init trained as long on the labels", flush=True)
@@ -214,31 +207,145 @@ def main() -> None:
                        "img_s_later_epochs": statistics.median(late), "train_s": sum(64 / rate for _, rate in rates)}
     cache["speedup_later_epochs"] = cache["subset-cached"]["img_s_later_epochs"] / cache["subset-teachers"]["img_s_later_epochs"]
     cache["speedup_whole_run"] = cache["subset-teachers"]["train_s"] / cache["subset-cached"]["train_s"]
+    return {"measured": datetime.date.today().isoformat(), "threads": args.threads, "load_average_before": load_before,
+            "load_average_after": os.getloadavg(), "bench_wall_s": time.perf_counter() - started, "stage_wall_s": wall, "commands": commands,
+            "top1": scores, "discriminator_variants": variants, "control_top1": control, "control_steps": meal_config["max_steps"],
+            "kd_overhead": overhead, "cache": cache, "args": {k: v for k, v in vars(args).items() if k != "from_json"}}
 
-    result = {"machine": machine(), "threads": args.threads, "load_average_before": load_before, "load_average_after": os.getloadavg(),
-              "bench_wall_s": time.perf_counter() - started, "stage_wall_s": wall, "commands": commands, "top1": scores,
-              "control_top1": control,
-              "kd_overhead": overhead, "cache": cache, "args": vars(args)}
-    Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.output).write_text(json.dumps(result, indent=2))
 
-    print(f"\n{result['machine']}, {args.threads} thread(s), load average {load_before[0]:.1f} -> {result['load_average_after'][0]:.1f}, "
-          f"{result['bench_wall_s'] / 60:.1f} min")
-    print(f"\n| model (Fashion-MNIST val, {scores['val_images']} images) | top-1 % |\n|---|---|")
-    for name, value in scores["scores"].items():
-        print(f"| {name} | {value:.2f} |")
-    print(f"| control: student init + {meal_config['max_steps']} supervised steps, same schedule | {control:.2f} |")
-    print(f"\n| step (batch {overhead['batch_size']}) | s |\n|---|---|")
-    print(f"| student + discriminator, target given | {overhead['step_without_teachers_s']:.3f} |")
-    print(f"| with both teachers' forward | {overhead['step_with_teachers_s']:.3f} |")
-    print(f"| KD overhead | {100 * overhead['overhead']:.0f}% (teachers {100 * overhead['teacher_share']:.0f}% of the step) |")
-    print(f"\n| subset run ({args.subset_train} images, {args.subset_epochs} epochs) | img/s epochs < {args.cache_crops} | img/s later | train s | "
-          "student top-1 % |\n|---|---|---|---|---|")
-    for name in ("subset-teachers", "subset-cached"):
-        row = cache[name]
-        student = next(value for key, value in row["top1"].items() if key.endswith("MEAL V2"))
-        print(f"| {name} | {row['img_s_first_epochs']:.0f} | {row['img_s_later_epochs']:.0f} | {row['train_s']:.0f} | {student:.2f} |")
-    print(f"cache speed-up: {cache['speedup_later_epochs']:.2f}x on cached epochs, {cache['speedup_whole_run']:.2f}x on the whole run")
+def meal_score(scores: dict[str, float]) -> float:
+    """The distilled student's top-1 in a ``top1.json`` table."""
+    return next(value for key, value in scores.items() if key.endswith("MEAL V2"))
+
+
+def to_result(raw: dict[str, Any]) -> dict[str, Any]:
+    """The common result format (tables, plot, notes computed from the numbers) of one run's raw numbers."""
+    args, scores, overhead, cache = raw["args"], raw["top1"]["scores"], raw["kd_overhead"], raw["cache"]
+    student = next(key for key in scores if key.endswith("MEAL V2"))
+    init = next(key for key in scores if key.endswith(" init"))
+    arch = student.split()[1]
+    teachers = [key for key in scores if key.startswith("teacher")]
+    ensemble = scores.get("ensemble (mean softmax)")
+    gain = scores[student] - scores[init]
+    variants = raw.get("discriminator_variants", {})
+    rows = [[f"student {arch}, its supervised init", f"{scores[init]:.2f}"],
+            [f"**student {arch} after MEAL V2** (joint discriminator, the code's default)", f"**{scores[student]:.2f}**"],
+            *[[key, f"{scores[key]:.2f}"] for key in teachers],
+            *([["ensemble (mean softmax)", f"{ensemble:.2f}"]] if ensemble is not None else []),
+            [f"control: student init + {raw.get('control_steps', 200)} supervised steps, same schedule", f"{raw['control_top1']:.2f}"],
+            *[[f"MEAL V2, `--discriminator {mode}`" + (" (gradient reversal)" if mode == "minimax" else ""), f"{value:.2f}"]
+              for mode, value in variants.items()]]
+    top1 = {"caption": f"Top-1 on the Fashion-MNIST val split ({raw['top1']['val_images']:,} images):", "columns": ["model", "top-1 %"], "rows": rows}
+    kd = {"caption": f"KD overhead (one MEAL step, batch {overhead['batch_size']}, median of {overhead['rounds']} interleaved rounds):",
+          "columns": ["step", "s"],
+          "rows": [["student forward/backward + discriminator, target given", f"{overhead['step_without_teachers_s']:.3f}"],
+                   ["the same with both teachers' forward (inference mode, BN folded)", f"{overhead['step_with_teachers_s']:.3f}"],
+                   ["KD overhead", f"+{100 * overhead['overhead']:.0f}% (the teachers are {100 * overhead['teacher_share']:.0f}% of the step)"]]}
+    crops = args["cache_crops"]
+    cache_rows = [[label, f"{cache[name]['img_s_first_epochs']:.0f}", f"{cache[name]['img_s_later_epochs']:.0f}", f"{cache[name]['train_s']:.1f}",
+                   f"{meal_score(cache[name]['top1']):.2f}"] for name, label in (("subset-teachers", "teachers every step"), ("subset-cached", "cached"))]
+    subset_init = next(value for key, value in cache["subset-teachers"]["top1"].items() if key.endswith(" init"))
+    cache_table = {"caption": f"Teacher-target cache (`--cache-teacher-logits`, {crops} fixed crops per image, so epochs 0-{crops - 1} run the "
+                              f"teachers and epochs {crops}-{args['subset_epochs'] - 1} read the cache; {args['subset_train']} train images, "
+                              f"{args['subset_epochs']} epochs, the same init and teachers; the subset is written as an ImageFolder):",
+                   "columns": ["run", f"img/s, epochs 0-{crops - 1}", f"img/s, epochs {crops}-{args['subset_epochs'] - 1}", "training s",
+                               f"student top-1 % ({args['subset_val']:,} val images; init {subset_init:.2f})"],
+                   "rows": cache_rows}
+
+    control = raw["control_top1"]
+    best_teacher = max(scores[key] for key in teachers)
+    notes = [f"The student gains {gain:.1f} points over its init without reading a label"
+             + (f", and stays below the ensemble it learns from ({ensemble:.2f})." if ensemble is not None and scores[student] < ensemble else ".")]
+    if control >= scores[student]:
+        notes.append(f"It does not beat the control ({control:.2f}): on this budget the init is far from converged and the teachers are only "
+                     f"{(ensemble or best_teacher) - control:.0f} points above what the student reaches from labels in the same "
+                     f"{raw.get('control_steps', 200)} steps, so correct labels are worth more than {best_teacher:.0f}%-accurate soft targets. "
+                     "MEAL V2's setting is a student trained to convergence and teachers well above it (ImageNet: 76.15 → 80.67); this CPU "
+                     "bench checks the mechanics, not the paper's numbers, which need ImageNet and GPUs.")
+    else:
+        notes.append(f"It beats the control ({control:.2f}), the same init trained as long on the labels, by {scores[student] - control:.1f} points.")
+    if variants:
+        values = [scores[student], *variants.values()]
+        spread = max(values) - min(values)
+        notes.append(("The discriminator changes nothing measurable here" if spread < 0.5 else f"The discriminator modes differ by {spread:.2f} points")
+                     + f" ({' / '.join(f'{v:.2f}' for v in values)} for joint / " + " / ".join(variants)
+                     + "), whether it is trained jointly (the code) or adversarially" + (", within run-to-run noise." if spread < 0.5 else "."))
+    ceiling = overhead["step_with_teachers_s"] / overhead["step_without_teachers_s"]
+    accuracy_cost = meal_score(cache["subset-teachers"]["top1"]) - meal_score(cache["subset-cached"]["top1"])
+    notes.append(f"The cache makes the cached epochs {cache['speedup_later_epochs']:.2f}x faster (the ceiling is the step without teachers: "
+                 f"{overhead['step_with_teachers_s']:.3f} / {overhead['step_without_teachers_s']:.3f} = {ceiling:.2f}x) and this short run "
+                 f"{cache['speedup_whole_run']:.2f}x; the longer the run, the closer to {cache['speedup_later_epochs']:.2f}x (FKD reports 2-4x "
+                 "with ImageNet-size teachers, where the teachers' share of the step is larger).")
+    notes.append(f"Its accuracy cost here is {accuracy_cost:.2f} points" + (", within noise" if abs(accuracy_cost) < 0.5 else "")
+                 + ": the targets are exact up to fp16 (10 classes, all kept), and the cost to expect on long runs is the loss of augmentation "
+                 "diversity (each image is only ever seen in `--cache-crops` crops).")
+
+    stages = "\n".join(f"    {command}" for command in raw["commands"][:4])
+    by_hand = raw.get("discriminator_variants_how")
+    description = (
+        f"On the offline default data, Fashion-MNIST at 32px (ResNet stride-4 stem), batch 64, it runs the demo's commands "
+        f"(into `runs/bench/meal/`):\n\n{stages}\n\n"
+        f"then, in-process, a control (the student init trained {raw.get('control_steps', 200)} more steps on the labels with cross-entropy, "
+        "MEAL's optimiser and schedule), one step timed with and without the teachers, and two "
+        f"{args['subset_epochs']}-epoch MEAL runs on a {args['subset_train']}-image subset with and without "
+        f"`--cache-teacher-logits --cache-crops {crops}`"
+        + ("" if by_hand else ", and `seed-distill --config configs/demo/meal.yaml --discriminator off|minimax` with the same teachers and init")
+        + f". It took {raw['bench_wall_s'] / 60:.1f} min"
+        + f" (load average about {raw['load_average_before'][0]:.0f}), one torch thread per process (`--threads {raw['threads']}`; at load 6, "
+        "two threads made an r18 step 5x slower than one). Measured " + (raw.get("measured") or "in an earlier run") + ". "
+        "Not part of `make bench` (over 10 minutes): `python -m bench --only meal` reruns it."
+        + (f" The two `--discriminator off|minimax` rows were {by_hand}." if by_hand else "")
+        + (f" This page shows that run's numbers ({raw['converted_from']} then, kept as this result's `data`), converted to this format with "
+           "`--from-json`." if raw.get("converted_from") else "")
+    )
+    return {"title": "MEAL V2", "order": 60, "command": "python -m bench.meal_bench", "description": description,
+            "tables": [top1, kd, cache_table], "notes": notes, "data": raw}
+
+
+def read_raw(path: Path) -> dict[str, Any]:
+    """The raw numbers of an earlier run: a common-format result's ``data``, or the file itself (the format before it)."""
+    saved = json.loads(path.read_text())
+    if "data" in saved:
+        return saved["data"]
+    return {**saved, "converted_from": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)}
+
+
+def old_machine(raw: dict[str, Any]) -> dict[str, Any] | None:
+    """The machine dict of write_result from the one-line machine of the format before it ("CPU, N cores, torch V")."""
+    text = raw.get("machine")
+    if not isinstance(text, str):
+        return None
+    cpu, cores, torch_version = text.split(", ")
+    return {**machine(), "cpu": cpu, "cores": int(cores.split()[0]), "torch": torch_version.split()[1], "threads": raw.get("threads")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per process (1: fastest on a shared machine)")
+    parser.add_argument("--reuse", action="store_true", help="keep runs that already finished")
+    parser.add_argument("--subset-train", type=int, default=768, help="train images of the cache experiment")
+    parser.add_argument("--subset-val", type=int, default=2000)
+    parser.add_argument("--subset-epochs", type=int, default=6)
+    parser.add_argument("--cache-crops", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=8, help="timed steps per variant of the KD overhead")
+    parser.add_argument("--from-json", type=Path, help="no training: write the result from the raw numbers of an earlier run")
+    args = parser.parse_args()
+    os.chdir(ROOT)
+    raw = read_raw(args.from_json) if args.from_json else measure(args)
+    result = to_result(raw)
+    found_machine = old_machine(raw)
+    if found_machine:
+        result["machine"] = found_machine
+    elif "machine" in raw:
+        result["machine"] = raw["machine"]
+    else:
+        raw["machine"] = result["machine"] = {**machine(), "threads": raw["threads"]}
+    write_result("meal", result)
+    for table in result["tables"]:
+        print(f"\n{table['caption']}")
+        for row in table["rows"]:
+            print(" | ".join(row))
+    print("\n".join(f"- {note}" for note in result["notes"]))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,64 @@
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import bench.common
+from bench.__main__ import SUITE, main
+from bench.common import ROOT, write_result
+from bench.render import render
+
+RESULT = {
+    "title": "Toy speed", "order": 1, "command": "python -m bench.toy",
+    "description": "What a toy benchmark measures.",
+    "tables": [{"caption": "Step time:", "columns": ["variant", "ms"], "rows": [["plain", "12.5"], ["ours", "8.0"]]}],
+    "plots": [{"file": "toy.png", "title": "toy", "xlabel": "K", "ylabel": "ms", "logx": True,
+               "series": [{"label": "ours", "x": [1024, 4096], "y": [8.0, 9.0]}]}],
+    "notes": ["ours is 1.56x plain"],
+}
+
+
+@pytest.fixture
+def results(tmp_path, monkeypatch):
+    """write_result pointed at a temporary results folder."""
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(bench.common, "ROOT", tmp_path)
+    return tmp_path / "results"
+
+
+def test_render_writes_the_table_the_plot_and_the_machine_line(tmp_path, results):
+    write_result("toy", RESULT)
+    (results / "old_format.json").write_text(json.dumps({"machine": "a string", "rows": []}))  # not in the common format: skipped
+    doc, plots = tmp_path / "docs" / "BENCHMARKS.md", tmp_path / "docs" / "bench"
+    text = render(results, doc, plots)
+    assert doc.read_text() == text
+    assert "## Toy speed" in text and "`python -m bench.toy` → `bench/results/toy.json`" in text
+    assert "| variant | ms |\n|---|---|\n| plain | 12.5 |\n| ours | 8.0 |" in text
+    assert f"Machine: {bench.common.describe_machine(bench.common.machine())}." in text
+    assert "![toy](bench/toy.png)" in text and "- ours is 1.56x plain" in text
+    assert (plots / "toy.png").read_bytes().startswith(b"\x89PNG")
+    assert "## GPU: not yet measured" in text  # no <name>_gpu result in this folder
+    assert all(f"- {name}:" in text for name, (_, _, gpu_args) in SUITE.items() if gpu_args is not None)
+
+
+def test_write_result_rejects_a_result_missing_required_keys(results):
+    with pytest.raises(ValueError, match="lacks"):
+        write_result("toy", {"title": "no tables, no description"})
+    assert not (results / "toy.json").exists()
+
+
+def test_bench_list_runs_as_a_module():
+    done = subprocess.run([sys.executable, "-m", "bench", "--list"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    listed = [line.split()[0] for line in done.stdout.splitlines()]
+    assert listed == list(SUITE)
+    assert "distill_speed" in listed and "(has --gpu variant)" in done.stdout and "(not in the default suite)" in done.stdout
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_gpu_suite_without_a_gpu_stops_with_one_line(capsys):
+    assert main(["--gpu"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
