@@ -105,8 +105,8 @@ def torch_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024, bank_
     """
     for start in range(0, len(queries), chunk):
         query = F.normalize(queries[start:start + chunk].float(), dim=1)
-        best_sims = torch.empty(len(query), 0)
-        best_idx = torch.empty(len(query), 0, dtype=torch.long)
+        best_sims = torch.empty(len(query), 0, device=query.device)
+        best_idx = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
         for offset in range(0, len(bank), bank_chunk):
             sims = query @ F.normalize(bank[offset:offset + bank_chunk].float(), dim=1).T
             top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
@@ -127,8 +127,8 @@ def vote(similarities: Tensor, indices: Tensor, bank_labels: Tensor, num_classes
     found = indices >= 0
     weights = torch.exp(similarities / temperature) if temperature is not None else torch.ones_like(similarities)
     weights = torch.where(found, weights, torch.zeros_like(weights))
-    labels = bank_labels[indices.clamp(min=0)]
-    return torch.zeros(len(indices), num_classes, dtype=torch.float64).scatter_add_(1, labels, weights)
+    labels = bank_labels.to(indices.device)[indices.clamp(min=0)]
+    return torch.zeros(len(indices), num_classes, dtype=torch.float64, device=indices.device).scatter_add_(1, labels, weights)
 
 
 def variants(ks: list[int], temperature: float) -> list[tuple[str, int, float | None]]:
