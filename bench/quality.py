@@ -2,10 +2,12 @@
 
 For each seed, with the recipes in ``configs/bench/``:
 
-1. a teacher (the larger backbone) trained with ``seed-pretrain --method mocov2``;
-2. the student trained with ``seed-pretrain --method mocov2`` alone, for as many steps as (3);
-3. the student distilled with ``seed-distill`` (SEED) from the teacher of (1);
-4. optionally (``--simclr``) the student distilled from a SimCLR teacher.
+1. a teacher (the larger backbone) trained with ``seed-pretrain --method M``;
+2. the student trained with ``seed-pretrain --method M`` alone, for as many steps as (3);
+3. the student distilled with ``seed-distill`` (SEED) from the teacher of (1).
+
+M is SimCLR by default; ``--method mocov2`` runs MoCo v2, whose loss does not
+leave chance level in runs this short (see ``configs/bench/quality_teacher_mocov2.yaml``).
 
 Every network is then scored the same way, in this process: kNN top-1 (k = 200,
 tau = 0.07, seed-eval's vote) and the fast linear probe (seed-eval linear --fast's
@@ -40,13 +42,12 @@ CONFIGS = ROOT / "configs" / "bench"
 RUNS = ROOT / "runs" / "bench" / "quality"
 BIN = Path(sys.executable).parent
 
-# row key -> (label, command, config, exported file)
+METHODS = {"simclr": "SimCLR", "mocov2": "MoCo v2"}
+# row key -> (label, command, config, exported file); {method} is the --method
 ROWS = {
-    "teacher": ("teacher: {teacher} MoCo v2", "seed-pretrain", "quality_teacher.yaml", "teacher.pt"),
-    "student_moco": ("student: {student} MoCo v2 alone", "seed-pretrain", "quality_student_mocov2.yaml", "teacher.pt"),
-    "student_seed": ("student: {student} SEED from the MoCo v2 teacher", "seed-distill", "quality_student_seed.yaml", "student.pt"),
-    "simclr_teacher": ("teacher: {teacher} SimCLR", "seed-pretrain", "quality_teacher_simclr.yaml", "teacher.pt"),
-    "student_seed_simclr": ("student: {student} SEED from the SimCLR teacher", "seed-distill", "quality_student_seed.yaml", "student.pt"),
+    "teacher": ("teacher: {teacher} {name}", "seed-pretrain", "quality_teacher_{method}.yaml", "teacher.pt"),
+    "student_alone": ("student: {student} {name} alone", "seed-pretrain", "quality_student_{method}.yaml", "teacher.pt"),
+    "student_seed": ("student: {student} SEED from that teacher", "seed-distill", "quality_student_seed.yaml", "student.pt"),
 }
 
 
@@ -63,11 +64,13 @@ def run(command: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def train(key: str, seed: int, extra: list[str], threads: int) -> tuple[Path, float]:
-    """Train one row's network for ``seed``; returns its run folder and wall time (reuses a finished run)."""
+def train(key: str, method: str, seed: int, extra: list[str], threads: int, reuse: bool) -> tuple[Path, float]:
+    """Train one row's network for ``seed``; returns its run folder and wall time (NaN for a reused run)."""
     _, command, config, exported = ROWS[key]
-    folder = RUNS / f"seed{seed}" / key
-    if (folder / exported).is_file():
+    config = config.format(method=method)
+    folder = RUNS / method / f"seed{seed}" / key
+    if reuse and (folder / exported).is_file():
+        print(f"reusing {folder / exported}", flush=True)
         return folder, float("nan")
     args = [command, "--config", str(CONFIGS / config), "--seed", str(seed), "--output", str(folder), "--resume", "never", *extra]
     return folder, run(args, folder.with_suffix(".log"), threads)
@@ -116,25 +119,25 @@ def cell(values: list[float]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--simclr", action="store_true", help="also distil from a SimCLR teacher (row 4)")
+    parser.add_argument("--method", default="simclr", choices=sorted(METHODS), help="self-supervised method of the teacher and of the student alone")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps per network, small eval")
     parser.add_argument("--train-images", type=int, default=10000, help="train images in the kNN bank / linear probe's training set")
     parser.add_argument("--linear-epochs", type=int, default=30)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--reuse", action="store_true", help="keep finished runs under runs/bench/quality (only after the same recipes)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     extra = ["--max-steps", "20", "--knn-every-steps", "10", "--knn-bank-size", "500", "--knn-query-size", "200"] if args.quick else []
     torch.set_num_threads(args.threads)
-    keys = ["teacher", "student_moco", "student_seed"] + (["simclr_teacher", "student_seed_simclr"] if args.simclr else [])
+    keys = list(ROWS)
     started = time.perf_counter()
 
     folders: dict[tuple[str, int], Path] = {}
     times: dict[str, list[float]] = {key: [] for key in keys}
     for seed in seeds:
         for key in keys:
-            teacher_key = {"student_seed": "teacher", "student_seed_simclr": "simclr_teacher"}.get(key)
-            teacher = ["--teacher-checkpoint", str(folders[teacher_key, seed] / "teacher.pt")] if teacher_key else []
-            folder, seconds = train(key, seed, extra + teacher, args.threads)
+            teacher = ["--teacher-checkpoint", str(folders["teacher", seed] / "teacher.pt")] if key == "student_seed" else []
+            folder, seconds = train(key, args.method, seed, extra + teacher, args.threads, args.reuse)
             folders[key, seed] = folder
             times[key].append(seconds)
 
@@ -144,26 +147,26 @@ def main() -> None:
     for (key, seed), folder in folders.items():
         backbone, _, _ = load_encoder(folder / ROWS[key][3], use_head=False)
         scores[key].append(scorer.score(backbone))
-        if key in ("teacher", "student_moco"):
+        if key in ("teacher", "student_alone"):
             torch.manual_seed(seed)
             arch = backbone.arch
             random_init.setdefault(arch, []).append(scorer.score(create_backbone(arch, small_images=False)))
 
-    config_names = {key: ROWS[key][2] for key in keys}
+    config_names = {key: ROWS[key][2].format(method=args.method) for key in keys}
     teacher_arch = load_encoder(folders["teacher", seeds[0]] / "teacher.pt", use_head=False)[0].arch
     student_arch = load_encoder(folders["student_seed", seeds[0]] / "student.pt", use_head=False)[0].arch
     rows = []
     for arch, values in random_init.items():
         rows.append([f"{arch} random init", cell([v["knn"] for v in values]), cell([v["linear"] for v in values]), "", ""])
     for key in keys:
-        label = ROWS[key][0].format(teacher=teacher_arch, student=student_arch)
+        label = ROWS[key][0].format(teacher=teacher_arch, student=student_arch, name=METHODS[args.method])
         minutes = [t / 60 for t in times[key] if t == t]
         rows.append([label, cell([v["knn"] for v in scores[key]]), cell([v["linear"] for v in scores[key]]),
                      f"{sum(minutes) / len(minutes):.1f}" if minutes else "(reused)", f"`configs/bench/{config_names[key]}`"])
 
-    curves = {key: [knn_curve(folders[key, seed]) for seed in seeds] for key in ("student_moco", "student_seed")}
+    curves = {key: [knn_curve(folders[key, seed]) for seed in seeds] for key in ("student_alone", "student_seed")}
     series = []
-    for key, label in (("student_moco", f"{student_arch} MoCo v2 alone"), ("student_seed", f"{student_arch} SEED")):
+    for key, label in (("student_alone", f"{student_arch} {METHODS[args.method]} alone"), ("student_seed", f"{student_arch} SEED")):
         steps = sorted(set.intersection(*(set(c) for c in curves[key])))
         stats = [mean_std([c[s] for c in curves[key]]) for s in steps]
         series.append({"label": label, "x": steps, "y": [m for m, _ in stats], "yerr": [s for _, s in stats]})
@@ -171,8 +174,8 @@ def main() -> None:
     knn = {key: mean_std([v["knn"] for v in scores[key]])[0] for key in keys}
     linear = {key: mean_std([v["linear"] for v in scores[key]])[0] for key in keys}
     notes = [
-        f"SEED vs the student trained alone for the same steps: kNN {knn['student_seed'] - knn['student_moco']:+.2f}, "
-        f"linear {linear['student_seed'] - linear['student_moco']:+.2f} points (mean over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}).",
+        f"SEED vs the student trained alone for the same steps: kNN {knn['student_seed'] - knn['student_alone']:+.2f}, "
+        f"linear {linear['student_seed'] - linear['student_alone']:+.2f} points (mean over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}).",
         f"SEED student vs its teacher: kNN {knn['student_seed'] - knn['teacher']:+.2f}, linear {linear['student_seed'] - linear['teacher']:+.2f} points.",
     ]
     baselines = ", ".join(f"{arch} {mean_std([v['knn'] for v in values])[0]:.2f}" for arch, values in random_init.items())
@@ -190,7 +193,7 @@ def main() -> None:
     write_result("quality", {
         "title": "Quality: does distillation help a small student?",
         "order": 10,
-        "command": "python -m bench.quality" + (" --simclr" if args.simclr else "") + (f" --seeds {args.seeds}" if args.seeds != "0,1,2" else ""),
+        "command": " ".join(["python -m bench.quality", *sys.argv[1:]]),
         "description": description,
         "tables": [{"caption": "", "columns": ["network", "kNN top-1 %", "linear top-1 %", "train min / run", "recipe"], "rows": rows}],
         "plots": [{"file": "quality_knn_curve.png", "title": "kNN top-1 while training the student", "xlabel": "training step",
