@@ -2,7 +2,8 @@
 
 For each seed, with the recipes in ``configs/bench/``:
 
-1. a teacher (the larger backbone) trained with ``seed-pretrain --method M``;
+1. a teacher trained with ``seed-pretrain --method M`` (twice the student's steps; a larger
+   backbone does not learn in a CPU budget, see ``configs/bench/quality_teacher_simclr.yaml``);
 2. the student trained with ``seed-pretrain --method M`` alone, for as many steps as (3);
 3. the student distilled with ``seed-distill`` (SEED) from the teacher of (1).
 
