@@ -9,7 +9,7 @@ import torch
 from pretrain.mocov2 import MoCoV2
 from pretrain.simclr import SimCLR
 from pretrain.supervised import Supervised, report
-from seed.backbones import create_backbone
+from seed.backbones import create_backbone, feature_dim
 from seed.checkpoints import export_model
 from seed.cli import run_cli
 from seed.config import PretrainConfig, load_config, resolve
@@ -21,24 +21,34 @@ from seed.knn import compare_knn, print_knn_table
 METHODS = {"mocov2": MoCoV2, "simclr": SimCLR, "supervised": Supervised}
 
 
+def check_sizes(config: PretrainConfig, dataset_size: int) -> None:
+    """A batch larger than the dataset trains on nothing; a MoCo queue smaller than the batch drops keys."""
+    check_batch(dataset_size, config)
+    global_batch = config.batch_size * config.devices * config.num_nodes
+    if config.method == "mocov2" and config.queue_size < global_batch:
+        raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (MoCo uses 65536)")
+
+
 def pretrain(config: PretrainConfig) -> Path:
     """Train the teacher described by ``config``; returns the run folder."""
     if config.method not in METHODS:
         raise SeedError(f"unknown method '{config.method}'; choose one of: {', '.join(METHODS)}")
     method = METHODS[config.method]
     config = resolve(config, method.DEFAULTS)
-    create_backbone(config.arch)  # unknown names fail here, before any data is read
-    pl.seed_everything(config.seed, workers=True, verbose=False)
+    feature_dim(config.arch)  # unknown names fail here, before any data is read
+    if config.temperature is not None and config.temperature <= 0:
+        raise SeedError(f"--temperature must be positive, got {config.temperature}")
     if hasattr(method, "train_transform"):
         views = method.train_transform(config)
     else:
         views = view_transform(config.method, config.image_size, min_scale=config.crop_min_scale)
     train_set = load_dataset(config.data, "train", config.data_root, config.download, views)
-    check_batch(len(train_set), config)
+    check_sizes(config, len(train_set))
+    monitor = monitor_loaders(config)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
     run_dir = run_folder(config, "pretrain", f"{config.method}-{config.arch}-{data_name(config)}")
     module = method(config, num_classes=len(train_set.classes))
-    train_loader = make_loader(train_set, config, shuffle=True, drop_last=True)
-    trainer = fit(module, train_loader, monitor_loaders(config), config, run_dir)
+    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
     if trainer.is_global_zero:
         head, embed_dim, extra = module.exported_head() if isinstance(module, Supervised) else (module.projection_head, config.embed_dim, None)
         export_model(
@@ -47,7 +57,8 @@ def pretrain(config: PretrainConfig) -> Path:
         )
         torch.manual_seed(config.seed)
         random_init = create_backbone(config.arch, small_images=bool(config.small_images))
-        scores = compare_knn({f"{config.arch} random init": random_init, f"{config.arch} {config.method}": module.backbone}, config, len(train_set.classes))
+        scores = compare_knn({f"{config.arch} random init": random_init, f"{config.arch} {config.method}": module.backbone}, config, len(train_set.classes),
+                             monitor)
         print_knn_table(scores, config, run_dir)
         if isinstance(module, Supervised):
             report(module, config, run_dir)

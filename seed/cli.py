@@ -11,11 +11,19 @@ def run_cli(prog: str, main: Callable[[list[str] | None], object], argv: list[st
     try:
         main(argv)
     except SeedError as error:
-        print(f"{prog}: error: {error}", file=sys.stderr)
+        print(f"{prog}: error: {one_line(error)}", file=sys.stderr)
         sys.exit(2)
     except KeyboardInterrupt:
         print(f"{prog}: interrupted; run the same command again to resume from last.ckpt", file=sys.stderr)
         sys.exit(130)
+
+
+def one_line(error: SeedError) -> str:
+    """The message of ``error``; raised in a DataLoader worker, torch re-raises it with the worker's traceback: its last line."""
+    lines = str(error).strip().splitlines()
+    if len(lines) > 1 and "Traceback" in str(error):
+        return lines[-1].split(f"{SeedError.__name__}: ", 1)[-1]
+    return str(error)
 
 
 def distill_main(argv: list[str] | None = None) -> None:

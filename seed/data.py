@@ -4,10 +4,18 @@
 PIL images: the offline default Fashion-MNIST, scikit-learn's digits,
 torchvision's CIFAR/STL-10, or an ImageFolder with ``train/`` and ``val/``.
 The view transforms are lightly's recipes, sized by ``--image-size``.
+
+An ImageFolder converts every image to RGB (grayscale, CMYK, palette, 1x1
+images are used) and steps over files that cannot be decoded (truncated,
+empty, not an image): they are found while they are read, with no scan of the
+whole folder before training (ImageNet holds 1.28M files), replaced in their
+batch by the next readable image, and listed in the run's ``skipped.txt``.
+``--strict-data`` makes the first such file an error instead.
 """
 
 import gzip
 import os
+import sys
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -19,7 +27,7 @@ from lightly.transforms import MoCoV2Transform, SimCLRTransform
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 from torchvision import datasets
 
 from seed.errors import SeedError
@@ -30,6 +38,12 @@ FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", 
 # (images, labels) file names per split, without the optional .gz suffix.
 _FASHION_FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"), "val": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 METHODS = {"mocov2": MoCoV2Transform, "simclr": SimCLRTransform}
+#: The run folder's list of images that could not be read and were skipped.
+SKIPPED = "skipped.txt"
+#: What PIL raises on a file it cannot decode: unknown format, truncated data, broken chunks, decompression bombs.
+UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+#: ``--strict-data`` of the running command (set by ``seed.config.load_config``), the default of :func:`load_dataset`.
+strict_data = False
 
 
 class ArrayImageDataset(Dataset):
@@ -147,22 +161,92 @@ def _rgb_loader(path: str) -> Image.Image:
         return Image.open(handle).convert("RGB")
 
 
-def _image_folder(root: Path, split: str, transform: Callable | None) -> Dataset:
+class ImageFolder(datasets.ImageFolder):
+    """torchvision's ImageFolder with RGB images that steps over unreadable files.
+
+    An item whose file cannot be decoded is replaced by the next readable one
+    (so batches keep their size, which DDP's all-gathers need). Each such file
+    is appended once per process to ``skip_log`` (set by the engine to the
+    run's ``skipped.txt``), or reported on stderr when there is none; with
+    ``strict`` it is a :class:`SeedError`.
+    """
+
+    def __init__(self, root: str, transform: Callable | None, strict: bool) -> None:
+        super().__init__(root, transform=transform, loader=_rgb_loader)
+        self.strict = strict
+        self.skip_log: Path | None = None
+        self._skipped: set[str] = set()
+
+    def __getitem__(self, index: int) -> tuple[Any, int]:
+        if not -len(self.samples) <= index < len(self.samples):
+            raise IndexError(f"index {index} is out of range for {len(self.samples)} images")
+        for offset in range(len(self.samples)):
+            path, target = self.samples[(index + offset) % len(self.samples)]
+            try:
+                image = self.loader(path)
+            except UNREADABLE as error:
+                self.skip(path, error)
+                continue
+            return (self.transform(image) if self.transform else image), target
+        raise SeedError(f"no image in {self.root} can be read; see {self.skip_log or 'the warnings above'}")
+
+    def skip(self, path: str, error: Exception) -> None:
+        reason = f"{type(error).__name__}: {str(error).strip().splitlines()[0] if str(error).strip() else 'no detail'}"
+        if self.strict:
+            raise SeedError(f"{path} cannot be read ({reason}); drop --strict-data to skip unreadable files")
+        if path in self._skipped:
+            return
+        self._skipped.add(path)
+        if self.skip_log is None:
+            print(f"warning: skipped unreadable file {path} ({reason})", file=sys.stderr)
+            return
+        if self.skip_log.is_file() and any(line.split("\t")[0] == path for line in self.skip_log.read_text().splitlines()):
+            return  # listed by another loader process
+        with open(self.skip_log, "a") as handle:  # one short append per line: processes do not interleave
+            handle.write(f"{path}\t{reason}\n")
+
+
+def image_folders(dataset: Dataset) -> list[ImageFolder]:
+    """The :class:`ImageFolder` under ``dataset`` and its wrappers (``Subset``, seeded samples, fixed crops)."""
+    while not isinstance(dataset, ImageFolder) and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return [dataset] if isinstance(dataset, ImageFolder) else []
+
+
+def _image_folder(root: Path, split: str, transform: Callable | None, strict: bool) -> Dataset:
     if not root.exists():
         raise SeedError(f"data path {root} does not exist; pass an ImageFolder root with train/ and val/ or one of: {', '.join(BUILTIN)}")
     folder = root / split
     if not folder.is_dir():
         raise SeedError(f"data path {root} has no {split}/ folder; an ImageFolder root holds train/<class>/*.jpg and val/<class>/*.jpg")
     try:
-        return datasets.ImageFolder(str(folder), transform=transform, loader=_rgb_loader)
+        return ImageFolder(str(folder), transform, strict)
     except FileNotFoundError as error:
-        raise SeedError(f"{folder}: {error}") from None
+        text = " ".join(str(error).split()).rstrip(".")
+        raise SeedError(f"{folder}: {text}; an ImageFolder split holds <class>/<image> files") from None
 
 
-def load_dataset(data: str, split: str, data_root: str | None = None, download: bool = False, transform: Callable | None = None) -> Dataset:
+def check_classes(train: Dataset, val: Dataset, data: str) -> None:
+    """Train and val must name the same classes in the same order, or labels mean different things."""
+    train_classes, val_classes = list(_classes(train)), list(_classes(val))
+    if train_classes != val_classes:
+        only_train = sorted(set(train_classes) - set(val_classes))
+        only_val = sorted(set(val_classes) - set(train_classes))
+        detail = f"only in train: {only_train[:3]}, only in val: {only_val[:3]}" if only_train or only_val else "same names, different order"
+        raise SeedError(f"{data}: train/ has {len(train_classes)} classes and val/ has {len(val_classes)}, and they differ ({detail}); "
+                        "both splits need the same class folders")
+
+
+def _classes(dataset: Dataset) -> list[str]:
+    return _classes(dataset.dataset) if isinstance(dataset, Subset) else dataset.classes
+
+
+def load_dataset(data: str, split: str, data_root: str | None = None, download: bool = False, transform: Callable | None = None,
+                 strict: bool | None = None) -> Dataset:
     """The ``split`` ("train" or "val") of ``--data``; items are ``(transform(rgb_image), label)``.
 
-    The dataset exposes ``.classes`` and ``.targets``.
+    The dataset exposes ``.classes`` and ``.targets``. ``strict`` (default: the
+    command's ``--strict-data``) makes an unreadable image of an ImageFolder an error.
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -173,7 +257,7 @@ def load_dataset(data: str, split: str, data_root: str | None = None, download: 
     if data in ("cifar10", "cifar100", "stl10"):
         return _torchvision(data, split, data_root, download, transform)
     if os.sep in data or Path(data).exists():
-        return _image_folder(Path(data).expanduser(), split, transform)
+        return _image_folder(Path(data).expanduser(), split, transform, strict_data if strict is None else strict)
     raise SeedError(f"unknown dataset '{data}'; choose one of: {', '.join(BUILTIN)}, or pass the path of an ImageFolder with train/ and val/")
 
 

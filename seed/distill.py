@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from lightly.transforms import SwaVTransform
 from torch import Tensor, nn
 
-from seed.backbones import create_backbone
+from seed.backbones import create_backbone, feature_dim
 from seed.checkpoints import export_model, load_encoder
 from seed.config import DistillConfig, resolve
 from seed.data import load_dataset, single_view_transform
@@ -66,7 +66,9 @@ class SEED(TrainModule):
         self.log("loss", loss, prog_bar=True)
         return loss
 
-    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+    def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
+        """The step, then the enqueue: before any callback (``last.ckpt``) sees the queue."""
+        super().optimizer_step(*args, **kwargs)
         for queue, teacher in self._pending:
             queue.enqueue(teacher)
         self._pending.clear()
@@ -93,7 +95,7 @@ def check_config(config: DistillConfig) -> None:
     global_batch = config.batch_size * config.devices * config.num_nodes
     if config.queue_size < global_batch:
         raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (SEED uses 65536)")
-    create_backbone(config.student, small_images=bool(config.small_images))
+    feature_dim(config.student)  # unknown names fail here, before any data is read
 
 
 def train_transform(config: DistillConfig) -> Any:
@@ -116,14 +118,15 @@ def distill(config: DistillConfig) -> Path:
     config = resolve(config, SEED.DEFAULTS)
     check_config(config)
     checkpoint = default_teacher_checkpoint(config)
+    train_set = load_dataset(config.data, "train", config.data_root, config.download, train_transform(config))
+    check_batch(len(train_set), config)
+    monitor = monitor_loaders(config)
     teacher, found = build_teacher(config, checkpoint)
     print(f"teacher: {checkpoint} ({found}, {teacher.embed_dim}-d embeddings)")
     pl.seed_everything(config.seed, workers=True, verbose=False)
-    train_set = load_dataset(config.data, "train", config.data_root, config.download, train_transform(config))
-    check_batch(len(train_set), config)
     run_dir = run_folder(config, "distill", f"seed-{Path(checkpoint).stem}-{config.student}-{data_name(config)}")
     module = SEED(config, teacher, num_classes=len(train_set.classes))
-    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor_loaders(config), config, run_dir)
+    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
     if trainer.is_global_zero:
         export_model(run_dir / "student.pt", config.student, module.backbone, module.head, teacher.embed_dim, "seed",
                      dataclasses.asdict(config), bool(config.small_images))
@@ -132,7 +135,7 @@ def distill(config: DistillConfig) -> Path:
             f"teacher {teacher.arch}": load_encoder(checkpoint, config.teacher, False)[0],
             f"student {config.student} random init": create_backbone(config.student, small_images=bool(config.small_images)),
             f"student {config.student} distilled": module.backbone,
-        }, config, len(train_set.classes))
+        }, config, len(train_set.classes), monitor)
         print_knn_table(scores, config, run_dir)
         print(f"\nrun folder: {run_dir} (student.pt, last.ckpt, config.yaml, logs/)")
     return run_dir

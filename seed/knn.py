@@ -43,10 +43,10 @@ def knn_top1(
     return 100.0 * correct / max(len(queries), 1)
 
 
-def compare_knn(backbones: dict[str, nn.Module], config: Any, num_classes: int) -> dict[str, float]:
-    """kNN top-1 of several backbones on the same monitor subsets (e.g. trained vs random init)."""
+def compare_knn(backbones: dict[str, nn.Module], config: Any, num_classes: int, loaders: list[DataLoader] | None = None) -> dict[str, float]:
+    """kNN top-1 of several backbones on the same monitor subsets (e.g. trained vs random init): ``loaders``, else new ones."""
     device = "cuda" if torch.cuda.is_available() else "cpu"
-    bank_loader, query_loader = monitor_loaders(config)
+    bank_loader, query_loader = loaders or monitor_loaders(config)
     scores = {}
     for name, backbone in backbones.items():
         backbone = backbone.to(device)

@@ -32,11 +32,12 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from seed.backbones import available
 from seed.checkpoints import export_model, load_classifier, load_file
 from seed.config import CommonConfig, DistillConfig, resolve
-from seed.data import eval_transform, load_dataset
+from seed.data import check_classes, eval_transform, load_dataset
 from seed.engine import check_batch, data_name, fit, make_loader, run_folder
 from seed.errors import SeedError
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
+from seed.sampling import KeyedDataset, seeded
 from seed.teacher import FrozenTeacher
 
 DEMO = Path("runs/demo/meal")
@@ -118,7 +119,6 @@ class MEAL(TrainModule):
         self.teachers = nn.ModuleList(teachers)
         self.discriminator = Discriminator(num_classes) if config.discriminator != "off" else None
         self.cache = TargetCache(num_images, config.cache_crops, num_classes, config.cache_top_k) if config.cache_teacher_logits else None
-        self.crop_epoch: Tensor | None = None  # FixedCrops.epoch, shared with the loader's workers
         self.strict_loading = False  # the teachers are rebuilt from their own files, not stored in ours
         self._val = torch.zeros(2, dtype=torch.long)
 
@@ -168,10 +168,6 @@ class MEAL(TrainModule):
         for name, value in losses.items():
             self.log(name, value, prog_bar=name == "loss")
         return losses["loss"]
-
-    def on_train_epoch_start(self) -> None:
-        if self.crop_epoch is not None:
-            self.crop_epoch.fill_(self.current_epoch)
 
     def configure_optimizers(self) -> Any:
         if self.config.lr_schedule == "cosine":
@@ -223,28 +219,28 @@ def train_transform(image_size: int, min_scale: float | None = None) -> T.Compos
     return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), normalize])
 
 
-class FixedCrops(Dataset):
+class FixedCrops(KeyedDataset):
     """Each image under one of ``crops`` fixed augmentations: epoch e shows crop e mod crops.
 
     The augmentation's random draws are seeded by (seed, image, crop), so the
     same crop comes back ``crops`` epochs later and its cached target still fits.
-    Items are ``(image, label, index, crop)``. ``epoch`` lives in shared memory:
-    the module sets it at each epoch start and the loader's workers read it.
+    Items are ``(image, label, index, crop)``, looked up by the ``(index, epoch)``
+    keys of the engine's sampler, so the crop follows the epoch in every loader
+    process and after a resume.
     """
 
     def __init__(self, dataset: Dataset, transform: Any, crops: int, seed: int) -> None:
         self.dataset, self.transform, self.crops, self.seed = dataset, transform, crops, seed
         self.classes = dataset.classes
-        self.epoch = torch.zeros(1, dtype=torch.long).share_memory_()
 
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, index: int) -> tuple[Tensor, int, int, int]:
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, int, int]:
+        index, epoch = key
         image, label = self.dataset[index]
-        crop = int(self.epoch[0]) % self.crops
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed((self.seed * 1_000_003 + index) * self.crops + crop)
+        crop = epoch % self.crops
+        with seeded((self.seed * 1_000_003 + index) * self.crops + crop):
             image = self.transform(image)
         return image, label, index, crop
 
@@ -447,6 +443,14 @@ def distill(config: DistillConfig) -> Path:
     """Run MEAL V2 as ``config`` says (``seed-distill --mode meal``); returns the run folder."""
     config = dataclasses.replace(config, **{k: v for k, v in MEAL.DEFAULTS.items() if getattr(config, k) is None})
     check_config(config)
+    transform = train_transform(config.image_size, config.crop_min_scale)
+    if config.cache_teacher_logits:
+        train_set = FixedCrops(load_dataset(config.data, "train", config.data_root, config.download), transform, config.cache_crops, config.seed)
+    else:
+        train_set = load_dataset(config.data, "train", config.data_root, config.download, transform)
+    monitor = val_loader(config, config.knn_query_size)
+    check_classes(train_set, monitor.dataset, config.data)
+    check_batch(len(train_set), config)
     demo_teachers = not (config.teachers or config.teacher_checkpoints or config.teacher_checkpoint)
     teachers, lines = load_teachers(config)
     print("\n".join(lines))
@@ -463,24 +467,16 @@ def distill(config: DistillConfig) -> Path:
                             f"drop --{'no-' if small_images else ''}small-images")
         config = dataclasses.replace(config, small_images=small_images)
     config = resolve(config, {})
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    transform = train_transform(config.image_size, config.crop_min_scale)
-    if config.cache_teacher_logits:
-        train_set = FixedCrops(load_dataset(config.data, "train", config.data_root, config.download), transform, config.cache_crops, config.seed)
-    else:
-        train_set = load_dataset(config.data, "train", config.data_root, config.download, transform)
     if len(train_set.classes) != num_classes:
         raise SeedError(f"--data {config.data} has {len(train_set.classes)} classes, the teachers {num_classes}; distil on the teachers' classes")
-    check_batch(len(train_set), config)
+    pl.seed_everything(config.seed, workers=True, verbose=False)
     run_dir = run_folder(config, "distill", f"meal-{config.student}-{data_name(config)}")
     module = MEAL(config, teachers, num_classes, num_images=len(train_set))
     if init_backbone is not None:
         module.backbone.load_state_dict(init_backbone.state_dict())
     if init_classifier is not None:
         module.head.load_state_dict(init_classifier.state_dict())
-    if isinstance(train_set, FixedCrops):
-        module.crop_epoch = train_set.epoch
-    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), [val_loader(config, config.knn_query_size)], config, run_dir)
+    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), [monitor], config, run_dir)
     if trainer.is_global_zero:
         export_model(run_dir / "student.pt", config.student, module.backbone, module.head, num_classes, "meal",
                      dataclasses.asdict(config), bool(config.small_images), extra={"num_classes": num_classes})

@@ -13,7 +13,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_classifier, load_file
 from seed.config import DistillConfig, make_config, resolve
-from seed.engine import build_trainer
+from seed.engine import build_trainer, make_loader
 from seed.errors import SeedError
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.meal import MEAL, Discriminator, FixedCrops, TargetCache, cutmix, distill, load_teacher
@@ -177,19 +177,16 @@ def _augment(image):
 def test_cache_holds_each_crop_and_later_epochs_skip_the_teachers(tmp_path):
     pl.seed_everything(0, verbose=False)
     data = FixedCrops(_Images(), _augment, crops=2, seed=0)
-    first = data[5]
-    assert torch.equal(first[0], data[5][0]) and first[3] == 0  # a crop is the same every time it comes back
-    data.epoch.fill_(1)
-    assert data[5][3] == 1 and not torch.equal(data[5][0], first[0])  # the next epoch shows the next crop
-    data.epoch.fill_(0)
+    first = data[5, 0]
+    assert torch.equal(first[0], data[5, 2][0]) and first[3] == 0  # a crop is the same every time it comes back
+    assert data[5, 1][3] == 1 and not torch.equal(data[5, 1][0], first[0])  # the next epoch shows the next crop
     teacher = _Counting(_linear_teacher(4))
-    config = _config(tmp_path, epochs=3, batch_size=8, cache_teacher_logits=True, cache_crops=2, cache_top_k=10)
+    config = _config(tmp_path, epochs=3, batch_size=8, cache_teacher_logits=True, cache_crops=2, cache_top_k=10, num_workers=0)
     module = MEAL(config, [teacher], num_classes=10, num_images=len(data))
-    module.crop_epoch = data.epoch
     seen = []
     callback = pl.callbacks.LambdaCallback(on_train_epoch_end=lambda *_: seen.append(teacher.seen))
     trainer = build_trainer(config, tmp_path, callbacks=[callback])
-    trainer.fit(module, DataLoader(data, batch_size=8, shuffle=True))
+    trainer.fit(module, make_loader(data, config, shuffle=True))
     assert seen == [32, 64, 64]  # epochs 0 and 1 fill crops 0 and 1; epoch 2 reads crop 0 from the cache
     assert bool(module.cache.filled.all())
     index, crop = torch.arange(32), torch.ones(32, dtype=torch.long)
@@ -199,9 +196,7 @@ def test_cache_holds_each_crop_and_later_epochs_skip_the_teachers(tmp_path):
 
 
 def _crop(index: int, crop: int):
-    data = FixedCrops(_Images(), _augment, crops=2, seed=0)
-    data.epoch.fill_(crop)
-    return data[index][0]
+    return FixedCrops(_Images(), _augment, crops=2, seed=0)[index, crop][0]
 
 
 def test_cache_keeps_top_k_and_spreads_the_rest():

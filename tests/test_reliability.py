@@ -1,0 +1,539 @@
+"""Issue 6: resume after SIGKILL, atomic checkpoints, untrusted files, bad data, bad configuration,
+numerical faults and determinism. docs/RELIABILITY.md lists each fault and the test here that proves it."""
+
+import csv
+import os
+import pickle
+import shutil
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import pytorch_lightning as pl
+import torch
+from PIL import Image
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from pretrain.cli import main as pretrain_main
+from seed.backbones import create_backbone
+from seed.checkpoints import export_model, load_file
+from seed.cli import distill_main
+from seed.config import DistillConfig, TrainConfig, make_config
+from seed.data import load_dataset, view_transform
+from seed.engine import LastCheckpoint, fit, make_loader
+from seed.errors import SeedError
+from seed.sampling import EpochSampler
+
+from .conftest import BIN, run_command
+
+# ---- resume equals uninterrupted -------------------------------------------------------------------------------
+
+
+class Noisy(Dataset):
+    """Ten 4-d points, each augmented with noise from torch's global generator (as torchvision's transforms draw)."""
+
+    classes = ["only"]
+
+    def __len__(self) -> int:
+        return 10
+
+    def __getitem__(self, index: int):
+        return torch.arange(4.0) + index + torch.rand(4), index
+
+
+class Toy(pl.LightningModule):
+    """A linear model whose step draws random numbers too; it records what each step saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.layer = nn.Linear(4, 1)
+        self.seen: list[tuple] = []
+
+    def training_step(self, batch, batch_idx):
+        x, index = batch
+        noise = torch.rand(())  # as MoCo's batch shuffle or CutMix draw from the global generator
+        self.seen.append((self.global_step, self.current_epoch, tuple(index.tolist()), float(x.sum()), float(noise)))
+        return ((self.layer(x).squeeze(1) - index.float() - noise) ** 2).mean()
+
+    def validation_step(self, batch, batch_idx):
+        torch.rand(5)  # a validation that draws random numbers between two steps
+
+    def configure_optimizers(self):
+        optimizer = torch.optim.SGD(self.parameters(), lr=0.001, momentum=0.9)
+        per_step = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1 / (1 + step))
+        per_epoch = torch.optim.lr_scheduler.MultiStepLR(optimizer, [1, 2], gamma=0.5)
+        return [optimizer], [{"scheduler": per_step, "interval": "step"}, {"scheduler": per_epoch, "interval": "epoch"}]
+
+
+def _fit_toy(out: Path, resume: str = "never", workers: int = 0, validate: bool = True) -> tuple[Toy, pl.Trainer]:
+    config = make_config(TrainConfig, {"batch_size": 3, "epochs": 3, "num_workers": workers, "checkpoint_every": 1, "knn_every": int(validate),
+                                       "output": str(out), "resume": resume})
+    module = Toy()
+    val = [DataLoader(Noisy(), batch_size=5)] if validate else None
+    return module, fit(module, make_loader(Noisy(), config, shuffle=True, drop_last=True), val, config, out)
+
+
+def test_resume_from_any_checkpoint_continues_exactly(tmp_path, monkeypatch):
+    """3 epochs of 3 batches, a checkpoint after every step (mid-epoch and at epoch ends, with a validation before
+    the epoch-end one): resumed from each, the run sees the same batches, augmentations and random draws, and ends
+    with the same weights, optimiser state and learning rate as the run that never stopped."""
+    copies = []
+    save = LastCheckpoint.save
+
+    def keep_a_copy(self, trainer, epoch, batches):
+        save(self, trainer, epoch, batches)
+        copy = self.path.with_name(f"step{trainer.global_step}.ckpt")
+        shutil.copy(self.path, copy)
+        copies.append((copy, trainer.global_step))
+
+    monkeypatch.setattr(LastCheckpoint, "save", keep_a_copy)
+    full, trainer = _fit_toy(tmp_path / "full")
+    monkeypatch.undo()
+    assert [step for _, step in copies] == list(range(1, 10)) and len(full.seen) == 9
+    assert {epoch for _, epoch, *_ in full.seen} == {0, 1, 2}
+    for copy, step in copies:
+        resumed, again = _fit_toy(tmp_path / f"from{step}", resume=str(copy))
+        assert resumed.seen == full.seen[step:], step
+        for key, value in full.state_dict().items():
+            assert torch.equal(resumed.state_dict()[key], value), (step, key)
+        assert str(again.optimizers[0].state_dict()) == str(trainer.optimizers[0].state_dict()), step  # momentum buffers and lr
+        assert again.global_step == 9 and again.current_epoch == 3
+
+
+def test_batches_do_not_depend_on_workers_and_resume_mid_epoch(tmp_path):
+    """Same seed, same keys and pixels with 0 or 2 loader processes; a sampler resumed after 2 batches yields the rest."""
+    config = make_config(TrainConfig, {"batch_size": 3, "num_workers": 0})
+    batches = {}
+    for workers in (0, 2):
+        loader = make_loader(Noisy(), make_config(TrainConfig, {"batch_size": 3, "num_workers": workers}), shuffle=True, drop_last=True)
+        epochs = []
+        for epoch in (0, 1):
+            loader.sampler.set_epoch(epoch)
+            epochs.append([(x, index) for x, index in loader])
+        batches[workers] = epochs
+    for (x0, i0), (x2, i2) in zip(batches[0][0] + batches[0][1], batches[2][0] + batches[2][1], strict=True):
+        assert torch.equal(i0, i2) and torch.equal(x0, x2)
+    assert not torch.equal(batches[0][0][0][1], batches[0][1][0][1])  # a new order each epoch
+    sampler = make_loader(Noisy(), config, shuffle=True, drop_last=True).sampler
+    assert isinstance(sampler, EpochSampler) and len(sampler) == 10
+    sampler.resume_from(1, 2)
+    assert [index for index, _ in sampler] == sampler.order(1)[6:]
+    assert [index for index, _ in sampler] == sampler.order(1)  # only the pass right after the restart is shortened
+
+
+def _image_folder(root: Path, classes: int = 2, train: int = 40, val: int = 10, size: int = 16) -> Path:
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("val", val)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for number in range(count):
+                pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{number}.png")
+    return root
+
+
+def _teacher_file(path: Path) -> Path:
+    torch.manual_seed(0)
+    backbone = create_backbone("mbv3s", small_images=True)
+    head = nn.Sequential(nn.Linear(1024, 64), nn.ReLU(), nn.Linear(64, 32))
+    export_model(path, "mbv3s", backbone, head, 32, "mocov2", {}, True)
+    return path
+
+
+def _kill_after_writes(command: list[str], last: Path, writes: int) -> int:
+    """Start ``command``, SIGKILL it just after ``last`` has been (re)written ``writes`` times; the step it holds then."""
+    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    seen, stamp = 0, None
+    deadline = time.monotonic() + 240
+    try:
+        while seen < writes:
+            assert process.poll() is None, "the run ended before it could be killed"
+            assert time.monotonic() < deadline, "no checkpoint came"
+            try:
+                info = last.stat()
+                now = (info.st_ino, info.st_mtime_ns)
+            except FileNotFoundError:
+                now = None
+            if now is not None and now != stamp:
+                seen, stamp = seen + 1, now
+            time.sleep(0.005)
+        time.sleep(0.1)  # into the next step, whose work is lost
+    finally:
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+    return load_file(last)["global_step"]
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "distill"])
+def test_sigkill_mid_epoch_then_same_command_is_bit_identical(stage, tmp_path):
+    """80 images, batch 16: 5 steps an epoch, last.ckpt every 3 steps and at epoch ends (3, 5, 6, 9, 10, 12).
+    Killed with SIGKILL just after the step-6 checkpoint (epoch 1, one batch in) and started again with the same
+    command, the run ends with the same weights, optimiser state, LR schedule, global step and queue (contents
+    and pointer) as one that was never stopped, bit for bit; its metrics.csv holds the same loss at every step."""
+    data = _image_folder(tmp_path / "data")
+    common = ["--data", str(data), "--image-size", "16", "--batch-size", "16", "--num-workers", "0", "--knn-bank-size", "40",
+              "--knn-query-size", "20", "--knn-k", "5", "--knn-every", "0", "--max-steps", "12", "--checkpoint-every", "3", "--seed", "7"]
+    if stage == "pretrain":
+        script, args = "seed-pretrain", [*common, "--arch", "mbv3s", "--queue-size", "40"]
+    else:
+        teacher = _teacher_file(tmp_path / "teacher.pt")
+        script, args = "seed-distill", [*common, "--student", "mbv3s", "--teacher-checkpoint", str(teacher), "--queue-size", "40"]  # K % batch != 0
+    whole, broken = tmp_path / "whole", tmp_path / "broken"
+    result = run_command(script, *args, "--output", str(whole))
+    assert result.returncode == 0, result.stderr[-3000:]
+    killed_at = _kill_after_writes([str(BIN / script), *args, "--output", str(broken)], broken / "last.ckpt", writes=3)
+    assert killed_at in (6, 9), killed_at  # mid-epoch: epoch 1 runs steps 6-10
+    again = run_command(script, *args, "--output", str(broken))
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert f"resuming from {broken / 'last.ckpt'}" in again.stdout
+
+    expected, got = load_file(whole / "last.ckpt"), load_file(broken / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == 12
+    assert got["epoch"] == expected["epoch"] == 2
+    for part in ("state_dict", "optimizer_states", "lr_schedulers", "memory_banks", "callbacks"):
+        _assert_identical(got[part], expected[part], part)
+    if stage == "distill":  # SEED's FIFO wraps around (MoCo's lightly bank restarts at 0 instead); both are compared above
+        assert int(got["memory_banks"]["queue"]["ptr"]) == 12 * 16 % 40
+    exported = "teacher.pt" if stage == "pretrain" else "student.pt"
+    _assert_identical(load_file(broken / exported)["state_dict"], load_file(whole / exported)["state_dict"], exported)
+    assert _losses(broken) == _losses(whole) and len(_losses(whole)) == 12  # the same loss at every step, before and after the kill
+
+
+def _assert_identical(got, expected, where: str) -> None:
+    if isinstance(expected, torch.Tensor):
+        assert got.dtype == expected.dtype and torch.equal(got, expected), where
+    elif isinstance(expected, dict):
+        assert got.keys() == expected.keys(), where
+        for key in expected:
+            _assert_identical(got[key], expected[key], f"{where}.{key}")
+    elif isinstance(expected, (list, tuple)):
+        assert len(got) == len(expected), where
+        for number, (a, b) in enumerate(zip(got, expected, strict=True)):
+            _assert_identical(a, b, f"{where}[{number}]")
+    else:
+        assert got == expected, where
+
+
+def _losses(run: Path) -> dict[int, str]:
+    """The logged training loss of each step (0-based), as written."""
+    with open(run / "logs" / "metrics.csv") as handle:
+        return {int(row["step"]): row["loss"] for row in csv.DictReader(handle) if row.get("loss")}
+
+
+# ---- atomic checkpoints ------------------------------------------------------------------------------------------
+
+def test_a_save_that_fails_halfway_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """The disk fills up while step 4's checkpoint is written: a one-line error, step 3's last.ckpt intact, no temporary file."""
+    save = pl.Trainer.save_checkpoint
+
+    def disk_full_at_step_4(trainer, path, weights_only=False, storage_options=None):
+        if trainer.global_step < 4:
+            return save(trainer, path, weights_only=weights_only)
+        Path(path).write_bytes(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(pl.Trainer, "save_checkpoint", disk_full_at_step_4)
+    with pytest.raises(SeedError, match=r"could not write .*last.ckpt at step 4 \(No space left on device\); last good checkpoint: .*last.ckpt \(step 3\)"):
+        _fit_toy(tmp_path, validate=False)
+    assert load_file(tmp_path / "last.ckpt")["global_step"] == 3
+    assert not [p for p in tmp_path.iterdir() if ".tmp" in p.name]
+    monkeypatch.undo()
+    resumed, trainer = _fit_toy(tmp_path, resume="auto", validate=False)  # and the run goes on from it
+    assert trainer.global_step == 9 and resumed.seen[0][0] == 3
+
+
+# ---- untrusted files -------------------------------------------------------------------------------------------
+
+class _Payload:
+    """Unpickling this would create a marker file: the attack weights_only must stop."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _evil(path: Path, marker: Path) -> Path:
+    with open(path, "wb") as handle:
+        pickle.dump({"state_dict": {"conv1.weight": torch.zeros(1)}, "payload": _Payload(marker), "pytorch-lightning_version": "2.6.0"}, handle)
+    return path
+
+
+@pytest.mark.parametrize("where", ["teacher", "eval", "resume", "auto-resume", "student-init", "meal-teachers"])
+def test_pickled_code_is_refused_by_every_command_and_never_runs(where, tmp_path, tiny_args, capsys):
+    from downstream.cli import main as eval_main
+
+    marker = tmp_path / "pwned"
+    evil = _evil(tmp_path / "evil.pt", marker)
+    out = tmp_path / "out"
+    fast = ["--max-steps", "1", "--output", str(out)]
+    main, args = {
+        "teacher": (distill_main, [*tiny_args, "--teacher-checkpoint", str(evil), *fast]),
+        "eval": (eval_main, ["knn", "--data", "digits", "--checkpoint", str(evil), "--output", str(out)]),
+        "resume": (pretrain_main, [*tiny_args, "--resume", str(evil), *fast]),
+        "auto-resume": (pretrain_main, [*tiny_args, *fast]),
+        "student-init": (distill_main, ["--mode", "meal", *tiny_args, "--teachers", "r18", "--teacher-checkpoints", str(_classifier(tmp_path)),
+                                        "--student-init", str(evil), *fast]),
+        "meal-teachers": (distill_main, ["--mode", "meal", *tiny_args, "--teacher-checkpoints", str(evil), *fast]),
+    }[where]
+    if where == "auto-resume":
+        out.mkdir()
+        shutil.copy(evil, out / "last.ckpt")
+    with pytest.raises(SystemExit) as exit_info:
+        main(args)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and "refusing to load" in error and len(error.strip().splitlines()) == 1, error
+    assert not marker.exists()
+
+
+def _classifier(tmp_path: Path) -> Path:
+    torch.manual_seed(0)
+    backbone = create_backbone("r18", small_images=True)
+    path = tmp_path / "classifier.pt"
+    export_model(path, "r18", backbone, nn.Linear(512, 10), 10, "supervised", {}, True, extra={"num_classes": 10})
+    return path
+
+
+def test_lightnings_own_resume_path_refuses_pickled_code(tmp_path):
+    """Beneath our pre-check, Lightning's ``fit(ckpt_path=..., weights_only=True)`` refuses the file too."""
+    marker = tmp_path / "pwned"
+    evil = _evil(tmp_path / "evil.ckpt", marker)
+    config = make_config(TrainConfig, {"batch_size": 3, "epochs": 1, "num_workers": 0, "knn_every": 0, "output": str(tmp_path)})
+    from seed.engine import build_trainer
+
+    with pytest.raises(pickle.UnpicklingError):
+        build_trainer(config, tmp_path).fit(Toy(), make_loader(Noisy(), config, shuffle=True), ckpt_path=str(evil), weights_only=True)
+    assert not marker.exists()
+
+
+def test_no_unsafe_load_in_the_code():
+    root = Path(__file__).resolve().parent.parent
+    for folder in ("seed", "pretrain", "downstream"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            for line in text.splitlines():
+                if "torch.load(" in line:
+                    assert "weights_only=True" in line, f"{path}: {line.strip()}"
+                assert "pickle.load(" not in line and "allow_pickle=True" not in line, f"{path}: {line.strip()}"
+
+
+# ---- bad data ------------------------------------------------------------------------------------------------------
+
+def _bad_folder(root: Path, good: int = 12) -> Path:
+    """An ImageFolder whose class 'a' also holds the six odd files of the issue."""
+    _image_folder(root, train=good, val=4, size=12)
+    folder = root / "train" / "class0"
+    Image.new("RGB", (12, 12), (200, 10, 10)).save(folder / "whole.jpg")
+    cut = (folder / "whole.jpg").read_bytes()
+    (folder / "truncated.jpg").write_bytes(cut[: len(cut) // 2])
+    (folder / "whole.jpg").unlink()
+    (folder / "empty.jpg").write_bytes(b"")
+    (folder / "text.jpg").write_text("this is not an image\n")
+    Image.new("L", (12, 12), 128).save(folder / "gray.jpg")
+    Image.new("CMYK", (12, 12), (0, 255, 255, 0)).save(folder / "cmyk.jpg")
+    Image.new("RGB", (1, 1), (0, 0, 255)).save(folder / "tiny.png")
+    return root
+
+
+UNREADABLE = {"truncated.jpg", "empty.jpg", "text.jpg"}
+
+
+def test_odd_images_are_converted_and_unreadable_ones_skipped(tmp_path):
+    root = _bad_folder(tmp_path / "data")
+    train = load_dataset(str(root), "train", transform=None, strict=False)
+    train.skip_log = tmp_path / "skipped.txt"
+    names = [Path(path).name for path, _ in train.samples]
+    items = [train[i] for i in range(len(train))]
+    assert all(image.mode == "RGB" for image, _ in items) and len(items) == len(train)
+    by_name = dict(zip(names, items, strict=True))
+    assert by_name["gray.jpg"][0].getpixel((0, 0)) == (128, 128, 128)
+    assert by_name["cmyk.jpg"][0].getpixel((0, 0))[0] > 200  # CMYK (0, 255, 255, 0) is red
+    assert by_name["tiny.png"][0].size == (1, 1)
+    view_transform("mocov2", 16)(by_name["tiny.png"][0])  # a 1x1 image goes through the augmentation
+    for name in UNREADABLE:  # replaced by the next readable file of the folder
+        following = names[(names.index(name) + 1) % len(names)]
+        following = following if following not in UNREADABLE else names[(names.index(following) + 1) % len(names)]
+        assert by_name[name][0].tobytes() == by_name[following][0].tobytes()
+    logged = (tmp_path / "skipped.txt").read_text().splitlines()
+    assert sorted(Path(line.split("\t")[0]).name for line in logged) == sorted(UNREADABLE)
+    with pytest.raises(SeedError, match=r"empty.jpg cannot be read .*drop --strict-data"):
+        strict = load_dataset(str(root), "train", strict=True)
+        [strict[i] for i in range(len(strict))]
+
+
+def test_training_skips_unreadable_files_and_lists_them_once(tmp_path, capsys):
+    """Two epochs with two loader processes: the three unreadable files are listed once; --strict-data stops at the first, in one line."""
+    root = _bad_folder(tmp_path / "data")
+    args = ["--data", str(root), "--image-size", "16", "--batch-size", "5", "--num-workers", "2", "--epochs", "2", "--arch", "mbv3s",
+            "--queue-size", "10", "--knn-bank-size", "30", "--knn-query-size", "8", "--knn-k", "3"]
+    pretrain_main([*args, "--output", str(tmp_path / "run")])
+    out = capsys.readouterr().out
+    assert out.count(f"skipped 3 unreadable files, see {tmp_path / 'run' / 'skipped.txt'}") == 1, out
+    listed = (tmp_path / "run" / "skipped.txt").read_text().splitlines()
+    assert {Path(line.split("\t")[0]).name for line in listed} == UNREADABLE
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main([*args, "--strict-data", "--output", str(tmp_path / "strict")])
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2 and error.startswith("seed-pretrain: error: /") and "cannot be read" in error and "drop --strict-data" in error, error
+
+
+def _mismatched(root: Path) -> Path:
+    _image_folder(root, train=3, val=2, size=8)
+    (root / "val" / "class1").rename(root / "val" / "other")
+    return root
+
+
+@pytest.mark.parametrize(
+    "make, message",
+    [
+        (lambda root: root / "missing", "does not exist"),
+        (lambda root: (root / "train").mkdir(parents=True) or (root / "val").mkdir() or root, "Couldn't find any class folder"),
+        (lambda root: (root / "train" / "a").mkdir(parents=True) or (root / "val" / "a").mkdir(parents=True) or root, "Found no valid file for the classes a"),
+        (_mismatched, "only in train: ['class1'], only in val: ['other']"),
+    ],
+    ids=["missing path", "empty folder", "no images", "train/val classes differ"],
+)
+@pytest.mark.parametrize("command", ["seed-pretrain", "seed-distill"])
+def test_bad_dataset_folders_stop_before_any_model_is_built(make, message, command, tmp_path, capsys, monkeypatch):
+    root = make(tmp_path / "data")
+    main = pretrain_main if command == "seed-pretrain" else distill_main
+    built = []
+    for where in ("seed.module.create_backbone", "seed.checkpoints.create_backbone"):
+        monkeypatch.setattr(where, lambda *a, **k: built.append(a))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--data", str(root), "--batch-size", "1", "--teacher-checkpoint" if command == "seed-distill" else "--arch",
+              str(_teacher_file(tmp_path / "t.pt")) if command == "seed-distill" else "r18", "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, error
+    assert not built and not (tmp_path / "out").exists()
+
+
+# ---- bad configuration ------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(
+    "command, args, message",
+    [
+        ("seed-pretrain", ["--arch", "resnet18"], "unknown architecture 'resnet18'; choose one of: r18"),
+        ("seed-pretrain", ["--method", "byol"], "unknown method 'byol'; choose one of: mocov2, simclr, supervised"),
+        ("seed-distill", ["--mode", "kd"], "unknown --mode 'kd'; choose seed or meal"),
+        ("seed-distill", ["--teacher", "r50"], "of a r50 backbone"),
+        ("seed-pretrain", ["--batch-size", "2000", "--queue-size", "4096"], "--batch-size 2000 x 1 devices exceeds the 1437 training images"),
+        ("seed-pretrain", ["--queue-size", "8"], "--queue-size 8 is smaller than the global batch 16"),
+        ("seed-distill", ["--queue-size", "8"], "--queue-size 8 is smaller than the global batch 16"),
+        ("seed-pretrain", ["--temperature", "0"], "--temperature must be positive, got 0.0"),
+        ("seed-distill", ["--tau-s", "-0.1"], "--tau-s must be positive, got -0.1"),
+        ("seed-distill", ["--mode", "meal", "--kd-temperature", "0"], "--kd-temperature must be positive"),
+        ("seed-pretrain", ["--bach-size", "8"], "unknown flag '--bach-size'; did you mean '--batch-size'?"),
+        ("seed-pretrain", ["--temp", "0.1"], "unknown flag '--temp'; did you mean '--temperature'?"),
+        ("seed-pretrain", ["--config", "{yaml}"], "unknown config key 'bach_size' in {yaml}; did you mean 'batch_size'?"),
+        ("seed-pretrain", ["--batch-size", "many"], "argument --batch-size: invalid int value: 'many'"),
+    ],
+)
+def test_bad_configuration_is_one_line_exit_2_and_writes_nothing(command, args, message, tmp_path, capsys, tiny_args):
+    yaml = tmp_path / "run.yaml"
+    yaml.write_text("bach_size: 8\n")
+    args = [arg.replace("{yaml}", str(yaml)) for arg in args]
+    message = message.replace("{yaml}", str(yaml))
+    extra = ["--teacher-checkpoint", str(_teacher_file(tmp_path / "t.pt"))] if command == "seed-distill" else []
+    main = pretrain_main if command == "seed-pretrain" else distill_main
+    before = set(tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exit_info:
+        main([*tiny_args, *extra, *args, "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error, error
+    assert len(error.strip().splitlines()) == 1, error
+    assert set(tmp_path.rglob("*")) == before  # no run folder, no file
+
+
+# ---- numerical faults ----------------------------------------------------------------------------------------------
+
+def test_nan_loss_stops_at_its_step_and_keeps_the_last_good_checkpoint(tmp_path, tiny_args, capsys):
+    """lr 1e30 blows the weights up in one step; step 2's loss is nan. The run stops before step 2's optimiser
+    step with one line naming the step and the checkpoint; last.ckpt holds step 1's finite weights."""
+    out = tmp_path / "run"
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main([*tiny_args, "--arch", "mbv3s", "--lr", "1e30", "--max-steps", "10", "--checkpoint-every", "1", "--knn-every", "0",
+                       "--output", str(out)])
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_info.value.code == 2
+    assert last == f"seed-pretrain: error: loss became nan at step 2; last good checkpoint: {out / 'last.ckpt'} (step 1)", last
+    ckpt = load_file(out / "last.ckpt")
+    assert ckpt["global_step"] == 1
+    assert all(torch.isfinite(value).all() for value in ckpt["state_dict"].values() if value.is_floating_point())
+    assert not (out / "teacher.pt").exists()
+
+
+def test_non_finite_weights_are_never_saved(tmp_path, monkeypatch):
+    """Weights that overflow in an update whose loss was still finite are not written over the last good checkpoint."""
+
+    def overflow_in_step_3(self):
+        if self.global_step == 2:
+            with torch.no_grad():
+                self.layer.weight.fill_(float("inf"))
+
+    monkeypatch.setattr(Toy, "on_after_backward", overflow_in_step_3, raising=False)
+    with pytest.raises(SeedError, match=r"weights became non-finite at step 3 \(lower --lr\?\); last good checkpoint: .*last.ckpt \(step 2\)"):
+        _fit_toy(tmp_path, validate=False)
+    assert load_file(tmp_path / "last.ckpt")["global_step"] == 2
+
+
+# ---- determinism ------------------------------------------------------------------------------------------------------
+
+def test_same_seed_same_loss_curve_other_seed_another(tmp_path, tiny_args, capsys):
+    """Runs of the same seed log the same losses and end with the same weights; another seed gives another curve.
+    (Two processes of the same seed: test_sigkill_mid_epoch_then_same_command_is_bit_identical compares their curves.)"""
+    curves = []
+    for name, seed in (("a", "3"), ("b", "3"), ("c", "4")):
+        pretrain_main([*tiny_args, "--arch", "mbv3s", "--max-steps", "4", "--knn-every", "0", "--knn-bank-size", "40", "--knn-query-size", "20",
+                       "--knn-k", "5", "--seed", seed, "--output", str(tmp_path / name)])
+        curves.append(_losses(tmp_path / name))
+    assert len(curves[0]) == 4 and curves[0] == curves[1]
+    assert curves[2] != curves[0]
+    _assert_identical(load_file(tmp_path / "a" / "last.ckpt")["state_dict"], load_file(tmp_path / "b" / "last.ckpt")["state_dict"], "weights")
+
+
+def test_seed_fixes_the_queue_start_and_initialisation(tmp_path):
+    from seed.distill import SEED, build_teacher
+
+    config = make_config(DistillConfig, {"student": "mbv3s", "queue_size": 32, "image_size": 16, "output": str(tmp_path)})
+    teacher, _ = build_teacher(config, str(_teacher_file(tmp_path / "t.pt")))
+    modules = []
+    for seed in (5, 5, 6):
+        pl.seed_everything(seed, verbose=False)
+        modules.append(SEED(config, teacher, num_classes=2))
+    assert torch.equal(modules[0].queue.bank, modules[1].queue.bank) and not torch.equal(modules[0].queue.bank, modules[2].queue.bank)
+    assert torch.equal(modules[0].head[0].weight, modules[1].head[0].weight) and not torch.equal(modules[0].head[0].weight, modules[2].head[0].weight)
+
+
+def test_deterministic_flag_turns_on_deterministic_algorithms(tmp_path):
+    from seed.engine import build_trainer
+
+    assert not torch.are_deterministic_algorithms_enabled()
+    try:
+        build_trainer(make_config(TrainConfig, {"deterministic": True}), tmp_path)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    build_trainer(make_config(TrainConfig, {}), tmp_path)
+    assert not torch.are_deterministic_algorithms_enabled()
+
+
+@pytest.mark.parametrize("kind, message", [("truncated", "cannot be read"), ("export", "holds no training state to resume")])
+def test_resume_from_a_damaged_or_foreign_file_is_one_line(kind, message, tmp_path, tiny_args, capsys):
+    path = tmp_path / "file.ckpt"
+    if kind == "truncated":
+        torch.save({"global_step": 3, "state_dict": {"w": torch.ones(1000)}}, path)
+        path.write_bytes(path.read_bytes()[:200])
+    else:
+        path = _teacher_file(path)
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_main([*tiny_args, "--resume", str(path), "--max-steps", "1", "--output", str(tmp_path / "out")])
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, error
+    assert not (tmp_path / "out").exists()
