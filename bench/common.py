@@ -64,6 +64,15 @@ def describe_machine(info: dict[str, Any]) -> str:
     return f"{text}, {info['gpu']}" if info.get("gpu") else text
 
 
+def memory_status(field: str) -> int:
+    """A memory field of /proc/self/status (``VmRSS``, ``VmHWM``), in bytes: what a benchmark process holds or held at most."""
+    with open("/proc/self/status") as handle:
+        for line in handle:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
 def mean_std(values: Sequence[float]) -> tuple[float, float]:
     """Mean and sample standard deviation (0 for a single value)."""
     values = list(values)

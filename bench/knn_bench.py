@@ -23,18 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from bench.common import RESULTS, describe_machine, machine, write_result
+from bench.common import RESULTS, describe_machine, machine, memory_status, write_result
 
 METHODS = {"faiss": "faiss `IndexFlatIP` (ours)", "torch": "torch brute force, chunked (ours)", "lightly": "lightly `knn_predict`"}
-
-
-def _status(field: str) -> int:
-    """A /proc/self/status memory field, in bytes."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
 
 
 def _run(method: str, size: int, dim: int, queries: int, k: int, classes: int, threads: int, answer: multiprocessing.Queue) -> None:
@@ -56,14 +47,14 @@ def _run(method: str, size: int, dim: int, queries: int, k: int, classes: int, t
 
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset the peak-memory mark: count only what the method adds
-    before = _status("VmRSS")
+    before = memory_status("VmRSS")
     start = time.perf_counter()
     if method == "lightly":
         predicted = knn_predict(query, bank.T, bank_labels, classes, knn_k=k, knn_t=0.07)[:, 0]
     else:
         predicted = predict(bank, bank_labels, query, classes, k=k, temperature=0.07, backend=method)
     seconds = time.perf_counter() - start
-    answer.put({"method": method, "bank": size, "seconds": round(seconds, 3), "extra_peak_mb": round((_status("VmHWM") - before) / 2**20, 1),
+    answer.put({"method": method, "bank": size, "seconds": round(seconds, 3), "extra_peak_mb": round((memory_status("VmHWM") - before) / 2**20, 1),
                 "data_mb": round((bank.numel() + query.numel()) * 4 / 2**20, 1), "predictions": predicted.tolist()})
 
 

@@ -27,7 +27,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from bench.common import write_result
+from bench.common import memory_status, write_result
 from bench.speed import (
     EMBED_DIM,
     check_device,
@@ -85,15 +85,6 @@ def queue_part(size: int, batch: int, device: str, official: bool):
 MMAP_THRESHOLD = 65536
 
 
-def _status(field: str) -> int:
-    """A /proc/self/status memory field, in bytes."""
-    with open("/proc/self/status") as handle:
-        for line in handle:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) * 1024
-    raise KeyError(field)
-
-
 def _memory_child(args: argparse.Namespace, size: int, answer: multiprocessing.Queue) -> None:
     """In a fresh process: two warm-up steps at K = ``size``, then the peak of two more over what was resident."""
     if args.threads:
@@ -104,11 +95,11 @@ def _memory_child(args: argparse.Namespace, size: int, answer: multiprocessing.Q
         step()
     with open("/proc/self/clear_refs", "w") as handle:
         handle.write("5")  # reset VmHWM to the current resident size
-    resident = _status("VmRSS")
+    resident = memory_status("VmRSS")
     for _ in range(2):
         step()
-    answer.put({"resident_mib": resident / 2**20, "step_extra_mib": (_status("VmHWM") - resident) / 2**20,
-                "training_peak_mib": _status("VmHWM") / 2**20, "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    answer.put({"resident_mib": resident / 2**20, "step_extra_mib": (memory_status("VmHWM") - resident) / 2**20,
+                "training_peak_mib": memory_status("VmHWM") / 2**20, "process_peak_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
 
 
 def cpu_memory(args: argparse.Namespace, size: int) -> dict[str, float]:
