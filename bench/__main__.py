@@ -38,6 +38,8 @@ register("knn", "bench/knn_bench.py", ["--threads", "1"])
 register("data_loading", "bench/data_loading.py", ["--threads", "1"],
          ["--device", "cuda", "--datasets", "fashion-mnist:32:256,synthetic:224:256", "--workers", "0,4,8,16"])
 register("meal", "bench/meal_bench.py", [], default=False)
+register("eval_speed", "bench/eval_speed.py", ["--threads", "1"])
+register("detection", "bench/detection_bench.py", ["--threads", "1"])
 
 
 def main(argv: list[str] | None = None) -> int:
