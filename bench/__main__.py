@@ -35,6 +35,7 @@ GPU_SPEED = ["--device", "cuda", "--image-size", "224", "--batch-size", "256", "
 register("distill_speed", "bench/distill_speed.py", ["--threads", "1", "--rounds", "8"], [*GPU_SPEED, "--pairs", "r50:r18,r50x2:mbv3l"])
 register("queue", "bench/queue_bench.py", ["--threads", "1", "--rounds", "6"], GPU_SPEED)
 register("knn", "bench/knn_bench.py", ["--threads", "1"])
+register("knn_ivf", "bench/knn_ivf.py", ["--threads", "1"])
 register("data_loading", "bench/data_loading.py", ["--threads", "1"],
          ["--device", "cuda", "--datasets", "fashion-mnist:32:256,synthetic:224:256", "--workers", "0,4,8,16"])
 register("meal", "bench/meal_bench.py", [], default=False)
