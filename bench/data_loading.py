@@ -33,16 +33,7 @@ import torch
 from PIL import Image
 
 from bench.common import write_result
-from bench.speed import (
-    check_device,
-    interleaved,
-    mocov2_step,
-    ours_step,
-    result_name,
-    seed_module,
-    teacher_parts,
-    teacher_variant,
-)
+from bench.speed import interleaved, mocov2_step, ours_step, parse_speed_args, result_name, seed_module, teacher_parts, teacher_variant
 from seed.config import DistillConfig, make_config
 from seed.data import load_dataset, view_transform
 from seed.distill import train_transform
@@ -130,12 +121,7 @@ def main() -> None:
     parser.add_argument("--teacher", default="r50")
     parser.add_argument("--student", default="r18")
     parser.add_argument("--queue-size", type=int, default=65536)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args()
-    check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_speed_args(parser)
     gpu = args.device.startswith("cuda")
     warnings.filterwarnings("ignore", ".*worker processes in total.*")  # more workers than cores is part of the measurement
     datasets = parse_datasets(args.datasets)

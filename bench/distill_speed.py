@@ -33,13 +33,13 @@ from bench.speed import (
     OfficialSEED,
     OfficialTeacher,
     Stopwatch,
-    check_device,
     fmt_ms,
     interleaved,
     mocov2_step,
     official_step,
     ours_step,
     parse_pairs,
+    parse_speed_args,
     result_name,
     seed_module,
     spread,
@@ -183,12 +183,7 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=65536)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per variant (medians)")
     parser.add_argument("--warmup", type=int, default=1)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args()
-    check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_speed_args(parser)
     gpu = args.device.startswith("cuda")
     pairs = parse_pairs(args.pairs)
     load_before = os.getloadavg()

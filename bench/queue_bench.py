@@ -30,11 +30,11 @@ import torch.nn.functional as F
 from bench.common import memory_status, write_result
 from bench.speed import (
     EMBED_DIM,
-    check_device,
     fmt_ms,
     interleaved,
     official_loss_and_enqueue,
     ours_step,
+    parse_speed_args,
     result_name,
     seed_module,
     spread,
@@ -126,12 +126,7 @@ def main() -> None:
     parser.add_argument("--image-size", type=int, default=64)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--rounds", type=int, default=4, help="timed steps per K (medians)")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
-    args = parser.parse_args()
-    check_device(args.device)
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    args = parse_speed_args(parser)
     gpu = args.device.startswith("cuda")
     load_before = os.getloadavg()
 

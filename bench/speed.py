@@ -9,6 +9,7 @@ two einsums, fp32. Models have random weights (speed does not depend on them) an
 the ImageNet stem at every image size, as the demo runs at 32px.
 """
 
+import argparse
 import copy
 import statistics
 import time
@@ -34,6 +35,17 @@ def check_device(device: str) -> None:
     """One clear line, not a traceback, when a GPU run is asked for where there is none."""
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise SystemExit(f"--device {device}: torch {torch.__version__} sees no CUDA GPU on this machine; run on one that has a GPU, or use --device cpu")
+
+
+def parse_speed_args(parser: argparse.ArgumentParser) -> argparse.Namespace:
+    """Add ``--device`` and ``--threads`` (every speed benchmark has them), parse, check the device, set the threads."""
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    args = parser.parse_args()
+    check_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return args
 
 
 def result_name(name: str, device: str) -> str:

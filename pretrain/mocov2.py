@@ -12,7 +12,6 @@ encoder's BatchNorm normalises ``--bn-splits`` shuffled groups separately
 """
 
 import copy
-import math
 
 import torch
 from lightly.loss import NTXentLoss
@@ -63,9 +62,10 @@ class MoCoV2(TrainModule):
 
 
 def bn_splits(config: PretrainConfig) -> int:
-    """Groups for the key encoder's BatchNorm: the flag (default 8 on one device, 1 under DDP), a divisor of the batch."""
+    """Groups for the key encoder's BatchNorm: the flag (default 8 on one device, 1 under DDP), at most, such that
+    they divide the batch and hold two images or more each (BatchNorm needs two)."""
     wanted = config.bn_splits if config.bn_splits is not None else (1 if config.devices * config.num_nodes > 1 else 8)
-    return math.gcd(max(wanted, 1), config.batch_size)
+    return next(n for n in range(max(wanted, 1), 0, -1) if config.batch_size % n == 0 and (config.batch_size // n >= 2 or n == 1))
 
 
 def split_batchnorm(module: nn.Module, splits: int) -> None:

@@ -140,7 +140,8 @@ def test_moco_key_encoder_normalises_shuffled_groups_separately():
     assert [p.shape for p in module.backbone.parameters()] == [p.shape for p in module.backbone_momentum.parameters()]
 
 
-@pytest.mark.parametrize(("devices", "batch", "flag", "expected"), [(1, 256, None, 8), (1, 12, None, 4), (2, 256, None, 1), (1, 256, 1, 1)])
+@pytest.mark.parametrize(("devices", "batch", "flag", "expected"),
+                         [(1, 256, None, 8), (1, 12, None, 6), (1, 4, None, 2), (1, 1, None, 1), (2, 256, None, 1), (1, 256, 1, 1)])
 def test_bn_splits_default_follows_devices_and_divides_the_batch(devices, batch, flag, expected):
     from pretrain.mocov2 import bn_splits
 
