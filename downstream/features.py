@@ -23,7 +23,7 @@ from tqdm import tqdm
 from downstream.common import Checkpoint
 from seed.checkpoints import atomic_save, load_file
 from seed.config import CommonConfig
-from seed.data import BUILTIN, eval_transform, load_dataset
+from seed.data import BUILTIN, check_classes, eval_transform, load_dataset
 from seed.engine import default_workers
 from seed.errors import SeedError
 
@@ -108,16 +108,6 @@ def open_split(config: CommonConfig, split: str) -> Dataset:
     if len(dataset) == 0:
         raise SeedError(f"the {split} split of {config.data} holds no images")
     return dataset
-
-
-def check_classes(train: Dataset, val: Dataset, data: str) -> None:
-    """Train and val must name the same classes in the same order, or labels mean different things."""
-    if list(train.classes) != list(val.classes):
-        only_train = sorted(set(train.classes) - set(val.classes))
-        only_val = sorted(set(val.classes) - set(train.classes))
-        detail = f"only in train: {only_train[:3]}, only in val: {only_val[:3]}" if only_train or only_val else "same names, different order"
-        raise SeedError(f"{data}: train/ has {len(train.classes)} classes and val/ has {len(val.classes)}, and they differ ({detail}); "
-                        "both splits need the same class folders")
 
 
 def cached_features(checkpoint: Checkpoint, config: CommonConfig, split: str, dataset: Dataset, indices: Tensor | None = None) -> Features:

@@ -31,10 +31,10 @@ from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from downstream.common import Checkpoint, EvalConfig, eval_folder, open_checkpoint, option, print_table, write_results
-from downstream.features import Features, cached_features, check_classes, eval_device, open_split
+from downstream.features import Features, cached_features, eval_device, open_split
 from seed.checkpoints import atomic_save
 from seed.config import load_config
-from seed.data import load_dataset
+from seed.data import check_classes, load_dataset
 from seed.engine import check_batch, fit, make_loader
 from seed.errors import SeedError
 

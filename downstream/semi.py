@@ -27,7 +27,7 @@ from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
 from downstream.common import eval_folder, open_checkpoint, option, write_results
-from downstream.features import cached_features, check_classes, eval_device, extract, open_split
+from downstream.features import cached_features, eval_device, extract, open_split
 from downstream.linear import (
     FAST_LR,
     EngineProbeConfig,
@@ -42,7 +42,7 @@ from downstream.linear import (
     train_transform,
 )
 from seed.config import load_config
-from seed.data import load_dataset
+from seed.data import check_classes, load_dataset
 from seed.engine import default_workers
 from seed.errors import SeedError
 

@@ -6,7 +6,8 @@ from PIL import Image
 from torch import nn
 
 from downstream.common import Checkpoint, EvalConfig
-from downstream.features import cache_dir, cached_features, check_classes, open_split, train_val_features
+from downstream.features import cache_dir, cached_features, open_split, train_val_features
+from seed.data import check_classes
 from seed.errors import SeedError
 
 
