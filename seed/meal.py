@@ -37,7 +37,7 @@ from seed.engine import check_batch, data_name, fit, make_loader, run_folder
 from seed.errors import SeedError
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
-from seed.sampling import KeyedDataset, seeded
+from seed.sampling import KeyedDataset, mix, seeded
 from seed.teacher import FrozenTeacher
 
 DEMO = Path("runs/demo/meal")
@@ -240,7 +240,7 @@ class FixedCrops(KeyedDataset):
         index, epoch = key
         image, label = self.dataset[index]
         crop = epoch % self.crops
-        with seeded((self.seed * 1_000_003 + index) * self.crops + crop):
+        with seeded(mix(self.seed, crop, index)):
             image = self.transform(image)
         return image, label, index, crop
 
