@@ -145,13 +145,14 @@ def main() -> None:
     scorer = Scorer("fashion-mnist", 32, 500 if args.quick else args.train_images, 500 if args.quick else None, 3 if args.quick else args.linear_epochs)
     scores: dict[str, list[dict[str, float]]] = {key: [] for key in keys}
     random_init: dict[str, list[dict[str, float]]] = {}
+    scored_init: set[tuple[str, int]] = set()  # teacher and student may share an architecture: one random init per seed
     for (key, seed), folder in folders.items():
         backbone, _, _ = load_encoder(folder / ROWS[key][3], use_head=False)
         scores[key].append(scorer.score(backbone))
-        if key in ("teacher", "student_alone"):
+        if key in ("teacher", "student_alone") and (backbone.arch, seed) not in scored_init:
+            scored_init.add((backbone.arch, seed))
             torch.manual_seed(seed)
-            arch = backbone.arch
-            random_init.setdefault(arch, []).append(scorer.score(create_backbone(arch, small_images=False)))
+            random_init.setdefault(backbone.arch, []).append(scorer.score(create_backbone(backbone.arch, small_images=False)))
 
     config_names = {key: ROWS[key][2].format(method=args.method) for key in keys}
     teacher_arch = load_encoder(folders["teacher", seeds[0]] / "teacher.pt", use_head=False)[0].arch
