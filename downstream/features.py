@@ -23,7 +23,7 @@ from tqdm import tqdm
 from downstream.common import Checkpoint
 from seed.checkpoints import atomic_save, load_file
 from seed.config import CommonConfig
-from seed.data import BUILTIN, check_classes, eval_transform, load_dataset
+from seed.data import BUILTIN, check_classes, dataset_for, eval_transform
 from seed.engine import default_workers
 from seed.errors import SeedError
 
@@ -104,7 +104,7 @@ def feature_key(checkpoint_sha256: str, data: str, split: str, image_size: int, 
 
 def open_split(config: CommonConfig, split: str) -> Dataset:
     """A split of ``--data`` with the evaluation transform; an empty one is an error."""
-    dataset = load_dataset(config.data, split, config.data_root, config.download, eval_transform(config.image_size))
+    dataset = dataset_for(config, split, eval_transform(config.image_size))
     if len(dataset) == 0:
         raise SeedError(f"the {split} split of {config.data} holds no images")
     return dataset

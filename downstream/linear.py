@@ -34,7 +34,7 @@ from downstream.common import Checkpoint, EvalConfig, eval_folder, open_checkpoi
 from downstream.features import Features, cached_features, eval_device, open_split
 from seed.checkpoints import atomic_save
 from seed.config import load_config
-from seed.data import check_classes, load_dataset
+from seed.data import check_classes, dataset_for
 from seed.engine import check_batch, fit, make_loader
 from seed.errors import SeedError
 
@@ -254,7 +254,7 @@ def linear_probe(config: ProbeConfig, checkpoint: Checkpoint, run_dir: Path, fas
     else:
         lr = config.lr if config.lr is not None else default_lr(checkpoint.arch)
         pl.seed_everything(config.seed, workers=True, verbose=False)
-        augmented = load_dataset(config.data, "train", config.data_root, config.download, train_transform(config.image_size))
+        augmented = dataset_for(config, "train", train_transform(config.image_size))
         module = LinearClassifier(checkpoint.backbone, num_classes, lr, config.momentum, config.weight_decay, milestones)
         trainer = train_classifier(module, augmented, val_set, config, run_dir)
         if not trainer.is_global_zero:

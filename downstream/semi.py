@@ -42,7 +42,7 @@ from downstream.linear import (
     train_transform,
 )
 from seed.config import load_config
-from seed.data import check_classes, load_dataset
+from seed.data import check_classes, dataset_for
 from seed.engine import default_workers
 from seed.errors import SeedError
 
@@ -145,7 +145,7 @@ def evaluate(config: SemiConfig) -> dict | None:
     if config.finetune:
         lr = config.lr if config.lr is not None else FINETUNE_LR
         pl.seed_everything(config.seed, workers=True, verbose=False)
-        augmented = load_dataset(config.data, "train", config.data_root, config.download, train_transform(config.image_size))
+        augmented = dataset_for(config, "train", train_transform(config.image_size))
         module = LinearClassifier(checkpoint.backbone, num_classes, lr, config.momentum, config.weight_decay, milestones,
                                   finetune=True, backbone_lr=config.backbone_lr)
         trainer = train_classifier(module, Subset(augmented, indices.tolist()), val_set, config, run_dir)

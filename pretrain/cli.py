@@ -13,7 +13,7 @@ from seed.backbones import create_backbone, feature_dim
 from seed.checkpoints import export_model
 from seed.cli import run_cli
 from seed.config import PretrainConfig, load_config, resolve
-from seed.data import load_dataset, view_transform
+from seed.data import dataset_for, view_transform
 from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table
@@ -42,7 +42,7 @@ def pretrain(config: PretrainConfig) -> Path:
         views = method.train_transform(config)
     else:
         views = view_transform(config.method, config.image_size, min_scale=config.crop_min_scale)
-    train_set = load_dataset(config.data, "train", config.data_root, config.download, views)
+    train_set = dataset_for(config, "train", views)
     check_sizes(config, len(train_set))
     monitor = monitor_loaders(config)
     pl.seed_everything(config.seed, workers=True, verbose=False)

@@ -17,7 +17,6 @@ from typing import Any, Union
 
 import yaml
 
-from seed import data as seed_data
 from seed.errors import SeedError
 
 
@@ -87,6 +86,8 @@ class PretrainConfig(TrainConfig):
     queue_size: int = _help("MoCo queue length K", 65536)
     moco_momentum: float = _help("momentum of MoCo's key encoder", 0.999)
     moco_momentum_cosine: bool = _help("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
+    moco_head_bn: bool = _help("BatchNorm in MoCo's projection head, as SimCLR's and MoCo v3's heads have (the MoCo v2 paper has none); "
+                               "short runs need it to leave chance level", False)
     bn_splits: int | None = _help("MoCo on one device: the key encoder's BatchNorm normalises this many shuffled groups separately, "
                                   "as shuffle-BN across GPUs does (default: 8 on one device, 1 under DDP, where real shuffle-BN runs)")
 
@@ -216,13 +217,9 @@ def read_yaml(path: str) -> dict[str, Any]:
 
 
 def load_config(config_class: type, argv: list[str] | None, prog: str, description: str) -> Any:
-    """Parse flags, merge them over the ``--config`` YAML file and the defaults.
-
-    The command's ``--strict-data`` becomes the default of every dataset it opens.
-    """
+    """Parse flags, merge them over the ``--config`` YAML file and the defaults."""
     flags = vars(build_parser(config_class, prog, description).parse_args(argv))
     config = make_config(config_class, flags)
-    seed_data.strict_data = config.strict_data
     return config
 
 

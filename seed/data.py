@@ -19,7 +19,7 @@ import sys
 import zlib
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torchvision.transforms as T
@@ -32,6 +32,9 @@ from torchvision import datasets
 
 from seed.errors import SeedError
 
+if TYPE_CHECKING:
+    from seed.config import CommonConfig
+
 BUILTIN = ("fashion-mnist", "digits", "cifar10", "cifar100", "stl10")
 FASHION_MNIST_SYSTEM = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot"]
@@ -42,8 +45,6 @@ METHODS = {"mocov2": MoCoV2Transform, "simclr": SimCLRTransform}
 SKIPPED = "skipped.txt"
 #: What PIL raises on a file it cannot decode: unknown format, truncated data, broken chunks, decompression bombs.
 UNREADABLE = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
-#: ``--strict-data`` of the running command (set by ``seed.config.load_config``), the default of :func:`load_dataset`.
-strict_data = False
 
 
 class ArrayImageDataset(Dataset):
@@ -241,12 +242,17 @@ def _classes(dataset: Dataset) -> list[str]:
     return _classes(dataset.dataset) if isinstance(dataset, Subset) else dataset.classes
 
 
+def dataset_for(config: "CommonConfig", split: str, transform: Callable | None = None) -> Dataset:
+    """The ``split`` of a command's ``--data``, with its ``--data-root``, ``--download`` and ``--strict-data``."""
+    return load_dataset(config.data, split, config.data_root, config.download, transform, strict=config.strict_data)
+
+
 def load_dataset(data: str, split: str, data_root: str | None = None, download: bool = False, transform: Callable | None = None,
-                 strict: bool | None = None) -> Dataset:
+                 strict: bool = False) -> Dataset:
     """The ``split`` ("train" or "val") of ``--data``; items are ``(transform(rgb_image), label)``.
 
-    The dataset exposes ``.classes`` and ``.targets``. ``strict`` (default: the
-    command's ``--strict-data``) makes an unreadable image of an ImageFolder an error.
+    The dataset exposes ``.classes`` and ``.targets``. ``strict`` makes an unreadable image of an ImageFolder an error
+    (otherwise it is skipped and listed).
     """
     if split not in ("train", "val"):
         raise ValueError(f"split must be 'train' or 'val', got {split!r}")
@@ -257,7 +263,7 @@ def load_dataset(data: str, split: str, data_root: str | None = None, download: 
     if data in ("cifar10", "cifar100", "stl10"):
         return _torchvision(data, split, data_root, download, transform)
     if os.sep in data or Path(data).exists():
-        return _image_folder(Path(data).expanduser(), split, transform, strict_data if strict is None else strict)
+        return _image_folder(Path(data).expanduser(), split, transform, strict)
     raise SeedError(f"unknown dataset '{data}'; choose one of: {', '.join(BUILTIN)}, or pass the path of an ImageFolder with train/ and val/")
 
 

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from seed.backbones import create_backbone, feature_dim
 from seed.checkpoints import export_model, load_encoder
 from seed.config import DistillConfig, resolve
-from seed.data import load_dataset, single_view_transform
+from seed.data import dataset_for, single_view_transform
 from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table
@@ -118,7 +118,7 @@ def distill(config: DistillConfig) -> Path:
     config = resolve(config, SEED.DEFAULTS)
     check_config(config)
     checkpoint = default_teacher_checkpoint(config)
-    train_set = load_dataset(config.data, "train", config.data_root, config.download, train_transform(config))
+    train_set = dataset_for(config, "train", train_transform(config))
     check_batch(len(train_set), config)
     monitor = monitor_loaders(config)
     teacher, found = build_teacher(config, checkpoint)

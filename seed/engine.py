@@ -376,9 +376,9 @@ def check_batch(dataset_size: int, config: CommonConfig) -> None:
 
 def monitor_loaders(config: TrainConfig) -> list[DataLoader]:
     """Seeded subsets of train (the kNN bank) and val (the queries) with the eval transform; the splits must share their classes."""
-    from seed.data import eval_transform, load_dataset
+    from seed.data import dataset_for, eval_transform
 
-    splits = [load_dataset(config.data, split, config.data_root, config.download, eval_transform(config.image_size)) for split in ("train", "val")]
+    splits = [dataset_for(config, split, eval_transform(config.image_size)) for split in ("train", "val")]
     check_classes(*splits, config.data)
     loaders = []
     for dataset, size in zip(splits, (config.knn_bank_size, config.knn_query_size), strict=True):

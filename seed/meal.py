@@ -32,7 +32,7 @@ from torch.utils.data import DataLoader, Dataset, Subset
 from seed.backbones import available
 from seed.checkpoints import export_model, load_classifier, load_file
 from seed.config import CommonConfig, DistillConfig, resolve
-from seed.data import check_classes, eval_transform, load_dataset
+from seed.data import check_classes, dataset_for, eval_transform
 from seed.engine import check_batch, data_name, fit, make_loader, run_folder
 from seed.errors import SeedError
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
@@ -416,7 +416,7 @@ def print_top1(scores: dict[str, float], images: int, path: Path | None = None) 
 
 def val_loader(config: CommonConfig, size: int | None = None) -> DataLoader:
     """The val split with the eval transform: whole, or a seeded subset of ``size`` images (the online monitor's)."""
-    dataset = load_dataset(config.data, "val", config.data_root, config.download, eval_transform(config.image_size))
+    dataset = dataset_for(config, "val", eval_transform(config.image_size))
     if size is not None and size < len(dataset):
         order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
         dataset = Subset(dataset, order[:size].tolist())
@@ -445,9 +445,9 @@ def distill(config: DistillConfig) -> Path:
     check_config(config)
     transform = train_transform(config.image_size, config.crop_min_scale)
     if config.cache_teacher_logits:
-        train_set = FixedCrops(load_dataset(config.data, "train", config.data_root, config.download), transform, config.cache_crops, config.seed)
+        train_set = FixedCrops(dataset_for(config, "train"), transform, config.cache_crops, config.seed)
     else:
-        train_set = load_dataset(config.data, "train", config.data_root, config.download, transform)
+        train_set = dataset_for(config, "train", transform)
     monitor = val_loader(config, config.knn_query_size)
     check_classes(train_set, monitor.dataset, config.data)
     check_batch(len(train_set), config)
