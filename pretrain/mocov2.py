@@ -26,19 +26,24 @@ from seed.module import TrainModule
 
 
 class MoCoV2(TrainModule):
-    """MoCo v2 with the paper's recipe (MLP head, tau 0.2, K 65536, m 0.999, SGD lr 0.03 x B/256)."""
+    """MoCo v2 with the paper's recipe (MLP head, tau 0.2, K 65536, m 0.999, SGD lr 0.03 x B/256).
+
+    ``--moco-head-bn`` adds BatchNorm to the head: at random init all embeddings point the same way, and
+    without it a run of a few hundred steps does not leave the loss's chance level ln(K + 1).
+    """
 
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "temperature": 0.2, "warmup_epochs": 0.0}
 
     def __init__(self, config: PretrainConfig, num_classes: int) -> None:
         super().__init__(config, config.arch, num_classes)
         dim = self.backbone.feature_dim
-        self.projection_head = MoCoProjectionHead(dim, dim, config.embed_dim)
+        self.projection_head = MoCoProjectionHead(dim, dim, config.embed_dim, batch_norm=config.moco_head_bn)
         self.backbone_momentum = copy.deepcopy(self.backbone)
         self.projection_head_momentum = copy.deepcopy(self.projection_head)
         self.bn_splits = bn_splits(config)
         if self.bn_splits > 1:
             split_batchnorm(self.backbone_momentum, self.bn_splits)
+            split_batchnorm(self.projection_head_momentum, self.bn_splits)
         deactivate_requires_grad(self.backbone_momentum)
         deactivate_requires_grad(self.projection_head_momentum)
         self.criterion = NTXentLoss(config.temperature, memory_bank_size=(config.queue_size, config.embed_dim), gather_distributed=True)
@@ -68,11 +73,19 @@ def bn_splits(config: PretrainConfig) -> int:
     return next(n for n in range(max(wanted, 1), 0, -1) if config.batch_size % n == 0 and (config.batch_size // n >= 2 or n == 1))
 
 
+class SplitBatchNorm1d(SplitBatchNorm):
+    """``SplitBatchNorm`` for the (N, C) features of a projection head."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input[:, :, None, None]).flatten(1)
+
+
 def split_batchnorm(module: nn.Module, splits: int) -> None:
-    """Replace every ``BatchNorm2d`` below ``module`` by a ``SplitBatchNorm`` with the same weights and statistics."""
+    """Replace every BatchNorm below ``module`` by a split one with the same weights and statistics."""
     for name, child in module.named_children():
-        if isinstance(child, nn.BatchNorm2d):
-            split = SplitBatchNorm(child.num_features, splits, eps=child.eps, momentum=child.momentum)
+        if isinstance(child, nn.BatchNorm1d | nn.BatchNorm2d):
+            kind = SplitBatchNorm1d if isinstance(child, nn.BatchNorm1d) else SplitBatchNorm
+            split = kind(child.num_features, splits, eps=child.eps, momentum=child.momentum)
             with torch.no_grad():
                 split.weight.copy_(child.weight)
                 split.bias.copy_(child.bias)

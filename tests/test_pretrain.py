@@ -88,6 +88,15 @@ def test_simclr_runs(tmp_path, tiny_args):
     assert load_file(tmp_path / "teacher.pt")["method"] == "simclr"
 
 
+def test_epochs_that_end_before_max_steps_are_announced(tmp_path, tiny_args):
+    """One epoch of digits at batch 512 is 2 steps: --max-steps 5 cannot be reached, and the run says so up front."""
+    result = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--batch-size", "512", "--epochs", "1", "--max-steps", "5",
+                         "--knn-every", "0", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "note: --epochs 1 is 2 steps, so the run ends before --max-steps 5; raise --epochs to reach it" in result.stdout
+    assert load_file(tmp_path / "last.ckpt")["global_step"] == 2
+
+
 def test_two_process_ddp_on_cpu(tmp_path, tiny_args):
     """The multi-GPU/multi-node path (Lightning DDP) exercised with 2 CPU processes over gloo."""
     result = run_command("seed-pretrain", *tiny_args, "--devices", "2", "--accelerator", "cpu", "--max-steps", "3", "--output", str(tmp_path))
@@ -138,6 +147,28 @@ def test_moco_key_encoder_normalises_shuffled_groups_separately():
         torch.testing.assert_close(out[group::4], expected, atol=1e-5, rtol=1e-5)
     # parameters stay shared with the query encoder's shape, so the momentum update pairs them one to one
     assert [p.shape for p in module.backbone.parameters()] == [p.shape for p in module.backbone_momentum.parameters()]
+
+
+def test_moco_head_bn_is_split_in_the_key_encoder_only():
+    """--moco-head-bn: both heads get BatchNorm1d; the key head's normalises the shuffled groups separately, like its backbone's."""
+    from lightly.models.batchnorm import SplitBatchNorm
+
+    from pretrain.mocov2 import MoCoV2, SplitBatchNorm1d
+
+    values = {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 8, "bn_splits": 2, "queue_size": 64, "moco_head_bn": True}
+    module = MoCoV2(resolve(make_config(PretrainConfig, values), MoCoV2.DEFAULTS), num_classes=10)
+    key_norms = [m for m in module.projection_head_momentum.modules() if isinstance(m, SplitBatchNorm)]
+    assert key_norms and all(isinstance(m, SplitBatchNorm1d) for m in key_norms)
+    query_norms = [m for m in module.projection_head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
+    assert len(query_norms) == len(key_norms) and not any(isinstance(m, SplitBatchNorm) for m in module.projection_head.modules())
+    x = torch.randn(8, 512) * 2 + 3
+    out = key_norms[0].train()(x)
+    for group in range(2):
+        members = x[group::2]
+        expected = (members - members.mean(0)) / torch.sqrt(members.var(0, unbiased=False) + key_norms[0].eps)
+        torch.testing.assert_close(out[group::2], expected, atol=1e-5, rtol=1e-5)
+    without = MoCoV2(resolve(make_config(PretrainConfig, {**values, "moco_head_bn": False}), MoCoV2.DEFAULTS), num_classes=10)
+    assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in without.projection_head.modules())
 
 
 @pytest.mark.parametrize(("devices", "batch", "flag", "expected"),
