@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 
-from bench.common import ROOT
+from bench.common import ROOT, write_result
 from bench.render import render
 
 # name -> (script, CPU arguments, GPU arguments or None when the benchmark is CPU-only).
@@ -43,6 +43,21 @@ register("eval_speed", "bench/eval_speed.py", ["--threads", "1"])
 register("detection", "bench/detection_bench.py", ["--threads", "1"])
 
 
+def record_suite(seconds: dict[str, float], failed: list[str]) -> None:
+    """The wall time of a whole ``make bench``, per benchmark: the suite's promise is under an hour on a 2-core CPU."""
+    rows = [[name, f"{value / 60:.1f}", "failed" if name in failed else "ok"] for name, value in seconds.items()]
+    rows.append(["**total**", f"**{sum(seconds.values()) / 60:.1f}**", ""])
+    write_result("suite", {
+        "title": "The suite: `make bench` wall time",
+        "order": 0,
+        "command": "make bench",
+        "description": "Minutes each benchmark of the last complete `make bench` took, on the machine below (the other sections' "
+                       "results come from that run unless their own command says otherwise).",
+        "tables": [{"caption": "", "columns": ["benchmark", "minutes", "status"], "rows": rows}],
+        "data": {"seconds": seconds, "failed": failed},
+    })
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="run the GPU variants (speed benchmarks at 224px)")
@@ -65,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SUITE)}")
     failed = []
+    seconds: dict[str, float] = {}
     for name in names:
         script, cpu_args, gpu_args = SUITE[name]
         if args.gpu and gpu_args is None:
@@ -76,7 +92,10 @@ def main(argv: list[str] | None = None) -> int:
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         if subprocess.run(command, cwd=ROOT, env=env).returncode != 0:
             failed.append(name)
-        print(f"=== {name}: {time.perf_counter() - start:.0f} s", flush=True)
+        seconds[name] = time.perf_counter() - start
+        print(f"=== {name}: {seconds[name]:.0f} s", flush=True)
+    if not args.only and not args.gpu:
+        record_suite(seconds, failed)
     render()
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

@@ -62,3 +62,22 @@ def test_gpu_suite_without_a_gpu_stops_with_one_line(capsys):
     assert main(["--gpu"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "no CUDA GPU" in err
+
+
+def test_a_complete_suite_records_each_benchmarks_wall_time(results, monkeypatch):
+    """`make bench` writes bench/results/suite.json: minutes per benchmark, failures marked, and the total."""
+    import bench.__main__ as suite
+
+    monkeypatch.setattr(suite, "SUITE", {"fast": ("bench/fast.py", [], None), "broken": ("bench/broken.py", [], None)})
+    monkeypatch.setattr(suite, "OPTIONAL", set())
+    monkeypatch.setattr(suite, "render", lambda: None)
+    clock = iter([0.0, 60.0, 100.0, 220.0])
+    monkeypatch.setattr(suite.time, "perf_counter", lambda: next(clock))
+    monkeypatch.setattr(suite.subprocess, "run", lambda command, **_: subprocess.CompletedProcess(command, 1 if "bench.broken" in command else 0))
+    assert suite.main([]) == 1
+    recorded = json.loads((results / "suite.json").read_text())
+    assert recorded["tables"][0]["rows"] == [["fast", "1.0", "ok"], ["broken", "2.0", "failed"], ["**total**", "**3.0**", ""]]
+    assert recorded["data"]["failed"] == ["broken"]
+    (results / "suite.json").unlink()
+    clock = iter([0.0, 1.0])
+    assert suite.main(["--only", "fast"]) == 0 and not (results / "suite.json").exists()  # a partial run says nothing about the suite
