@@ -176,17 +176,6 @@ def test_learning_rate_schedule_is_detectron2s():
     assert (plan["max_iter"], plan["steps"], plan["train_sizes"][0], plan["test_size"]) == (24000, [18000, 22000], 480, 800)
     coco = detection.schedule(detection.resolve_config(detection.DetectionConfig(checkpoint="x", dataset="coco", max_iter=900)))
     assert coco["steps"] == [600, 800] and coco["train_sizes"][0] == 640
-    assert plan["anchor_sizes"] == [32, 64, 128, 256, 512]
-
-
-def test_anchors_scale_with_the_images():
-    """At --image-size 96 the objects are 8x smaller than at 800, and so are the anchors, on every head."""
-    plan = detection.schedule(detection.resolve_config(detection.DetectionConfig(checkpoint="x", image_size=96, max_iter=1)))
-    assert plan["anchor_sizes"] == [4, 8, 15, 31, 61]
-    fpn = detection.build_detector(create_backbone("r18"), 4, "fpn", False, plan)
-    assert [list(sizes) for sizes in fpn.rpn.anchor_generator.sizes] == [[4], [8], [15], [31], [61]]
-    c4 = detection.build_detector(create_backbone("r18"), 4, "c4", False, plan)
-    assert [list(sizes) for sizes in c4.rpn.anchor_generator.sizes] == [[4, 8, 15, 31, 61]]
 
 
 # ---------------------------------------------------------------- detectron2
@@ -224,7 +213,6 @@ def test_detectron2_conversion_and_config_for_small_resnets(tmp_path):
     assert values["MODEL.RESNETS.NORM"] == "SyncBN" and values["MODEL.RESNETS.STRIDE_IN_1X1"] is False
     assert (values["SOLVER.MAX_ITER"], values["SOLVER.STEPS"], values["SOLVER.BASE_LR"], values["SOLVER.IMS_PER_BATCH"]) == (24000, (18000, 22000), 0.02, 16)
     assert values["MODEL.ROI_HEADS.NUM_CLASSES"] == 20 and values["MODEL.MASK_ON"] is False and values["INPUT.MIN_SIZE_TEST"] == 800
-    assert values["MODEL.ANCHOR_GENERATOR.SIZES"] == [[32, 64, 128, 256, 512]]
     with pytest.raises(Exception, match="not a ResNet parameter"):
         detection.to_detectron2(create_backbone("mbv3s").state_dict())
 
