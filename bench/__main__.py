@@ -56,7 +56,7 @@ def record_suite(seconds: dict[str, float], failed: list[str]) -> None:
     day = time.strftime("%Y-%m-%d")
     last.update({name: {"seconds": value, "status": "failed" if name in failed else "ok", "date": day} for name, value in seconds.items()})
     runs = {name: last[name] for name in SUITE if name in last}
-    rows = [[name, f"{run['seconds'] / 60:.1f}", run["status"], run["date"], "" if name not in OPTIONAL else "no (--only)"]
+    rows = [[name, f"{run['seconds'] / 60:.1f}", run["status"], run["date"], "no (--only)" if name in OPTIONAL else "yes"]
             for name, run in runs.items()]
     default = [name for name in SUITE if name not in OPTIONAL]
     if all(name in runs for name in default):
@@ -65,7 +65,7 @@ def record_suite(seconds: dict[str, float], failed: list[str]) -> None:
         "title": "The suite: `make bench` wall time",
         "order": 0,
         "command": "make bench",
-        "description": "Minutes each benchmark took the last time `python -m bench` ran it, on the machine below, and their sum over "
+        "description": "Minutes each benchmark took the last time `python -m bench` ran it, on the machine named above, and their sum over "
                        "the benchmarks `make bench` runs.",
         "tables": [{"caption": "", "columns": ["benchmark", "minutes", "status", "ran on", "in make bench"], "rows": rows}],
         "data": {"runs": runs},

@@ -49,6 +49,9 @@ BIN = Path(sys.executable).parent
 
 METHODS = {"simclr": "SimCLR", "mocov2": "MoCo v2"}
 DEFAULT_METHOD = "simclr"
+SAME_ARCH_NOTE = ("The teacher has the student's architecture, trained twice as long: a larger one does not learn in this CPU budget "
+                  "(a ResNet-34 SimCLR teacher stayed at its random-init kNN; the ResNet-34 MoCo v2 teacher of `quality_mocov2` "
+                  "scores below it).")
 # row key -> (label, command, config, exported file); {method} is the --method
 ROWS = {
     "teacher": ("teacher: {teacher} {name}", "seed-pretrain", "quality_teacher_{method}.yaml", "teacher.pt"),
@@ -190,6 +193,8 @@ def main() -> None:
     if knn["teacher"] < teacher_init:
         notes.append(f"The teacher scores below its own random init (kNN {knn['teacher']:.2f} vs {teacher_init:.2f}): in this budget it has "
                      "not learned useful features, so this table cannot show what distillation does.")
+    if teacher_arch == student_arch:
+        notes.append(SAME_ARCH_NOTE)
     notes.append(f"Random init already scores kNN {baselines}: on Fashion-MNIST random convolutional features are strong, "
                  "so short CPU runs move the numbers by a few points.")
     description = (
