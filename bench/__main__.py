@@ -52,7 +52,7 @@ def record_suite(seconds: dict[str, float], failed: list[str]) -> None:
     ``make bench`` promises under an hour on a 2-core CPU; a rerun of some benchmarks (``--only``) updates their rows.
     """
     path = common.RESULTS / "suite.json"
-    last = json.loads(path.read_text())["data"]["runs"] if path.is_file() else {}
+    last = json.loads(path.read_text()).get("data", {}).get("runs", {}) if path.is_file() else {}  # never lose a finished suite over an old file
     day = time.strftime("%Y-%m-%d")
     last.update({name: {"seconds": value, "status": "failed" if name in failed else "ok", "date": day} for name, value in seconds.items()})
     runs = {name: last[name] for name in SUITE if name in last}
