@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from seed.checkpoints import load_encoder
@@ -54,8 +55,21 @@ def file_sha256(path: str | Path) -> str:
 
 
 @dataclass
+def state_digest(module: nn.Module) -> str:
+    """SHA-256 of every tensor of ``module.state_dict()``: its weights and its BatchNorm statistics."""
+    digest = hashlib.sha256()
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 class Checkpoint:
-    """A checkpoint opened for evaluation: its backbone and what identifies it."""
+    """A checkpoint opened for evaluation: its backbone and what identifies it.
+
+    ``weights`` is the digest of the backbone as loaded: features are cached
+    under the file's hash, so they must come from exactly these weights.
+    """
 
     path: Path
     sha256: str
@@ -63,9 +77,18 @@ class Checkpoint:
     format: str
     backbone: nn.Module
 
+    weights: str = dataclasses.field(init=False)
+
+    def __post_init__(self) -> None:
+        self.weights = state_digest(self.backbone)
     def describe(self) -> dict[str, str]:
         return {"path": str(self.path), "sha256": self.sha256, "arch": self.arch, "format": self.format}
 
+
+    def check_unchanged(self) -> None:
+        """Fail when the backbone's weights or BatchNorm statistics moved since loading (a bug, not a user mistake)."""
+        if state_digest(self.backbone) != self.weights:
+            raise RuntimeError(f"the backbone of {self.path} changed since it was loaded; its features are not the checkpoint's")
 
 def open_checkpoint(config: EvalConfig) -> Checkpoint:
     """Load ``--checkpoint`` (or the demo's) into a registry backbone; a wrong ``--arch`` fails here."""

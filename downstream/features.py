@@ -122,6 +122,7 @@ def cached_features(checkpoint: Checkpoint, config: CommonConfig, split: str, da
             return Features(saved["features"], saved["labels"], list(saved["classes"]))
         except Exception:  # a damaged cache file, whatever the error, is extracted again
             path.unlink(missing_ok=True)
+    checkpoint.check_unchanged()  # never cache features of a backbone trained in place under the file's hash
     images = dataset if indices is None else Subset(dataset, indices.tolist())
     found = extract(checkpoint.backbone, images, config.batch_size, default_workers(config), eval_device(config), desc=f"{split} features")
     path.parent.mkdir(parents=True, exist_ok=True)

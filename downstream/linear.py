@@ -65,7 +65,7 @@ class EngineProbeConfig(ProbeConfig):
 
     val_every: int = option("also measure val top-1 every N epochs while training on images (0: only at the end)", 0)
     checkpoint_every: int = option("also write last.ckpt every N optimiser steps", 500)
-    resume: str = option("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto")
+    resume: str = option("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto", ("auto", "never"), or_file=True)
 
     # The engine's names for the validation schedule.
     @property
@@ -168,7 +168,13 @@ def fit_linear(
 
 
 class LinearClassifier(pl.LightningModule):
-    """A Linear layer on a backbone: frozen with BatchNorm in eval mode (linear probe), or trained too (``finetune``)."""
+    """A Linear layer on a backbone: frozen with BatchNorm in eval mode (linear probe), or trained too (``finetune``).
+
+    Lightning 2.x never calls ``train()`` or ``eval()`` on the module when
+    fitting starts, so the modes are set here, when built and again at every
+    training epoch (a backbone left in train mode would update its BatchNorm
+    statistics on every forward, ``no_grad`` or not).
+    """
 
     def __init__(self, backbone: nn.Module, num_classes: int, lr: float, momentum: float, weight_decay: float,
                  milestones: list[int], finetune: bool = False, backbone_lr: float | None = None) -> None:
@@ -182,12 +188,16 @@ class LinearClassifier(pl.LightningModule):
         self.backbone_lr = backbone_lr if backbone_lr is not None else lr
         self.backbone.requires_grad_(finetune)
         self._val: list[Tensor] = []
+        self.train()
 
     def train(self, mode: bool = True) -> "LinearClassifier":
         super().train(mode)
         if not self.finetune:
             self.backbone.eval()  # frozen: BatchNorm keeps the checkpoint's running statistics
         return self
+
+    def on_train_epoch_start(self) -> None:
+        self.train()
 
     def forward(self, images: Tensor) -> Tensor:
         if self.finetune:

@@ -79,6 +79,19 @@ def test_damaged_cache_file_is_extracted_again(cache):
     assert model.backbone.calls == 2 and len(again) == 360
 
 
+def test_a_backbone_changed_after_loading_is_never_cached(cache):
+    """Features are cached under the file's hash: a backbone trained in place (one BatchNorm statistic moved) must not write them."""
+    config = EvalConfig(data="digits", image_size=8, num_workers=0, batch_size=2048)
+    backbone = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+    model = Checkpoint(Path("ck.pt"), "e" * 64, "r18", "test", backbone.eval())
+    dataset = open_split(config, "val")
+    assert len(cached_features(model, config, "val", dataset)) == 360
+    backbone[1].running_mean[0] += 1e-3
+    with pytest.raises(RuntimeError, match="changed since it was loaded"):
+        cached_features(model, config, "train", open_split(config, "train"))
+    assert len(list(cache.glob("*.pt"))) == 1
+
+
 def make_folder(root: Path, splits: dict[str, list[str]]) -> None:
     for split, classes in splits.items():
         for cls in classes:

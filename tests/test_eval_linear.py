@@ -1,10 +1,13 @@
 import pytest
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from downstream.features import Features
+from downstream import cli, linear
+from downstream.common import Checkpoint, EvalConfig, open_checkpoint
+from downstream.features import Features, cached_features, extract, open_split
 from downstream.linear import LinearClassifier, default_lr, evaluate_head, fit_linear, parse_milestones
+from seed.backbones import create_backbone
+from seed.checkpoints import export_model, load_encoder
 from seed.errors import SeedError
 
 
@@ -57,19 +60,48 @@ class TinyBackbone(nn.Sequential):
         self.feature_dim = 8
 
 
-def test_linear_probe_keeps_the_backbone_frozen_in_eval_mode():
+def test_linear_probe_is_built_frozen_in_eval_mode():
+    """Lightning 2.x never calls train()/eval() at fit start: the module must be in its modes as built."""
     backbone = TinyBackbone()
-    before = {k: v.clone() for k, v in backbone.state_dict().items()}
+    assert backbone.training
     module = LinearClassifier(backbone, 3, lr=30.0, momentum=0.9, weight_decay=0.0, milestones=[60, 80])
-    module.train()
     assert module.training and module.head.training and not backbone.training
-    optimizer = torch.optim.SGD(module.parameters(), lr=1.0)
-    loss = F.cross_entropy(module(torch.randn(4, 3, 8, 8)), torch.tensor([0, 1, 2, 0]))
-    loss.backward()
-    optimizer.step()
-    for key, value in backbone.state_dict().items():
-        assert torch.equal(value, before[key]), key  # weights and BatchNorm running statistics untouched
-    assert module.head.weight.grad is not None
+    assert not any(p.requires_grad for p in backbone.parameters())
+    module.train()
+    assert not backbone.training
+
+
+def test_full_linear_run_leaves_the_backbone_and_its_cached_features_untouched(tmp_path, monkeypatch, capsys):
+    """A real ``seed-eval linear`` (engine, 3 steps at lr 30): no train() by hand, every backbone tensor bit-identical after."""
+    monkeypatch.setenv("SEED_CACHE", str(tmp_path / "cache"))
+    torch.manual_seed(0)
+    export_model(tmp_path / "student.pt", "r18", create_backbone("r18"), None, None, "seed", {}, small_images=False)
+    opened: list[Checkpoint] = []
+
+    def open_and_keep(config: EvalConfig) -> Checkpoint:
+        opened.append(open_checkpoint(config))
+        return opened[-1]
+
+    monkeypatch.setattr(linear, "open_checkpoint", open_and_keep)
+    cli.main(["linear", "--checkpoint", str(tmp_path / "student.pt"), "--data", "digits", "--image-size", "16", "--num-workers", "0",
+              "--batch-size", "32", "--max-steps", "3", "--output", str(tmp_path / "run")])
+    pristine, _, _ = load_encoder(tmp_path / "student.pt", use_head=False)
+    expected = pristine.state_dict()
+    used = opened[0].backbone.state_dict()
+    assert sum(k.endswith(("running_mean", "running_var", "num_batches_tracked")) for k in expected) == 60
+    assert [k for k in expected if not torch.equal(used[k], expected[k])] == []
+    saved = torch.load(tmp_path / "run" / "last.ckpt", weights_only=True, map_location="cpu")
+    assert saved["global_step"] == 3
+    assert [k for k in expected if not torch.equal(saved["state_dict"][f"backbone.{k}"], expected[k])] == []
+    head = torch.load(tmp_path / "run" / "classifier.pt", weights_only=True)["state_dict"]
+    assert torch.equal(head["weight"], saved["state_dict"]["head.weight"])  # the head did train and is the one kept
+
+    config = EvalConfig(checkpoint=str(tmp_path / "student.pt"), data="digits", image_size=16, num_workers=0)
+    val_set = open_split(config, "val")
+    capsys.readouterr()
+    cached = cached_features(open_checkpoint(config), config, "val", val_set)  # what knn / linear --fast / semi will read
+    assert "val features: (360, 512) from the cache" in capsys.readouterr().out  # the file the linear run wrote
+    assert torch.equal(cached.features, extract(pristine, val_set, 64, 0, torch.device("cpu")).features)
 
 
 def test_finetune_trains_the_backbone():
