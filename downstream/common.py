@@ -23,9 +23,10 @@ DEMO_CHECKPOINTS = ("runs/demo/distill/student.pt", "runs/demo/pretrain/teacher.
 RESULTS = "results.json"
 
 
-def option(text: str, default: Any = None) -> Any:
-    """A config field with its ``--help`` text (every field is a flag)."""
-    return dataclasses.field(default=default, metadata={"help": text})
+def option(text: str, default: Any = None, choices: tuple[str, ...] = (), or_file: bool = False) -> Any:
+    """A config field with its ``--help`` text (every field is a flag); a value outside ``choices`` (when given; or_file: nor an existing
+    file) stops at parse time (``seed.config.check_choices``)."""
+    return dataclasses.field(default=default, metadata={"help": text, "choices": choices, "or_file": or_file})
 
 
 @dataclass

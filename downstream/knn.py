@@ -40,10 +40,10 @@ class KnnConfig(EvalConfig):
 
     k: str = option("neighbours, comma-separated; each is reported, the first is the headline number", "200,20")
     temperature: float = option("tau of the weighted vote exp(similarity / tau)", 0.07)
-    index: str = option("flat (exact inner-product search) or ivf (approximate, for banks of millions)", "flat")
+    index: str = option("flat (exact inner-product search) or ivf (approximate, for banks of millions)", "flat", ("flat", "ivf"))
     nlist: int | None = option("IVF cells (default: 4 x sqrt(bank size), at most bank size / 39)")
     nprobe: int = option("IVF cells visited per query", 32)
-    backend: str = option("faiss or torch (brute force, chunked; the cross-check)", "faiss")
+    backend: str = option("faiss or torch (brute force, chunked; the cross-check)", "faiss", ("faiss", "torch"))
 
 
 ADD_CHUNK = 65536

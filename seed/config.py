@@ -19,9 +19,24 @@ import yaml
 
 from seed.errors import SeedError
 
+#: Lightning's precisions (lightning_fabric's ``_PRECISION_INPUT``) and ours, ``auto``.
+PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64")
 
-def _help(text: str, default: Any = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": text})
+
+def _help(text: str, default: Any = None, choices: tuple[str, ...] = (), or_file: bool = False) -> Any:
+    """A config field with its ``--help`` text; a value outside ``choices`` (when given; or_file: nor an existing file) stops at parse time."""
+    return dataclasses.field(default=default, metadata={"help": text, "choices": choices, "or_file": or_file})
+
+
+def check_choices(config: Any) -> None:
+    """Every enumerated field (one with ``choices`` in its metadata) holds one of them: ``--optimizer adam`` must not
+    train with the default. Runs whenever a config is built, so flags, YAML files and ``dataclasses.replace`` alike."""
+    for field in dataclasses.fields(config):
+        choices, value = field.metadata.get("choices"), getattr(config, field.name)
+        if not choices or value is None or value in choices or (field.metadata.get("or_file") and Path(str(value)).is_file()):
+            continue
+        listed = ", ".join(choices) + (", or the path of an existing file" if field.metadata.get("or_file") else "")
+        raise SeedError(f"unknown --{field.name.replace('_', '-')} '{value}'; choose one of: {listed}")
 
 
 @dataclasses.dataclass
@@ -40,11 +55,14 @@ class CommonConfig:
     seed: int = _help("random seed for data order, augmentation and initialisation", 0)
     devices: int = _help("devices per node (GPUs, or CPU processes with --accelerator cpu)", 1)
     num_nodes: int = _help("machines (torchrun/SLURM set the rest)", 1)
-    accelerator: str = _help("auto, cpu or gpu", "auto")
-    precision: str = _help("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision", "auto")
+    accelerator: str = _help("auto, cpu or gpu (cuda and mps too)", "auto", ("auto", "cpu", "gpu", "cuda", "mps"))
+    precision: str = _help("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision", "auto", PRECISIONS)
     num_workers: int | None = _help("data-loading processes per device (default: up to 8, never more than the CPU cores)")
     strict_data: bool = _help("stop at the first image that cannot be read instead of skipping it (skipped files are listed in the run's skipped.txt)",
                               False)
+
+    def __post_init__(self) -> None:
+        check_choices(self)
 
 
 @dataclasses.dataclass
@@ -55,7 +73,7 @@ class TrainConfig(CommonConfig):
     embed_dim: int = _help("output dimension of the projection head", 128)
     temperature: float | None = _help("contrastive temperature (default: the method's)")
     small_images: bool | None = _help("3x3 stem without max-pool for small inputs (default: on when --image-size <= 64)")
-    optimizer: str | None = _help("sgd or lars (default: the method's)")
+    optimizer: str | None = _help("sgd or lars (default: the method's)", choices=("sgd", "lars"))
     lr: float | None = _help("learning rate; default base_lr x batch_size x devices x nodes / 256")
     base_lr: float | None = _help("learning rate per 256 images (default: the method's)")
     momentum: float = _help("SGD momentum", 0.9)
@@ -65,24 +83,19 @@ class TrainConfig(CommonConfig):
     checkpoint_every: int = _help("also write last.ckpt every N optimiser steps", 500)
     deterministic: bool = _help("deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical GPU runs and resumes, "
                                 "slower; CPU runs are already", False)
-    resume: str = _help("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto")
+    resume: str = _help("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto", ("auto", "never"), or_file=True)
     knn_every: int = _help("kNN top-1 monitor every N epochs (0: off)", 1)
     knn_every_steps: int | None = _help("run the kNN monitor every N steps instead of per epoch")
     knn_bank_size: int = _help("train images in the monitor's kNN bank", 5000)
     knn_query_size: int = _help("val images the monitor classifies", 1000)
     knn_k: int = _help("neighbours of the monitor's kNN vote", 200)
-    embed_dim: int = _help("output dimension of the projection head", 128)
-    temperature: float | None = _help("contrastive temperature (default: the method's)")
 
 
 @dataclasses.dataclass
 class PretrainConfig(TrainConfig):
     """``seed-pretrain``: a self-supervised teacher."""
 
-    method: str = _help("mocov2, simclr, or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2")
-    arch: str = _help("backbone, one of seed.backbones.available()", "r18")
-    embed_dim: int = _help("output dimension of the projection head", 128)
-    temperature: float | None = _help("contrastive temperature (default: the method's)")
+    method: str = _help("mocov2, simclr, or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2", ("mocov2", "simclr", "supervised"))
     queue_size: int = _help("MoCo queue length K", 65536)
     moco_momentum: float = _help("momentum of MoCo's key encoder", 0.999)
     moco_momentum_cosine: bool = _help("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
@@ -96,7 +109,7 @@ class PretrainConfig(TrainConfig):
 class DistillConfig(TrainConfig):
     """``seed-distill``: a small student learns from a frozen teacher."""
 
-    mode: str = _help("seed (self-supervised, SEED) or meal (labelled ensemble, MEAL V2)", "seed")
+    mode: str = _help("seed (self-supervised, SEED) or meal (labelled ensemble, MEAL V2)", "seed", ("seed", "meal"))
     student: str = _help("student backbone, one of seed.backbones.available()", "r18")
     teacher: str | None = _help("teacher backbone (default: the one recorded in our checkpoints)")
     teacher_checkpoint: str | None = _help("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED or torchvision files "
@@ -116,9 +129,9 @@ class DistillConfig(TrainConfig):
                                      "or 'torchvision' for its ImageNet V1 weights; default: the demo's with the demo's teachers, else random")
     kd_temperature: float = _help("MEAL V2: softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0)
     discriminator: str = _help("MEAL V2: joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
-                               "minimax (gradient reversal into the student), or off", "joint")
+                               "minimax (gradient reversal into the student), or off", "joint", ("joint", "minimax", "off"))
     discriminator_weight: float = _help("MEAL V2: weight of the discriminator loss added to the KD loss", 1.0)
-    lr_schedule: str | None = _help("MEAL V2: step or cosine (default: the method's; MEAL V2: step)")
+    lr_schedule: str | None = _help("MEAL V2: step or cosine (default: the method's; MEAL V2: step)", choices=("step", "cosine"))
     lr_milestones: str | None = _help("step schedule: comma-separated epochs after which the lr is multiplied by 0.1 (MEAL V2: 100)")
     cutmix: bool = _help("MEAL V2: CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
     cutmix_alpha: float = _help("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0)
@@ -169,7 +182,9 @@ def build_parser(config_class: type, prog: str, description: str) -> argparse.Ar
         if kind is bool:
             parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            parser.add_argument(_flag(field.name), type=kind, help=help_text, metavar=field.name.upper())
+            choices = field.metadata.get("choices")
+            metavar = "{" + ",".join([*choices, *(["PATH"] if field.metadata.get("or_file") else [])]) + "}" if choices else field.name.upper()
+            parser.add_argument(_flag(field.name), type=kind, help=help_text, metavar=metavar)
     return parser
 
 

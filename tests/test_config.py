@@ -3,7 +3,7 @@ import dataclasses
 import pytest
 import yaml
 
-from seed.config import PretrainConfig, load_config, make_config, resolve, save_config
+from seed.config import PretrainConfig, build_parser, load_config, make_config, resolve, save_config
 from seed.errors import SeedError
 
 
@@ -51,3 +51,82 @@ def test_saved_config_reads_back(tmp_path):
     assert "config" not in yaml.safe_load((tmp_path / "config.yaml").read_text())
     again = load_config(PretrainConfig, ["--config", str(tmp_path / "config.yaml")], "t", "")
     assert dataclasses.asdict(again) == {**dataclasses.asdict(config), "config": str(tmp_path / "config.yaml")}
+
+
+def test_every_field_is_declared_once():
+    """A field declared twice (in one class, or again in a subclass) lets two help texts and defaults drift apart."""
+    import ast
+    import inspect
+
+    import seed.config
+
+    tree = ast.parse(inspect.getsource(seed.config))
+    declared: dict[str, list[str]] = {}
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and node.name.endswith("Config"):
+            declared[node.name] = [item.target.id for item in node.body if isinstance(item, ast.AnnAssign)]
+    assert {"CommonConfig", "TrainConfig", "PretrainConfig", "DistillConfig"} <= set(declared)
+    for name, fields in declared.items():
+        assert len(fields) == len(set(fields)), f"{name} declares {sorted(f for f in fields if fields.count(f) > 1)} twice"
+        inherited = {f.name for base in getattr(seed.config, name).__mro__[1:] if dataclasses.is_dataclass(base) for f in dataclasses.fields(base)}
+        assert not inherited & set(fields), f"{name} declares again {sorted(inherited & set(fields))}"
+
+
+def _cli(main, argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    error = capsys.readouterr().err
+    assert exit_info.value.code == 2 and len(error.strip().splitlines()) == 1, error
+    return error
+
+
+@pytest.mark.parametrize(
+    "command, argv, message",
+    [
+        ("seed-distill", ["--optimizer", "adam"], "unknown --optimizer 'adam'; choose one of: sgd, lars"),
+        ("seed-distill", ["--mode", "kd"], "unknown --mode 'kd'; choose one of: seed, meal"),
+        ("seed-distill", ["--mode", "meal", "--discriminator", "gan"], "unknown --discriminator 'gan'; choose one of: joint, minimax, off"),
+        ("seed-distill", ["--mode", "meal", "--lr-schedule", "linear"], "unknown --lr-schedule 'linear'; choose one of: step, cosine"),
+        ("seed-distill", ["--precision", "8-mixed"], "unknown --precision '8-mixed'; choose one of: auto, 32-true, 16-mixed, bf16-mixed"),
+        ("seed-pretrain", ["--method", "byol"], "unknown --method 'byol'; choose one of: mocov2, simclr, supervised"),
+        ("seed-pretrain", ["--accelerator", "tpuu"], "unknown --accelerator 'tpuu'; choose one of: auto, cpu, gpu"),
+        ("seed-pretrain", ["--resume", "nevr"], "unknown --resume 'nevr'; choose one of: auto, never, or the path of an existing file"),
+        ("seed-eval", ["knn", "--index", "hnsw"], "unknown --index 'hnsw'; choose one of: flat, ivf"),
+        ("seed-eval", ["knn", "--backend", "numpy"], "unknown --backend 'numpy'; choose one of: faiss, torch"),
+        ("seed-eval", ["linear", "--resume", "nevr"], "unknown --resume 'nevr'; choose one of: auto, never, or the path"),
+    ],
+)
+def test_a_value_outside_the_choices_stops_at_parse_time(command, argv, message, capsys, tmp_path, monkeypatch):
+    """Before anything is built or written: one line, exit 2 (``--optimizer adam`` used to train with SGD)."""
+    from downstream.cli import main as eval_main
+    from pretrain.cli import main as pretrain_main
+    from seed.cli import distill_main
+
+    monkeypatch.chdir(tmp_path)
+    main = {"seed-distill": distill_main, "seed-pretrain": pretrain_main, "seed-eval": eval_main}[command]
+    assert message in _cli(main, [*argv, "--output", str(tmp_path / "out")], capsys)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_choices_hold_for_yaml_files_and_replace_too(tmp_path, capsys):
+    from seed.cli import distill_main
+    from seed.config import DistillConfig
+
+    file = tmp_path / "run.yaml"
+    file.write_text("mode: meal\noptimizer: adam\n")
+    assert "unknown --optimizer 'adam'; choose one of: sgd, lars" in _cli(distill_main, ["--config", str(file)], capsys)
+    with pytest.raises(SeedError, match="unknown --discriminator 'gan'"):
+        dataclasses.replace(make_config(DistillConfig, {}), discriminator="gan")
+    checkpoint = tmp_path / "last.ckpt"
+    checkpoint.write_bytes(b"")
+    assert make_config(PretrainConfig, {"resume": str(checkpoint), "optimizer": "lars", "precision": "bf16-mixed"}).resume == str(checkpoint)
+    assert "{sgd,lars}" in build_parser(DistillConfig, "t", "").format_help()  # --help lists them
+
+
+
+def test_the_console_script_says_it_in_one_line(tmp_path):
+    from .conftest import run_command
+
+    result = run_command("seed-distill", "--optimizer", "adam", "--output", str(tmp_path / "out"))
+    assert result.returncode == 2 and result.stderr.strip() == "seed-distill: error: unknown --optimizer 'adam'; choose one of: sgd, lars", result.stderr
+    assert not (tmp_path / "out").exists()

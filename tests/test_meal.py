@@ -347,5 +347,5 @@ def test_without_teachers_or_demo_the_error_says_how_to_make_them(tmp_path, monk
         distill(make_config(DistillConfig, {"mode": "meal", "teachers": "r18,r34", "teacher_checkpoints": "a.pt"}))
     with pytest.raises(SeedError, match="r50x2 has no torchvision weights"):
         distill(make_config(DistillConfig, {"mode": "meal", "teachers": "r50x2"}))
-    with pytest.raises(SeedError, match="--discriminator gan: choose one of joint, minimax, off"):
+    with pytest.raises(SeedError, match="unknown --discriminator 'gan'; choose one of: joint, minimax, off"):
         distill(make_config(DistillConfig, {"mode": "meal", "discriminator": "gan"}))

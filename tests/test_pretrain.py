@@ -111,7 +111,7 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_args):
     "args, message",
     [
         (["--arch", "r19"], "unknown architecture 'r19'"),
-        (["--method", "byol"], "unknown method 'byol'; choose one of: mocov2, simclr"),
+        (["--method", "byol"], "unknown --method 'byol'; choose one of: mocov2, simclr"),
         (["--batch-size", "5000"], "exceeds the 1437 training images"),
         (["--data", "/no/such/folder"], "does not exist"),
     ],
