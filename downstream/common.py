@@ -6,6 +6,7 @@ import datetime
 import hashlib
 import importlib.metadata
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,7 +56,6 @@ def file_sha256(path: str | Path) -> str:
     return digest.hexdigest()
 
 
-@dataclass
 def state_digest(module: nn.Module) -> str:
     """SHA-256 of every tensor of ``module.state_dict()``: its weights and its BatchNorm statistics."""
     digest = hashlib.sha256()
@@ -65,6 +65,7 @@ def state_digest(module: nn.Module) -> str:
     return digest.hexdigest()
 
 
+@dataclass
 class Checkpoint:
     """A checkpoint opened for evaluation: its backbone and what identifies it.
 
@@ -77,19 +78,19 @@ class Checkpoint:
     arch: str
     format: str
     backbone: nn.Module
-
     weights: str = dataclasses.field(init=False)
 
     def __post_init__(self) -> None:
         self.weights = state_digest(self.backbone)
+
     def describe(self) -> dict[str, str]:
         return {"path": str(self.path), "sha256": self.sha256, "arch": self.arch, "format": self.format}
-
 
     def check_unchanged(self) -> None:
         """Fail when the backbone's weights or BatchNorm statistics moved since loading (a bug, not a user mistake)."""
         if state_digest(self.backbone) != self.weights:
             raise RuntimeError(f"the backbone of {self.path} changed since it was loaded; its features are not the checkpoint's")
+
 
 def open_checkpoint(config: EvalConfig) -> Checkpoint:
     """Load ``--checkpoint`` (or the demo's) into a registry backbone; a wrong ``--arch`` fails here."""
@@ -113,18 +114,19 @@ def seed_version() -> str:
 def write_results(
     run_dir: Path,
     protocol: str,
-    metrics: dict[str, float],
+    metrics: dict[str, float | None],
     primary: str,
-    config: EvalConfig,
+    config: CommonConfig,
     checkpoint: Checkpoint,
     settings: dict[str, Any],
     seconds: float,
 ) -> dict[str, Any]:
-    """Write ``results.json``: the metrics (``primary`` is the headline one) and everything needed to reproduce them."""
+    """Write ``results.json``, the one schema of every protocol: the metrics (``primary`` is the headline one) and everything needed to
+    reproduce them. A metric that is undefined (NaN or ``None``, e.g. COCO AP of a class-free subset) is written as ``null``."""
     results = {
         "protocol": protocol,
         "primary": primary,
-        "metrics": {name: round(float(value), 4) for name, value in metrics.items()},
+        "metrics": {name: None if value is None or not math.isfinite(value) else round(float(value), 4) for name, value in metrics.items()},
         "settings": settings,
         "checkpoint": checkpoint.describe(),
         "data": config.data,
