@@ -8,6 +8,7 @@ and nothing in it runs.
 
 import os
 import pickle
+import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
@@ -38,11 +39,25 @@ def atomic_save(obj: Any, path: Path) -> None:
         tmp.unlink(missing_ok=True)
 
 
+#: How every file ``torch.save`` writes begins: a zip archive (the default since torch 1.6) or a pickle (protocol 2-5).
+_CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
 def load_file(path: str | Path) -> Any:
-    """``torch.load`` a checkpoint safely onto the CPU, with one-line errors."""
+    """``torch.load`` a checkpoint safely onto the CPU, with one-line errors.
+
+    A file that does not start as ``torch.save``'s output (a text file, random
+    bytes) is named as such before torch's unpickler sees it: that unpickler
+    fails on it with an ``IndexError`` or a misleading "unsupported global".
+    """
     path = Path(path)
     if not path.is_file():
         raise SeedError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth/.ckpt file")
+    with open(path, "rb") as handle:
+        start = handle.read(4)
+    if not start.startswith(_CHECKPOINT_STARTS):
+        raise SeedError(f"{path} is not a PyTorch checkpoint (it starts with {start!r}, not as a torch.save file); "
+                        "pass a .pt/.pth/.ckpt file")
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
@@ -51,8 +66,9 @@ def load_file(path: str | Path) -> Any:
             f"refusing to load {path}: it holds pickled objects other than tensors ({first[:160]}); "
             "only weights are loaded, re-save the state_dict with torch.save(model.state_dict(), path)"
         ) from None
-    except (RuntimeError, EOFError, OSError) as error:
-        raise SeedError(f"checkpoint {path} cannot be read ({str(error).splitlines()[0][:160]}); the file is truncated or not a PyTorch checkpoint") from None
+    except (RuntimeError, EOFError, OSError, IndexError, ValueError, KeyError) as error:
+        detail = str(error).splitlines()[0][:160] if str(error).strip() else type(error).__name__
+        raise SeedError(f"checkpoint {path} cannot be read ({detail}); the file is truncated or not a PyTorch checkpoint") from None
 
 
 def export_model(
@@ -124,8 +140,10 @@ def _read_lightning(content: Mapping[str, Any]) -> dict[str, Any] | None:
     state = content["state_dict"]
     head = _strip(state, "projection_head.") or _strip(state, "head.") or None
     hparams = content.get("hyper_parameters", {})
+    config = hparams.get("config", {})
+    method = config.get("method") or config.get("mode")
     return {"state_dict": _strip(state, "backbone."), "head": head, "arch": hparams.get("arch"),
-            "small_images": hparams.get("config", {}).get("small_images"), "format": "seed Lightning checkpoint"}
+            "small_images": config.get("small_images"), "format": f"seed Lightning checkpoint ({method})" if method else "seed Lightning checkpoint"}
 
 
 def _read_moco(content: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -175,6 +193,28 @@ def _read_simclr(content: Mapping[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _read_resnet_mlp(content: Mapping[str, Any]) -> dict[str, Any] | None:
+    """A ResNet whose ``fc`` is an MLP projection head (``fc.0`` ... ``fc.N``), not a classifier, under any number of ``module.``.
+
+    SEED's released SimCLR teacher (``simclr_200.pth``) is ``{'model': ...}`` with
+    keys ``module.module.module.<torchvision key>`` (SEED's ``SimCLRResNet`` holds
+    the ResNet as ``module``, wrapped twice in DataParallel) and the head ``fc.0``
+    Linear(d, d), ``fc.1`` BatchNorm1d, ``fc.2`` ReLU, ``fc.3`` Linear(d, 128).
+    A copy without the prefixes, or a MoCo v2 encoder saved alone, keeps its head too.
+    """
+    state = _tensors(content)
+    if state is None:
+        return None
+    wrappers = 0
+    while all(k.startswith("module.") for k in state):
+        state, wrappers = _strip(state, "module."), wrappers + 1
+    if "conv1.weight" not in state or not any(re.match(r"fc\.\d+\.", k) for k in state):
+        return None
+    backbone, head = _split(state, "fc.")
+    name = "SimCLR (SEED release)" if wrappers == 3 and "model" in content else "ResNet state_dict with an MLP head (fc.0...)"
+    return {"state_dict": backbone, "head": head, "arch": None, "format": name}
+
+
 def _read_plain(content: Mapping[str, Any]) -> dict[str, Any] | None:
     """A torchvision classifier's state dict: its ``fc``/``classifier`` is a classifier, not a projection head."""
     state = _tensors(content)
@@ -185,9 +225,10 @@ def _read_plain(content: Mapping[str, Any]) -> dict[str, Any] | None:
 
 #: Format readers tried in order; each returns None when the file is not its format.
 READERS: list[Callable[[Mapping[str, Any]], dict[str, Any] | None]] = [
-    _read_export, _read_lightning, _read_moco, _read_seed_official, _read_swav, _read_simclr, _read_plain,
+    _read_export, _read_lightning, _read_moco, _read_seed_official, _read_swav, _read_simclr, _read_resnet_mlp, _read_plain,
 ]
-KNOWN_FORMATS = "seed export .pt, seed Lightning .ckpt, MoCo v1/v2, SEED official, SwAV, SimCLR (converted), torchvision state_dict"
+KNOWN_FORMATS = ("seed export .pt, seed Lightning .ckpt, MoCo v1/v2, SEED official, SwAV, SimCLR (converted), SimCLR (SEED release), "
+                 "torchvision state_dict")
 
 
 def read_checkpoint(path: str | Path) -> dict[str, Any]:

@@ -1,5 +1,6 @@
 import os
 import pickle
+import random
 
 import pytest
 import torch
@@ -8,6 +9,8 @@ import torchvision
 from seed.backbones import create_backbone
 from seed.checkpoints import atomic_save, export_model, load_backbone, load_file
 from seed.errors import SeedError
+
+from .conftest import run_command
 
 
 class _Payload:
@@ -84,3 +87,19 @@ def test_unknown_format_lists_keys(tmp_path):
     torch.save({"epoch": 3, "notes": "x"}, tmp_path / "odd.pt")
     with pytest.raises(SeedError, match=r"fits no known format \(found keys \['epoch', 'notes'\]\)"):
         load_backbone(tmp_path / "odd.pt", "r18")
+
+
+@pytest.mark.parametrize("kind", ["text", "random bytes"])
+def test_a_file_that_is_no_checkpoint_is_named_so_in_one_line(kind, tmp_path, tiny_args):
+    """A text file (``/etc/passwd``) made torch's unpickler raise IndexError; random bytes read as "pickled objects other than tensors"."""
+    path = tmp_path / "teacher.pth"
+    if kind == "text":
+        path.write_text("root:x:0:0:root:/root:/bin/bash\ndaemon:x:1:1:daemon:/usr/sbin:/usr/sbin/nologin\n")
+    else:
+        path.write_bytes(bytes(random.Random(0).randrange(256) for _ in range(4096)))
+    with pytest.raises(SeedError, match=f"^{path} is not a PyTorch checkpoint "):
+        load_file(path)
+    result = run_command("seed-distill", *tiny_args, "--teacher-checkpoint", str(path), "--output", str(tmp_path / "out"))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.startswith(f"seed-distill: error: {path} is not a PyTorch checkpoint "), result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr

@@ -44,6 +44,10 @@ LAYOUTS = {
                                                                    **_prefixed("module.teacher.", BACKBONE), "module.queue": torch.randn(4096, 128)}},
     # SimCLR converted to PyTorch: {'model': ...} with an encoder prefix and the BN MLP head
     "SimCLR (converted)": lambda: {"model": {**_prefixed("encoder.", BACKBONE), **_mlp("head.", DIM, 128, True)}},
+    # SEED's released simclr_200.pth: SimCLRResNet (the ResNet as .module) in two DataParallels; fc = Linear-BN-ReLU-Linear
+    "SimCLR (SEED release)": lambda: {"model": _prefixed("module.module.module.", {**BACKBONE, **_mlp("fc.", DIM, 128, True)})},
+    # the same weights saved without wrappers: fc.0-fc.3 is still a projection head, not a classifier to drop
+    "ResNet state_dict with an MLP head (fc.0...)": lambda: {**BACKBONE, **_mlp("fc.", DIM, 128, True)},
     "plain state_dict (torchvision)": lambda: SOURCE,
 }
 
@@ -100,8 +104,75 @@ def test_folded_teacher_gives_the_same_embeddings(arch):
     images = torch.randn(4, 3, 32, 32)
     reference = torch.nn.functional.normalize(backbone.eval()(images), dim=1)
     folded = FrozenTeacher(backbone, None, fold_bn=True, channels_last=True)
-    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules()) or arch != "r18"
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.backbone.modules())
     assert torch.allclose(folded(images), reference, atol=1e-4)
     assert not any(p.requires_grad for p in folded.parameters())
     folded.train()
     assert not folded.training
+
+
+def _numbered(shapes: dict[str, torch.Size]) -> dict[str, torch.Tensor]:
+    """Tensor i holds the value i everywhere, as a stride-0 view of one number: full-size keys and shapes at no memory cost."""
+    return {k: torch.tensor(i).expand(shape) if k.endswith("num_batches_tracked") else torch.tensor(float(i)).expand(shape)
+            for i, (k, shape) in enumerate(shapes.items())}
+
+
+def _shapes(arch: str) -> dict[str, torch.Size]:
+    from seed.backbones import create_backbone
+
+    with torch.device("meta"):
+        return {k: v.shape for k, v in create_backbone(arch).state_dict().items()}
+
+
+def _head_shapes(prefix: str, sizes: list[int], batch_norm: bool) -> dict[str, torch.Size]:
+    """Linear(sizes[0], sizes[1]) (-BN) - ReLU - Linear(sizes[1], sizes[2]) under ``prefix``."""
+    d, hidden, out = sizes
+    head = {f"{prefix}0.weight": torch.Size([hidden, d]), f"{prefix}0.bias": torch.Size([hidden])}
+    if batch_norm:
+        head.update({f"{prefix}1.{n}": torch.Size([hidden]) for n in ("weight", "bias", "running_mean", "running_var")})
+        head[f"{prefix}1.num_batches_tracked"] = torch.Size([])
+    last = 3 if batch_norm else 2
+    return {**head, f"{prefix}{last}.weight": torch.Size([out, hidden]), f"{prefix}{last}.bias": torch.Size([out])}
+
+
+def _released(name: str) -> tuple[str, dict, str, list[type]]:
+    """(arch, file content, format found, head layer types) of each teacher SEED's README links, with the layout its loaders
+    (tools/utils.py: load_moco/simclr/swav_teacher_encoder) read: MoCo files hold state_dict/module.encoder_q.*,
+    simclr_200.pth model/module.module.module.*, SwAV files module.* with projection_head and prototypes."""
+    linear, bn, relu = torch.nn.Linear, torch.nn.BatchNorm1d, torch.nn.ReLU
+    arch, kind = {"moco_v1_200ep_pretrain.pth.tar": ("r50", "v1"), "jianfw_mocov2_ResNet50_epoch200.pth": ("r50", "v2"),
+                  "moco_v2_800ep_pretrain.pth.tar": ("r50", "v2"), "res101-moco-v2-checkpoint_0199.pth.tar": ("r101", "v2"),
+                  "200-resnet152-moco-v2-checkpoint_0199.pth.tar": ("r152", "v2"), "simclr_200.pth": ("r50", "simclr"),
+                  "swav_800ep_pretrain.pth.tar": ("r50", "swav"), "swav_RN50w2_400ep_pretrain.pth.tar": ("r50x2", "swav")}[name]
+    backbone = _shapes(arch)
+    d = 4096 if arch == "r50x2" else 2048
+    if kind == "v1":
+        head = {"fc.weight": torch.Size([128, d]), "fc.bias": torch.Size([128])}
+        return arch, {"epoch": 200, "arch": "resnet50", "state_dict": _prefixed("module.encoder_q.", _numbered({**backbone, **head}))}, "MoCo v1", [linear]
+    if kind == "v2":
+        state = _prefixed("module.encoder_q.", _numbered({**backbone, **_head_shapes("fc.", [d, d, 128], False)}))
+        return arch, {"epoch": 200, "arch": "resnet", "state_dict": state}, "MoCo v2", [linear, relu, linear]
+    if kind == "simclr":
+        state = _prefixed("module.module.module.", _numbered({**backbone, **_head_shapes("fc.", [d, d, 128], True)}))
+        return arch, {"model": state}, "SimCLR (SEED release)", [linear, bn, relu, linear]
+    hidden = 8192 if arch == "r50x2" else 2048  # SEED main.py: swav_mlp
+    shapes = {**backbone, **_head_shapes("projection_head.", [d, hidden, 128], True), "prototypes.weight": torch.Size([3000, 128])}
+    return arch, _prefixed("module.", _numbered(shapes)), "SwAV", [linear, bn, relu, linear]
+
+
+@pytest.mark.parametrize("name", ["moco_v1_200ep_pretrain.pth.tar", "jianfw_mocov2_ResNet50_epoch200.pth", "moco_v2_800ep_pretrain.pth.tar",
+                                  "res101-moco-v2-checkpoint_0199.pth.tar", "200-resnet152-moco-v2-checkpoint_0199.pth.tar", "simclr_200.pth",
+                                  "swav_800ep_pretrain.pth.tar", "swav_RN50w2_400ep_pretrain.pth.tar"])
+def test_every_released_seed_teacher_loads_with_its_head(name, tmp_path):
+    """Full-size layouts of SEED's teacher downloads: every backbone key lands where its number says, and the head is kept."""
+    arch, content, fmt, head_layers = _released(name)
+    torch.save(content, tmp_path / name)
+    backbone, head, found = load_encoder(tmp_path / name, arch)
+    assert found == fmt
+    state = next(v for k, v in content.items() if k in ("state_dict", "model")) if fmt != "SwAV" else content
+    prefix = next(p for p in ("module.encoder_q.", "module.module.module.", "module.") if any(k.startswith(p) for k in state))
+    for key, value in backbone.state_dict().items():
+        assert torch.equal(value, state[prefix + key].to(value.dtype)), key
+    assert [type(layer) for layer in head] == head_layers
+    assert head[-1].out_features == 128 and head[0].in_features == backbone.feature_dim
+    assert torch.equal(head[0].weight, state[prefix + ("projection_head.0.weight" if fmt == "SwAV" else "fc.weight" if fmt == "MoCo v1" else "fc.0.weight")])
