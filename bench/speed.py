@@ -1,8 +1,8 @@
 """What the speed benchmarks share: SEED steps built as ``seed-distill`` builds them, the official
 code's step, the student's MoCo v2 step, and interleaved timing.
 
-"Ours" is :class:`seed.distill.SEED` itself (its ``seed_step`` and the enqueue of
-``on_train_batch_end``) around a :class:`seed.teacher.FrozenTeacher`. The official
+"Ours" is :class:`seed.distill.SEED` itself (its ``seed_step`` and its ``optimizer_step``,
+the optimiser step and the enqueue, as the Trainer calls it) around a :class:`seed.teacher.FrozenTeacher`. The official
 step follows jacobswan1/SEED ``seed/builder.py``: teacher under ``torch.no_grad``
 in eval mode with its BatchNorm layers, the (D, K) queue cloned for each of the
 two einsums, fp32. Models have random weights (speed does not depend on them) and
@@ -177,8 +177,8 @@ def official_step(model: OfficialSEED, images: Tensor) -> StepFn:
 
 
 def ours_step(module: SEED, images: Tensor, device: str, bf16: bool = False, queue: TeacherQueue | None = None) -> StepFn:
-    """One optimiser step as ``SEED.training_step`` + ``on_train_batch_end`` run it (under autocast when bf16),
-    against ``queue`` when given instead of the module's own."""
+    """One optimiser step as the Trainer runs it: ``SEED.seed_step`` (under autocast when bf16), backward, then
+    ``SEED.optimizer_step``, the optimiser step and the enqueue; against ``queue`` when given instead of the module's own."""
     optimizer = sgd(module)
     queue = module.queue if queue is None else queue
 
@@ -187,8 +187,7 @@ def ours_step(module: SEED, images: Tensor, device: str, bf16: bool = False, que
             loss = module.seed_step(images, queue)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        optimizer.step()
-        module.on_train_batch_end(None, None, 0)
+        module.optimizer_step(0, 0, optimizer)
         return {"teacher_s": module.teacher.seconds}
 
     return step

@@ -86,3 +86,25 @@ def test_the_suite_records_each_benchmarks_last_wall_time(results, monkeypatch):
     rows = json.loads((results / "suite.json").read_text())["tables"][0]["rows"]
     assert [row[:3] for row in rows] == [["fast", "1.0", "ok"], ["broken", "0.5", "ok"], ["long", "10.0", "ok"], ["**make bench**", "**1.5**", ""]]
     assert rows[2][4] == "no (--only)"
+
+
+def test_the_benchmarked_seed_step_enqueues_as_training_does():
+    """bench.speed.ours_step is the whole step the Trainer runs: after it the queue holds the batch's teacher embeddings
+    (the enqueue lives in SEED.optimizer_step; a step without it would time a queue that never changes)."""
+    from bench.speed import ours_step, seed_module, teacher_parts, teacher_variant
+    from seed.queue import TeacherQueue
+
+    backbone, head = teacher_parts("r18")
+    teacher = teacher_variant(backbone, head, "cpu", fold_bn=True, channels_last=False)
+    module = seed_module("r18", teacher, queue_size=64, image_size=16)
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        expected = teacher(images)
+    for queue in (module.queue, TeacherQueue(32, 128)):
+        before = queue.bank.clone()
+        step = ours_step(module, images, "cpu", queue=queue)
+        assert "teacher_s" in step()
+        assert torch.allclose(queue.bank[:8], expected, atol=1e-5) and torch.equal(queue.bank[8:], before[8:])
+        assert int(queue.bank_ptr) == 8 and module._pending == []
+        step()
+        assert int(queue.bank_ptr) == 16 and torch.allclose(queue.bank[8:16], expected, atol=1e-5)
