@@ -29,7 +29,6 @@ import dataclasses
 import importlib.util
 import io
 import json
-import math
 import os
 import pickle
 import random
@@ -55,9 +54,9 @@ from torchvision.ops import MultiScaleRoIAlign, box_iou
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
 from tqdm import tqdm
 
-from downstream.common import file_sha256
+from downstream.common import open_checkpoint, write_results
 from downstream.detection_data import DetectionData, DetectionDataset, Record, collate, read_detection_data
-from seed.checkpoints import atomic_save, load_encoder, load_file
+from seed.checkpoints import atomic_save, load_file
 from seed.cli import run_cli
 from seed.config import CommonConfig, load_config, save_config
 from seed.engine import default_workers, run_folder
@@ -695,9 +694,9 @@ LABELS = {
 
 def print_table(results: dict[str, Any]) -> None:
     s = results["settings"]
-    print(f"\ndetection: {results['arch']} from {results['checkpoint']} on {results['data']}")
-    print(f"{results['engine']} {s['model']}, {results['iterations']} iterations, batch {s['batch_size']}, lr {s['lr']}, "
-          f"test size {s['test_size']}, {results['test_images']} test images")
+    print(f"\ndetection: {results['checkpoint']['arch']} from {results['checkpoint']['path']} on {s['splits']}")
+    print(f"{s['engine']} {s['model']}, {s['iterations']} iterations, batch {s['batch_size']}, lr {s['lr']}, "
+          f"test size {s['test_size']}, {s['test_images']} test images")
     width = max(len(v) for v in LABELS.values()) + 2
     print(f"{'metric':<{width}}{'value':>8}")
     for key, label in LABELS.items():
@@ -706,18 +705,14 @@ def print_table(results: dict[str, Any]) -> None:
             print(f"{label:<{width}}{'n/a' if value is None else f'{value:.2f}':>8}")
 
 
-def _finite(metrics: Mapping[str, float]) -> dict[str, float | None]:
-    """Metrics for JSON: undefined values (no ground truth) become null."""
-    return {k: None if v is None or math.isnan(v) else round(float(v), 4) for k, v in metrics.items()}
-
-
-def detect(config: DetectionConfig) -> dict[str, Any]:
-    """Run the protocol of ``config``; returns what ``results.json`` holds."""
+def detect(config: DetectionConfig) -> dict[str, Any] | None:
+    """Run the protocol of ``config``; returns what ``results.json`` holds (``None`` on DDP ranks other than 0)."""
     config = resolve_config(config)
     engine = select_engine(config.engine)
     plan = schedule(config)
     started = time.time()
-    backbone, _, checkpoint_format = load_encoder(config.checkpoint, config.arch, use_head=False)
+    checkpoint = open_checkpoint(config)
+    backbone = checkpoint.backbone
     data = read_detection_data(config.dataset, config.data)
     test = data.test[: config.max_eval_images] if config.max_eval_images else data.test
     run_dir = run_folder(config, "eval", f"detection-{Path(config.checkpoint).stem}-{config.dataset}")
@@ -747,31 +742,17 @@ def detect(config: DetectionConfig) -> dict[str, Any]:
         metrics = evaluate_predictions(predict_torchvision(_unwrap(model), test, config, device), data, test, bool(config.masks)) if rank == 0 else {}
         if world > 1:
             torch.distributed.destroy_process_group()
-    results = {
-        "protocol": "detection",
-        "engine": engine,
-        "dataset": config.dataset,
-        "data": data.description,
-        "data_path": str(config.data),
-        "checkpoint": str(config.checkpoint),
-        "checkpoint_sha256": file_sha256(config.checkpoint),
-        "checkpoint_format": checkpoint_format,
-        "arch": backbone.arch,
-        "iterations": iterations,
-        "train_images": sum(1 for r in data.train if len(r.boxes)),
-        "test_images": len(test),
-        "metrics": _finite(metrics),
-        **{k: _finite(metrics).get(k) for k in ("AP", "AP50", "AP75", "VOC07_AP50")},
-        "settings": {"model": model_name, "head": config.head, "masks": config.masks, "batch_size": config.batch_size, "lr": config.lr,
-                     "momentum": config.momentum, "weight_decay": config.weight_decay, "roi_per_image": config.roi_per_image,
-                     "precision": config.precision, "seed": config.seed, **plan},
-        "time_s": {"train": round(train_time, 1), "total": round(time.time() - started, 1)},
-        "finished": time.strftime("%Y-%m-%dT%H:%M:%S"),
-    }
-    if rank == 0:
-        (run_dir / "results.json").write_text(json.dumps(results, indent=2))
-        print_table(results)
-        print(f"\nrun folder: {run_dir} (results.json, config.yaml{', last.pt' if engine == 'torchvision' else ', detectron2/'})")
+    if rank != 0:
+        return None
+    settings = {"dataset": config.dataset, "splits": data.description, "engine": engine, "model": model_name, "head": config.head,
+                "masks": config.masks, "batch_size": config.batch_size, "lr": config.lr, "momentum": config.momentum,
+                "weight_decay": config.weight_decay, "roi_per_image": config.roi_per_image, "precision": config.precision,
+                "iterations": iterations, "train_images": sum(1 for r in data.train if len(r.boxes)), "test_images": len(test),
+                "train_seconds": round(train_time, 1), **plan}
+    primary = "VOC07_AP50" if config.dataset == "voc" else "AP"  # the headline numbers of MoCo's and SEED's tables
+    results = write_results(run_dir, "detection", metrics, primary, config, checkpoint, settings, time.time() - started)
+    print_table(results)
+    print(f"\nrun folder: {run_dir} (results.json, config.yaml{', last.pt' if engine == 'torchvision' else ', detectron2/'})")
     return results
 
 

@@ -31,37 +31,51 @@ def find_results(root: Path) -> list[tuple[str, dict[str, Any]]]:
     return found
 
 
+def checkpoint_label(content: dict[str, Any]) -> str:
+    """``file name (first 8 hex digits of its SHA-256)``.
+
+    ``seed-eval detection`` wrote the path as a string and the hash beside it
+    before every protocol shared one schema; such files are still read.
+    """
+    checkpoint = content.get("checkpoint")
+    if isinstance(checkpoint, dict):
+        path, sha256 = checkpoint.get("path", "?"), checkpoint.get("sha256", "")
+    else:
+        path, sha256 = checkpoint or "?", content.get("checkpoint_sha256", "")
+    return f"{Path(str(path)).name} ({str(sha256)[:8]})"
+
+
 def table_rows(found: list[tuple[str, dict[str, Any]]], all_metrics: bool = False) -> list[dict[str, Any]]:
-    """One row per run (its ``primary`` metric), or per metric with ``all_metrics``."""
+    """One row per run (its ``primary`` metric), or per metric with ``all_metrics``; an undefined (null) metric has the value ``None``."""
     rows = []
     for run, content in found:
         metrics = content["metrics"]
         names = list(metrics) if all_metrics else [content.get("primary") if content.get("primary") in metrics else next(iter(metrics), None)]
-        checkpoint = content.get("checkpoint", {})
-        label = f"{Path(checkpoint.get('path', '?')).name} ({checkpoint.get('sha256', '')[:8]})"
         for name in names:
             if name is not None:
-                rows.append({"run": run, "protocol": content.get("protocol", "?"), "metric": name, "value": float(metrics[name]),
-                             "checkpoint": label, "data": str(content.get("data", "?"))})
+                value = metrics[name]
+                rows.append({"run": run, "protocol": content.get("protocol", "?"), "metric": name, "value": None if value is None else float(value),
+                             "checkpoint": checkpoint_label(content), "data": str(content.get("data", "?"))})
     return rows
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    """A GitHub-flavoured Markdown table; values in % with two decimals."""
+    """A GitHub-flavoured Markdown table; values in % with two decimals, n/a when undefined."""
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "|".join("---:" if c == "value" else "---" for c in COLUMNS) + "|"]
     for row in rows:
-        cells = [f"{row[c]:.2f}" if c == "value" else str(row[c]).replace("|", "\\|") for c in COLUMNS]
+        cells = [("n/a" if row[c] is None else f"{row[c]:.2f}") if c == "value" else str(row[c]).replace("|", "\\|") for c in COLUMNS]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
 def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
-    """Horizontal bars, one per row, labelled run / metric, coloured by protocol."""
+    """Horizontal bars, one per row with a value, labelled run / metric, coloured by protocol."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    rows = [row for row in rows if row["value"] is not None]
     labels = [f"{row['run']} / {row['metric']}" for row in rows]
     values = [row["value"] for row in rows]
     figure, axes = plt.subplots(figsize=(8, 1.2 + 0.4 * len(rows)))
@@ -74,8 +88,8 @@ def bar_chart(rows: list[dict[str, Any]], path: Path) -> None:
     axes.set_yticks(range(len(rows)), labels, fontsize=8)
     axes.invert_yaxis()
     axes.bar_label(bars, fmt="%.2f", fontsize=8, padding=2)
-    axes.set_xlim(0, max(100.0, max(values) * 1.1))
-    axes.set_xlabel("accuracy (%)")
+    axes.set_xlim(0, max([100.0, *(v * 1.1 for v in values)]))
+    axes.set_xlabel("accuracy or AP (%)")
     axes.set_title("seed-eval results")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -95,7 +109,7 @@ def main(argv: list[str] | None) -> None:
         raise SeedError(f"{root} is not a folder; pass the folder that holds your runs, e.g. runs/")
     rows = table_rows(find_results(root), args.all_metrics)
     if not rows:
-        raise SeedError(f"no {RESULTS} below {root}; run seed-eval knn|linear|semi|transfer first")
+        raise SeedError(f"no {RESULTS} below {root}; run seed-eval knn|linear|semi|transfer|detection first")
     print(markdown(rows), end="")
     png = Path(args.png) if args.png else root / "report.png"
     bar_chart(rows, png)

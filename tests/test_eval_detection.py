@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from downstream import detection
+from downstream import detection, report
+from downstream.common import Checkpoint, EvalConfig, file_sha256, write_results
 from downstream.detection_data import (
     SYNTHETIC,
     VOC_CLASSES,
@@ -223,7 +224,7 @@ def test_detectron2_engine_trains_and_scores(synthetic, student, tmp_path, capsy
                           "--image-size", "64", "--max-iter", "2", "--batch-size", "2", "--num-workers", "0", "--output", str(tmp_path)], capsys)
     assert code == 0, err
     results = json.loads((tmp_path / "results.json").read_text())
-    assert results["engine"] == "detectron2" and 0 <= results["VOC07_AP50"] <= 100
+    assert results["settings"]["engine"] == "detectron2" and 0 <= results["metrics"]["VOC07_AP50"] <= 100
 
 
 @pytest.mark.skipif(HAS_DETECTRON2, reason="detectron2 is installed")
@@ -236,19 +237,54 @@ def test_detectron2_engine_without_detectron2_is_a_one_line_error(synthetic, stu
 
 
 def test_torchvision_voc_fpn_run_writes_results(synthetic, student, tmp_path, capsys):
-    out = tmp_path / "run"
+    out = tmp_path / "runs" / "detection"
     code, printed, err = run_main(["--checkpoint", str(student), "--data", str(synthetic[0]), "--engine", "torchvision", "--head", "fpn",
                           "--image-size", "64", "--max-iter", "2", "--batch-size", "2", "--num-workers", "0",
                           "--max-eval-images", "3", "--output", str(out)], capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert results["engine"] == "torchvision" and results["arch"] == "r18" and results["iterations"] == 2 and results["test_images"] == 3
-    for key in ("AP", "AP50", "AP75", "VOC07_AP50"):
-        assert 0 <= results[key] <= 100 and results["metrics"][key] == results[key]
-    assert results["settings"]["model"] == "Faster R-CNN FPN" and results["settings"]["max_iter"] == 2
-    assert len(results["checkpoint_sha256"]) == 64 and results["data"].startswith("VOC2007 trainval + VOC2012 trainval")
+    settings = results["settings"]
+    assert results["protocol"] == "detection" and results["primary"] == "VOC07_AP50" and results["data"] == str(synthetic[0])
+    assert settings["engine"] == "torchvision" and settings["iterations"] == 2 and settings["test_images"] == 3
+    assert results["checkpoint"] == {"path": str(student), "sha256": file_sha256(student), "arch": "r18", "format": "seed export (seed)"}
+    assert set(results["metrics"]) == {"AP", "AP50", "AP75", "VOC07_AP50", "VOC07_AP75", "VOC07_AP"}
+    assert settings["model"] == "Faster R-CNN FPN" and settings["max_iter"] == 2
+    assert settings["splits"].startswith("VOC2007 trainval + VOC2012 trainval")
     assert (out / "config.yaml").is_file() and (out / "last.pt").is_file()
     assert "AP50 (VOC07 11-point)" in printed and "AP (COCO, IoU .50:.95)" in printed
+
+    # seed-eval report over this run beside a knn and a linear result, all written by the one writer
+    checkpoint = Checkpoint(student, file_sha256(student), "r18", "ours", create_backbone("r18"))
+    config = EvalConfig(checkpoint=str(student), data="digits", image_size=16)
+    write_results(tmp_path / "runs" / "knn", "knn", {"top1_k200": 81.25, "top1_k20": 83.5}, "top1_k200", config, checkpoint, {}, 1.0)
+    write_results(tmp_path / "runs" / "linear", "linear", {"top1": 90.125, "top5": 99.0}, "top1", config, checkpoint, {}, 1.0)
+    report.main([str(tmp_path / "runs"), "--png", str(tmp_path / "chart.png")])
+    lines = capsys.readouterr().out.splitlines()
+    label = f"student.pt ({file_sha256(student)[:8]})"
+    assert lines[2:] == [f"| detection | detection | VOC07_AP50 | {results['metrics']['VOC07_AP50']:.2f} | {label} | {synthetic[0]} |",
+                         f"| knn | knn | top1_k200 | 81.25 | {label} | digits |",
+                         f"| linear | linear | top1 | 90.12 | {label} | digits |"]
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_report_shows_undefined_detection_metrics_as_n_a(student, tmp_path, capsys):
+    """A COCO run whose test images hold no object has no AP (null); a detection file of the old layout is still read."""
+    checkpoint = Checkpoint(student, "f" * 64, "r18", "ours", create_backbone("r18"))
+    config = detection.DetectionConfig(checkpoint=str(student), dataset="coco", data="coco-dir")
+    written = write_results(tmp_path / "coco", "detection", {"AP": float("nan"), "AP50": None, "AP75": 12.5}, "AP", config, checkpoint, {}, 1.0)
+    assert written["metrics"] == {"AP": None, "AP50": None, "AP75": 12.5}
+    assert json.loads((tmp_path / "coco" / "results.json").read_text())["metrics"]["AP"] is None
+    (tmp_path / "old").mkdir()
+    (tmp_path / "old" / "results.json").write_text(json.dumps({"protocol": "detection", "checkpoint": "/x/student.pt", "checkpoint_sha256": "ab" * 32,
+                                                                "data": "VOC2007 ...", "metrics": {"AP": 50.0, "VOC07_AP50": 80.5}}))
+    report.main([str(tmp_path), "--all-metrics"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2:] == ["| coco | detection | AP | n/a | student.pt (ffffffff) | coco-dir |",
+                         "| coco | detection | AP50 | n/a | student.pt (ffffffff) | coco-dir |",
+                         "| coco | detection | AP75 | 12.50 | student.pt (ffffffff) | coco-dir |",
+                         "| old | detection | AP | 50.00 | student.pt (abababab) | VOC2007 ... |",
+                         "| old | detection | VOC07_AP50 | 80.50 | student.pt (abababab) | VOC2007 ... |"]
+    assert (tmp_path / "report.png").is_file()
 
 
 def test_torchvision_coco_mask_rcnn_c4_run(synthetic, student, tmp_path, capsys):
@@ -258,9 +294,44 @@ def test_torchvision_coco_mask_rcnn_c4_run(synthetic, student, tmp_path, capsys)
                           "--max-eval-images", "2", "--output", str(out)], capsys)
     assert code == 0, err
     results = json.loads((out / "results.json").read_text())
-    assert results["settings"]["model"] == "Mask R-CNN C4" and results["settings"]["masks"] is True
-    assert all(0 <= results["metrics"][k] <= 100 for k in ("AP", "AP50", "AP75", "mask_AP", "mask_AP50", "mask_AP75"))
-    assert results["VOC07_AP50"] is None
+    assert results["settings"]["model"] == "Mask R-CNN C4" and results["settings"]["masks"] is True and results["primary"] == "AP"
+    assert set(results["metrics"]) == {"AP", "AP50", "AP75", "mask_AP", "mask_AP50", "mask_AP75"}  # no VOC07 metric on COCO
+    assert all(0 <= value <= 100 for value in results["metrics"].values())
+
+
+def perfect(records) -> list[dict]:
+    """Every non-difficult ground-truth box found once, with distinct scores."""
+    found = []
+    for record in records:
+        keep = ~record.difficult
+        found.append({"image_id": record.image_id, "boxes": record.boxes[keep].astype(np.float32),
+                      "scores": np.linspace(0.9, 0.5, int(keep.sum()), dtype=np.float32), "labels": record.labels[keep]})
+    return found
+
+
+def test_metrics_of_perfect_predictions_are_100_and_of_one_miss_the_hand_computed_value(synthetic):
+    """The synthetic VOC test split: person (15) 7 boxes on 3 images, dog (12) 1 box on image 12 and 1 (+1 difficult) on image 13.
+
+    Perfect detections: every AP is 100. Without the dog of image 12, dog recall stops at 1/2 at precision 1
+    and person stays perfect. VOC07 11-point: the dog scores at t = 0, .1, ..., .5, so 6/11, and the mAP is
+    (1 + 6/11) / 2. COCOeval's 101 recall points: 0, .01, ..., .50 are reached, 51/101, at every IoU
+    threshold (the boxes are exact), so AP = AP50 = AP75 = (1 + 51/101) / 2.
+    """
+    data = read_voc(synthetic[0])
+    test = data.test
+    assert [(r.image_id, r.labels.tolist(), r.difficult.tolist()) for r in test] == [
+        (12, [15, 15, 12], [False] * 3), (13, [12, 12], [True, False]), (14, [15], [False]), (15, [15] * 3, [False] * 3)]
+    metrics = detection.evaluate_predictions(perfect(test), data, test, masks=False)
+    assert metrics == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "VOC07_AP50": 100.0, "VOC07_AP75": 100.0, "VOC07_AP": 100.0}
+
+    missed = perfect(test)
+    first = missed[0]
+    keep = first["labels"] != 12
+    missed[0] = {"image_id": first["image_id"], "boxes": first["boxes"][keep], "scores": first["scores"][keep], "labels": first["labels"][keep]}
+    metrics = detection.evaluate_predictions(missed, data, test, masks=False)
+    voc, coco = 100 * (1 + 6 / 11) / 2, 100 * (1 + 51 / 101) / 2
+    assert metrics == pytest.approx({"AP": coco, "AP50": coco, "AP75": coco, "VOC07_AP50": voc, "VOC07_AP75": voc, "VOC07_AP": voc}, abs=1e-9)
+    assert round(voc, 2) == 77.27 and round(coco, 2) == 75.25
 
 
 def test_detector_on_a_non_resnet_uses_its_last_feature_map():
