@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torchvision.transforms as T
-from lightly.transforms import MoCoV2Transform, SimCLRTransform
+from lightly.transforms import MoCoV1Transform, MoCoV2Transform, SimCLRTransform, SwaVTransform
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from PIL import Image
@@ -287,6 +287,37 @@ def view_transform(method: str, image_size: int, blur: bool | None = None, min_s
 def single_view_transform(method: str, image_size: int, blur: bool | None = None, min_scale: float | None = None) -> Callable:
     """One augmented view (the first of ``view_transform``'s): SEED feeds the same view to teacher and student."""
     return view_transform(method, image_size, blur, min_scale).transforms[0]
+
+
+#: SEED's view recipes, named as ``--augmentation`` takes them.
+SEED_AUGMENTATIONS = ("mocov2", "mocov1", "swav")
+
+
+def seed_view_transform(augmentation: str, image_size: int, min_scale: float | None = None) -> Callable:
+    """SEED's one view for teacher and student, by the official code's recipe for the teacher (SEED ``tools/utils.py``).
+
+    ``mocov2`` (MoCo teachers): crop 0.2-1, colour jitter 0.4/0.4/0.4/0.1 with
+    p 0.8, grey 0.2, blur 0.5, flip. ``mocov1`` (SimCLR teachers; MoCo v1 /
+    InstDisc's set): crop 0.2-1, grey 0.2, jitter 0.4/0.4/0.4/0.4 always, flip,
+    no blur (lightly jitters before the grey conversion, the official code after).
+    ``swav`` (SwAV teachers): ``mocov2`` with crops down to 0.14 of the image.
+    Blur is off below 96px, as in :func:`view_transform`; ``min_scale`` overrides the smallest crop.
+    """
+    if augmentation not in SEED_AUGMENTATIONS:
+        raise SeedError(f"unknown --augmentation '{augmentation}'; choose one of: {', '.join(SEED_AUGMENTATIONS)}")
+    if augmentation == "mocov1":
+        return MoCoV1Transform(input_size=image_size, cj_prob=1.0, min_scale=0.2 if min_scale is None else min_scale).transforms[0]
+    default_scale = 0.14 if augmentation == "swav" else None
+    return single_view_transform("mocov2", image_size, min_scale=default_scale if min_scale is None else min_scale)
+
+
+def small_crop_transforms(image_size: int, count: int) -> list[Callable]:
+    """SEED's ``count`` small patches per image (official ``swav_small_aug``): 96/224 of ``image_size``,
+    crops 0.05-0.14 of the image, MoCo v2's jitter 0.4/0.4/0.4/0.1 (half of lightly's SwAV default), grey 0.2, blur 0.5, flip."""
+    small = max(round(image_size * 96 / 224), 8)
+    multi_crop = SwaVTransform(crop_sizes=(small,), crop_counts=(count,), crop_min_scales=(0.05,), crop_max_scales=(0.14,),
+                               cj_bright=0.4, cj_contrast=0.4, cj_sat=0.4, cj_hue=0.1, gaussian_blur=0.5 if image_size >= 96 else 0.0)
+    return list(multi_crop.transforms)
 
 
 def eval_transform(image_size: int) -> Callable:

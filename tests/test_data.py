@@ -1,4 +1,5 @@
 import gzip
+import inspect
 from collections import Counter
 from pathlib import Path
 
@@ -8,7 +9,7 @@ import torch
 from PIL import Image
 
 import seed.data as data
-from seed.data import BUILTIN, eval_transform, load_dataset, single_view_transform, view_transform
+from seed.data import BUILTIN, eval_transform, load_dataset, seed_view_transform, single_view_transform, small_crop_transforms, view_transform
 from seed.errors import SeedError
 
 FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
@@ -176,3 +177,64 @@ def test_eval_transform_is_square_and_deterministic(size: int) -> None:
     out = transform(image)
     assert out.shape == (3, size, size)
     assert torch.equal(out, transform(image))
+
+
+def _recipe(transform) -> dict:
+    """The augmentation parameters of one lightly view (crop, jitter, grey, blur, flip), walked through nested Composes
+    (by class name: lightly uses torchvision's transforms v2 when they are there)."""
+    found: dict = {}
+
+    def walk(step) -> None:
+        inner = getattr(step, "transforms", None) or getattr(step, "transform", None)
+        kind = type(step).__name__
+        if kind == "RandomResizedCrop":
+            found["size"], found["scale"] = tuple(step.size), step.scale
+        elif kind == "RandomApply" and type(step.transforms[0]).__name__ == "ColorJitter":
+            jitter = step.transforms[0]
+            found["jitter_p"] = step.p
+            found["jitter"] = (jitter.brightness[1] - 1, jitter.contrast[1] - 1, jitter.saturation[1] - 1, jitter.hue[1])
+        elif kind == "RandomGrayscale":
+            found["grey"] = step.p
+        elif kind == "GaussianBlur":
+            found["blur"] = step.prob
+        elif kind == "RandomHorizontalFlip":
+            found["flip"] = step.p
+        elif isinstance(inner, (list, tuple)):
+            for child in inner:
+                walk(child)
+        elif inner is not None and not inspect.ismethod(inner):  # v2 transforms have a transform() method
+            walk(inner)
+
+    walk(transform)
+    return found
+
+
+def _close(found: dict, expected: dict) -> bool:
+    return found.keys() == expected.keys() and all(torch.allclose(torch.tensor(found[k], dtype=torch.float64),
+                                                                  torch.tensor(expected[k], dtype=torch.float64)) for k in expected)
+
+
+@pytest.mark.parametrize("augmentation, expected", [
+    # SEED tools/utils.py: mocov2_aug, mocov1_aug / simclr_aug (jitter always, hue 0.4, no blur), swav_aug (crops from 0.14)
+    ("mocov2", {"size": (224, 224), "scale": (0.2, 1.0), "jitter_p": 0.8, "jitter": (0.4, 0.4, 0.4, 0.1), "grey": 0.2, "blur": 0.5, "flip": 0.5}),
+    ("mocov1", {"size": (224, 224), "scale": (0.2, 1.0), "jitter_p": 1.0, "jitter": (0.4, 0.4, 0.4, 0.4), "grey": 0.2, "blur": 0.0, "flip": 0.5}),
+    ("swav", {"size": (224, 224), "scale": (0.14, 1.0), "jitter_p": 0.8, "jitter": (0.4, 0.4, 0.4, 0.1), "grey": 0.2, "blur": 0.5, "flip": 0.5}),
+])
+def test_seed_views_follow_the_official_recipe_per_teacher(augmentation: str, expected: dict) -> None:
+    transform = seed_view_transform(augmentation, 224)
+    assert _close(_recipe(transform), expected), _recipe(transform)
+    assert transform(Image.new("RGB", (300, 260), (90, 120, 30))).shape == (3, 224, 224)
+    assert _recipe(seed_view_transform(augmentation, 32))["blur"] == 0.0  # off below 96px, as for every recipe
+    with pytest.raises(SeedError, match="choose one of: mocov2, mocov1, swav"):
+        seed_view_transform("simclr", 224)
+
+
+def test_small_crops_have_the_official_jitter_strength() -> None:
+    """SEED's swav_small_aug: 96px crops of 0.05-0.14 of the image, jitter 0.4/0.4/0.4/0.1 (lightly's SwAV default is twice that)."""
+    crops = small_crop_transforms(224, 6)
+    assert len(crops) == 6
+    expected = {"size": (96, 96), "scale": (0.05, 0.14), "jitter_p": 0.8, "jitter": (0.4, 0.4, 0.4, 0.1), "grey": 0.2, "blur": 0.5, "flip": 0.5}
+    for crop in crops:
+        assert _close(_recipe(crop), expected), _recipe(crop)
+    assert crops[0](Image.new("RGB", (300, 260))).shape == (3, 96, 96)
+    assert _recipe(small_crop_transforms(32, 2)[0])["size"] == (14, 14)
