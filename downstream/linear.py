@@ -170,6 +170,9 @@ def fit_linear(
 class LinearClassifier(pl.LightningModule):
     """A Linear layer on a backbone: frozen with BatchNorm in eval mode (linear probe), or trained too (``finetune``).
 
+    SGD (``nesterov`` optional) with the lr x0.1 at ``milestones`` (epochs), or
+    with ``cosine`` decay to zero over the run's steps.
+
     Lightning 2.x never calls ``train()`` or ``eval()`` on the module when
     fitting starts, so the modes are set here, when built and again at every
     training epoch (a backbone left in train mode would update its BatchNorm
@@ -177,7 +180,8 @@ class LinearClassifier(pl.LightningModule):
     """
 
     def __init__(self, backbone: nn.Module, num_classes: int, lr: float, momentum: float, weight_decay: float,
-                 milestones: list[int], finetune: bool = False, backbone_lr: float | None = None) -> None:
+                 milestones: list[int], finetune: bool = False, backbone_lr: float | None = None, nesterov: bool = False,
+                 cosine: bool = False) -> None:
         super().__init__()
         self.backbone = backbone
         self.head = nn.Linear(backbone.feature_dim, num_classes)
@@ -186,6 +190,7 @@ class LinearClassifier(pl.LightningModule):
         self.lr, self.momentum, self.weight_decay, self.milestones = lr, momentum, weight_decay, milestones
         self.finetune = finetune
         self.backbone_lr = backbone_lr if backbone_lr is not None else lr
+        self.nesterov, self.cosine = nesterov, cosine
         self.backbone.requires_grad_(finetune)
         self._val: list[Tensor] = []
         self.train()
@@ -226,7 +231,11 @@ class LinearClassifier(pl.LightningModule):
         groups = [{"params": self.head.parameters(), "lr": self.lr}]
         if self.finetune:
             groups.append({"params": self.backbone.parameters(), "lr": self.backbone_lr})
-        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay)
+        optimizer = torch.optim.SGD(groups, lr=self.lr, momentum=self.momentum, weight_decay=self.weight_decay, nesterov=self.nesterov)
+        if self.cosine:  # to zero over the run, per step, no warm-up (SimCLR's fine-tuning)
+            total = max(int(self.trainer.estimated_stepping_batches), 1)
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, total),
+                                                             "interval": "step"}}
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, self.milestones, gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 

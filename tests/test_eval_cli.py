@@ -7,12 +7,12 @@ import torch
 
 from downstream import cli
 from downstream.knn import KnnConfig
-from downstream.linear import LinearConfig
-from downstream.semi import SemiConfig
+from downstream.linear import LinearConfig, default_lr, parse_milestones
+from downstream.semi import LINEAR_NOTE, SIMCLR_FINETUNE, SemiConfig, resolve_finetune
 from downstream.transfer import TransferConfig
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model
-from seed.config import make_config, read_yaml
+from seed.config import load_config
 
 from .conftest import run_command
 
@@ -63,6 +63,8 @@ def test_knn_linear_semi_report_end_to_end(workspace, monkeypatch, capsys):
 
     seed_eval("semi", "--checkpoint", checkpoint, *DIGITS, "--fraction", "0.1", "--epochs", "30", "--output", "semi")
     semi = results(workspace / "semi")
+    assert semi["settings"]["recipe"] == LINEAR_NOTE and "NOT the fine-tuning protocol" in LINEAR_NOTE
+    assert f"recipe: {LINEAR_NOTE}" in capsys.readouterr().out
     split = (workspace / "semi/split.txt").read_text().split()
     assert semi["settings"]["labelled_images"] == len(split) == 145  # round(0.1 x ~144 per class) per class
     seed_eval("semi", "--checkpoint", checkpoint, *DIGITS, "--split-file", "semi/split.txt", "--epochs", "30", "--output", "semi-again")
@@ -96,8 +98,20 @@ def test_linear_and_finetune_through_the_engine(workspace, capsys):
     seed_eval("semi", "--finetune", "--checkpoint", checkpoint, *DIGITS, "--batch-size", "16", "--max-steps", "2",
               "--fraction", "0.1", "--output", str(out / "semi"))
     semi = results(out / "semi")
-    assert semi["settings"]["mode"].startswith("fine-tune") and semi["settings"]["labelled_images"] == 145
+    settings = semi["settings"]
+    assert settings["mode"].startswith("fine-tune") and settings["labelled_images"] == 145
     assert "top1" in semi["metrics"]
+    # SimCLR's recipe by default: 145 of 1437 labels (>= 10%) -> 30 epochs; lr 0.05 x 16 / 256 for backbone and classifier
+    assert settings["recipe"] == SIMCLR_FINETUNE and settings["differs_from_simclr"] == []
+    assert (settings["epochs"], settings["lr"], settings["backbone_lr"], settings["momentum"], settings["weight_decay"]) == (30, 0.003125, 0.003125, 0.9, 0.0)
+    saved = torch.load(out / "semi" / "last.ckpt", weights_only=True, map_location="cpu")
+    groups = saved["optimizer_states"][0]["param_groups"]
+    assert [g["nesterov"] for g in groups] == [True, True] and [g["initial_lr"] for g in groups] == [0.003125, 0.003125]
+    assert saved["lr_schedulers"][0]["T_max"] == 2 and [g["lr"] for g in groups] == [0.0, 0.0]  # cosine to zero over the 2 steps
+    seed_eval("semi", "--finetune", "--checkpoint", checkpoint, *DIGITS, "--batch-size", "16", "--max-steps", "1", "--lr", "0.1",
+              "--fraction", "0.1", "--output", str(out / "semi-own"))
+    own = results(out / "semi-own")["settings"]
+    assert own["differs_from_simclr"] == ["lr"] and own["recipe"].startswith("own fine-tuning recipe") and own["recipe"].endswith("except lr")
 
 
 def test_console_script_runs_a_protocol(workspace):
@@ -191,7 +205,42 @@ def test_help_lists_protocols_and_common_flags(capsys):
         assert flag in text, flag
 
 
-@pytest.mark.parametrize("path", [p for p in sorted(CONFIGS.glob("*.yaml")) if p.name.split("_")[0] in CONFIG_CLASSES], ids=lambda p: p.name)
-def test_shipped_eval_configs_are_valid(path):
-    config = make_config(CONFIG_CLASSES[path.name.split("_")[0]], {"config": str(path)})
-    assert set(read_yaml(str(path))) <= set(vars(config))
+#: What each shipped recipe must give once loaded as a user does (``--config FILE`` through the flag parser) and resolved the way
+#: its protocol resolves it: the numbers of the papers it names.
+RECIPES = {
+    "knn_imagenet.yaml": {"k": "200,20", "temperature": 0.07, "index": "flat", "image_size": 224, "batch_size": 256},
+    "linear_imagenet.yaml": {"fast": False, "epochs": 100, "milestones": [60, 80], "lr_r50": 30.0, "lr_mbv3l": 3.0, "momentum": 0.9,
+                             "weight_decay": 0.0, "batch_size": 256, "image_size": 224},
+    "linear_fast.yaml": {"fast": True, "epochs": 100, "milestones": [60, 80], "lr": 0.1, "batch_size": 256},
+    "semi_imagenet_1percent.yaml": {"fraction": 0.01, "finetune_epochs": 60, "finetune_lr": 0.05, "differs": [], "linear_epochs": 100},
+    "semi_imagenet_10percent.yaml": {"fraction": 0.1, "finetune_epochs": 30, "finetune_lr": 0.05, "differs": [], "linear_epochs": 100},
+    "transfer_cifar10.yaml": {"data": "cifar10", "epochs": 100, "milestones": [60, 80], "image_size": 224},
+}
+
+
+def resolved(name: str, config) -> dict:
+    """The protocol values of a loaded config, resolved as the protocol does."""
+    values = {key: getattr(config, key) for key in ("k", "temperature", "index", "image_size", "batch_size", "fast", "momentum",
+                                                    "weight_decay", "fraction", "data") if hasattr(config, key)}
+    if isinstance(config, SemiConfig):
+        finetune, differs = resolve_finetune(config, config.fraction)
+        values.update(finetune_epochs=finetune.epochs, finetune_lr=finetune.lr, differs=differs,
+                      linear_epochs=100 if config.epochs is None else config.epochs)
+    elif isinstance(config, (LinearConfig, TransferConfig)):
+        values.update(epochs=config.epochs, milestones=parse_milestones(config.milestones, config.epochs), lr=config.lr,
+                      lr_r50=default_lr("r50"), lr_mbv3l=default_lr("mbv3l"))
+    return values
+
+
+def test_every_shipped_eval_recipe_is_checked():
+    assert sorted(RECIPES) == sorted(p.name for p in CONFIGS.glob("*.yaml") if p.name.split("_")[0] in CONFIG_CLASSES)
+
+
+@pytest.mark.parametrize("name", sorted(RECIPES))
+def test_shipped_eval_recipes_give_the_papers_numbers(name):
+    path = CONFIGS / name
+    config = load_config(CONFIG_CLASSES[name.split("_")[0]], ["--config", str(path)], "seed-eval", "")
+    values = resolved(name, config)
+    assert {key: values[key] for key in RECIPES[name]} == RECIPES[name]
+    typed = load_config(CONFIG_CLASSES[name.split("_")[0]], ["--config", str(path), "--batch-size", "7"], "seed-eval", "")
+    assert typed.batch_size == 7 and typed.image_size == config.image_size  # a typed flag wins over the file, the rest stays

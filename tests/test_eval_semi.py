@@ -5,7 +5,7 @@ import torch
 from PIL import Image
 from torchvision.datasets import ImageFolder
 
-from downstream.semi import balanced_subset, read_split_file, write_split_file
+from downstream.semi import SemiConfig, balanced_subset, read_split_file, resolve_finetune, simclr_finetune, write_split_file
 from seed.data import load_dataset
 from seed.errors import SeedError
 
@@ -75,3 +75,15 @@ def test_split_file_of_indices_for_builtin_data(tmp_path):
         read_split_file(tmp_path / "bad.txt", digits)
     with pytest.raises(SeedError, match="does not exist"):
         read_split_file(tmp_path / "none.txt", digits)
+
+
+def test_finetune_defaults_are_simclrs_recipe():
+    """SimCLR app. B.5: lr 0.05 x B/256 (0.8 at its batch 4096), 60 epochs on 1% of the labels, 30 on 10%, momentum 0.9, no weight decay."""
+    assert simclr_finetune(0.01, 4096) == {"lr": 0.8, "epochs": 60, "momentum": 0.9, "weight_decay": 0.0}
+    assert simclr_finetune(0.1, 256)["epochs"] == 30 and simclr_finetune(0.099, 256)["epochs"] == 60
+    config, differs = resolve_finetune(SemiConfig(finetune=True, batch_size=64, devices=2), fraction=0.01)
+    assert (config.lr, config.backbone_lr, config.epochs, config.momentum, config.weight_decay, differs) == (0.025, 0.025, 60, 0.9, 0.0, [])
+    config, differs = resolve_finetune(SemiConfig(finetune=True, batch_size=256, epochs=100, backbone_lr=0.01, weight_decay=1e-4), 0.1)
+    assert (config.lr, config.epochs, differs) == (0.05, 100, ["epochs", "weight_decay", "backbone_lr"])
+    with pytest.raises(SeedError, match="--milestones sets the linear probe's step schedule"):
+        resolve_finetune(SemiConfig(finetune=True, milestones="30,40"), 0.01)
