@@ -126,13 +126,14 @@ class DistillConfig(TrainConfig):
     teacher_checkpoints: str | None = _help("MEAL V2: comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
                                             "an empty entry takes torchvision's or timm's ImageNet weights (default: the demo's teachers, runs/demo/meal/)")
     student_init: str | None = _help("MEAL V2: the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
-                                     "or 'torchvision' for its ImageNet V1 weights; default: the demo's with the demo's teachers, else random")
+                                     "'torchvision' for its ImageNet V1 weights, or timm:NAME for timm's pretrained ones (the public code's r50: "
+                                     "timm:resnet50.ram_in1k); default: the demo's with the demo's teachers, else random")
     kd_temperature: float = _help("MEAL V2: softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0)
     discriminator: str = _help("MEAL V2: joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
                                "minimax (gradient reversal into the student), or off", "joint", ("joint", "minimax", "off"))
     discriminator_weight: float = _help("MEAL V2: weight of the discriminator loss added to the KD loss", 1.0)
     lr_schedule: str | None = _help("MEAL V2: step or cosine (default: the method's; MEAL V2: step)", choices=("step", "cosine"))
-    lr_milestones: str | None = _help("step schedule: comma-separated epochs after which the lr is multiplied by 0.1 (MEAL V2: 100)")
+    lr_milestones: str | None = _help("step schedule: comma-separated epochs (counted from 0) at which the lr is multiplied by 0.1 (MEAL V2: 101)")
     cutmix: bool = _help("MEAL V2: CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
     cutmix_alpha: float = _help("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0)
     cache_teacher_logits: bool = _help("MEAL V2: keep the ensemble target of every image under --cache-crops fixed crops, "

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seed.backbones import available
-from seed.checkpoints import export_model, load_classifier, load_file
+from seed.checkpoints import atomic_save, export_model, load_classifier, load_file
 from seed.config import CommonConfig, DistillConfig, resolve
 from seed.data import check_classes, dataset_for, eval_transform
 from seed.engine import check_batch, data_name, fit, make_loader, run_folder
@@ -77,41 +77,70 @@ class _ReverseGradient(torch.autograd.Function):
         return -grad
 
 
-class TargetCache(nn.Module):
-    """Ensemble targets per (image, crop), as top-k probabilities in fp16 and their classes.
+class TargetCache:
+    """Ensemble targets per (image, crop), as top-k probabilities in fp16 and their classes, in CPU memory.
 
-    Kept as buffers, so ``last.ckpt`` holds the cache and a resumed run keeps it.
+    Not a module and no buffers: DDP broadcasts a module's buffers on every
+    forward (hundreds of MB at ImageNet scale) and Lightning writes them into
+    every ``last.ckpt``. The cache is rebuilt, not restored: a target is always
+    read back from the cache, a miss included, so a target the teachers
+    recompute after a restart is the one the cache held. Once full it is saved
+    beside the run, once (``TARGETS``), and a resumed run reads it back there.
     A read spreads the probability left outside the top-k evenly over the other classes.
     """
 
     def __init__(self, num_images: int, crops: int, num_classes: int, top_k: int) -> None:
-        super().__init__()
         self.num_classes = num_classes
         k = min(top_k, num_classes)
-        self.register_buffer("values", torch.zeros(num_images, crops, k, dtype=torch.float16))
-        self.register_buffer("classes", torch.zeros(num_images, crops, k, dtype=torch.int32))  # gloo broadcasts no int16 or bool
-        self.register_buffer("filled", torch.zeros(num_images, crops, dtype=torch.uint8))
+        self.values = torch.zeros(num_images, crops, k, dtype=torch.float16)
+        self.classes = torch.zeros(num_images, crops, k, dtype=torch.int16 if num_classes <= 2**15 else torch.int32)
+        self.filled = torch.zeros(num_images, crops, dtype=torch.bool)
+
+    def hits(self, index: Tensor, crop: Tensor) -> Tensor:
+        return self.filled[index.cpu(), crop.cpu()].to(index.device)
 
     def read(self, index: Tensor, crop: Tensor) -> Tensor:
-        values, classes = self.values[index, crop].float(), self.classes[index, crop].long()
+        """The dense (N, C) targets, on ``index``'s device."""
+        rows = index.cpu(), crop.cpu()
+        values, classes = self.values[rows].to(index.device).float(), self.classes[rows].to(index.device).long()
         rest = self.num_classes - values.shape[1]
         fill = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(rest, 1)
         target = fill.expand(len(index), self.num_classes).clone() if rest else values.new_zeros(len(index), self.num_classes)
         return target.scatter_(1, classes, values)
 
     def write(self, index: Tensor, crop: Tensor, target: Tensor) -> None:
-        values, classes = target.topk(self.values.shape[2], dim=1)
-        self.values[index, crop] = values.to(self.values.dtype)
-        self.classes[index, crop] = classes.to(self.classes.dtype)
-        self.filled[index, crop] = 1
+        values, classes = target.detach().float().topk(self.values.shape[2], dim=1)
+        rows = index.cpu(), crop.cpu()
+        self.values[rows] = values.cpu().to(self.values.dtype)
+        self.classes[rows] = classes.cpu().to(self.classes.dtype)
+        self.filled[rows] = True
+
+    def state(self, key: dict[str, Any]) -> dict[str, Any]:
+        """What ``TARGETS`` holds: the tensors and the ``key`` of the run that filled them."""
+        return {"key": key, "values": self.values, "classes": self.classes, "filled": self.filled}
+
+    def load(self, state: dict[str, Any], key: dict[str, Any]) -> bool:
+        """Take a saved cache when it was filled by a run of the same ``key`` (data, crops, teachers); whether it was."""
+        if state.get("key") != key or state["values"].shape != self.values.shape:
+            return False
+        self.values, self.classes, self.filled = state["values"], state["classes"].to(self.classes.dtype), state["filled"].bool()
+        return True
+
+
+#: The full teacher-target cache, saved once beside ``last.ckpt``.
+TARGETS = "teacher_targets.pt"
+
+#: The discriminator's log-probabilities are floored here (p = 1e-6), on both sides alike: a cached target can hold zeros.
+LOG_FLOOR = math.log(1e-6)
 
 
 class MEAL(TrainModule):
     """Student classifier (backbone + Linear) trained on the mean softmax of frozen teachers."""
 
     # MEAL V2 (paper Sec. 4.1 and the public code): SGD momentum 0.9, weight decay 0, lr 0.01 at batch 512
-    # (here 0.005 per 256 images) for epochs 1-100, then 0.001; no warm-up.
-    DEFAULTS = {"optimizer": "sgd", "base_lr": 0.005, "weight_decay": 0.0, "warmup_epochs": 0.0, "lr_schedule": "step", "lr_milestones": "100"}
+    # (here 0.005 per 256 images), then 0.001; no warm-up. The code's regime is [0, 100, 0.01, 101, 300, 0.001]
+    # with inclusive bounds over epochs counted from 0: 101 epochs at 0.01, the drop after epoch 100 (milestone 101).
+    DEFAULTS = {"optimizer": "sgd", "base_lr": 0.005, "weight_decay": 0.0, "warmup_epochs": 0.0, "lr_schedule": "step", "lr_milestones": "101"}
 
     def __init__(self, config: DistillConfig, teachers: Sequence[nn.Module], num_classes: int, num_images: int = 0) -> None:
         super().__init__(config, config.student, num_classes)
@@ -121,6 +150,7 @@ class MEAL(TrainModule):
         self.cache = TargetCache(num_images, config.cache_crops, num_classes, config.cache_top_k) if config.cache_teacher_logits else None
         self.strict_loading = False  # the teachers are rebuilt from their own files, not stored in ours
         self._val = torch.zeros(2, dtype=torch.long)
+        self._targets_saved = False
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
@@ -130,31 +160,43 @@ class MEAL(TrainModule):
         logits = torch.stack([teacher(images) for teacher in self.teachers])
         return ensemble_target(logits, self.config.kd_temperature), logits.mean(0)
 
-    def losses(self, student: Tensor, target: Tensor, teacher: Tensor) -> dict[str, Tensor]:
-        """KD loss plus the weighted discriminator loss on the student's and the teachers' outputs."""
+    def losses(self, student: Tensor, target: Tensor, teacher: Tensor, log_probs: bool = False) -> dict[str, Tensor]:
+        """KD loss plus the weighted discriminator loss on the student's and the teachers' outputs.
+
+        ``teacher`` is what the discriminator sees of the teachers: the mean of their logits (the code's), or with
+        ``log_probs`` their log-probabilities (the cache holds no logits); then it sees the student's log-probabilities
+        too, so the two sides differ in what they predict, not by a per-row offset of the logits.
+        """
         kd = soft_cross_entropy(student, target, self.config.kd_temperature)
         if self.discriminator is None:
             return {"loss": kd, "kd_loss": kd}
+        if log_probs:
+            student = (student / self.config.kd_temperature).log_softmax(1).clamp_min(LOG_FLOOR)
         if self.config.discriminator == "minimax":
             student = _ReverseGradient.apply(student)
         adversarial = discriminator_loss(self.discriminator(student), self.discriminator(teacher))
         return {"loss": kd + self.config.discriminator_weight * adversarial, "kd_loss": kd, "disc_loss": adversarial}
 
     def cached_outputs(self, images: Tensor, index: Tensor, crop: Tensor) -> tuple[Tensor, Tensor]:
-        """The target from the cache, the teachers run on the misses only; the discriminator sees log p_T."""
-        hit = self.cache.filled[index, crop].bool()
-        target = images.new_zeros(len(images), self.num_classes, dtype=torch.float32)
-        if hit.any():
-            target[hit] = self.cache.read(index[hit], crop[hit])
+        """The target and its log (the discriminator's teacher input), read from the cache; the teachers run on the misses.
+
+        A miss is written first and read back like a hit, so every step trains on the cached form (top-k, fp16), and
+        a run that restarts without the cache recomputes the very targets it lost.
+        """
+        hit = self.cache.hits(index, crop)
+        computed = images.new_zeros(len(images), self.num_classes, dtype=torch.float32)
         if not hit.all():
-            target[~hit] = self.teacher_outputs(images[~hit])[0]
+            computed[~hit] = self.teacher_outputs(images[~hit])[0].float()
         if self.trainer.world_size > 1:  # every rank keeps the whole cache
-            index, crop, target_all = (self.all_gather(t).flatten(0, 1) for t in (index, crop, target))
-            self.cache.write(index, crop, target_all)
+            gathered = (self.all_gather(t).flatten(0, 1) for t in (index, crop, hit.to(torch.uint8), computed))  # gloo gathers no bool
+            all_index, all_crop, all_hit, all_computed = gathered
+            miss = all_hit == 0
+            self.cache.write(all_index[miss], all_crop[miss], all_computed[miss])
         else:
-            self.cache.write(index[~hit], crop[~hit], target[~hit])
+            self.cache.write(index[~hit], crop[~hit], computed[~hit])
         self.log("cache_hits", hit.float().mean(), prog_bar=True)
-        return target, target.clamp_min(1e-6).log()
+        target = self.cache.read(index, crop)
+        return target, target.clamp_min(math.exp(LOG_FLOOR)).log()
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
         images = batch[0]  # batch[1], the labels, is never read: MEAL V2 learns from the teachers alone
@@ -164,7 +206,7 @@ class MEAL(TrainModule):
             if self.config.cutmix:
                 images = cutmix(images, self.config.cutmix_alpha)
             target, teacher = self.teacher_outputs(images)
-        losses = self.losses(self(images), target, teacher)
+        losses = self.losses(self(images), target, teacher, log_probs=self.cache is not None)
         for name, value in losses.items():
             self.log(name, value, prog_bar=name == "loss")
         return losses["loss"]
@@ -191,6 +233,28 @@ class MEAL(TrainModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
+
+    # The teacher-target cache: saved once, when full, beside last.ckpt; read back from beside the checkpoint a run resumes.
+    def cache_key(self) -> dict[str, Any]:
+        """What the cached targets depend on; a saved cache of another key is not used."""
+        names = ("data", "image_size", "crop_min_scale", "seed", "cache_crops", "cache_top_k", "kd_temperature", "teachers",
+                 "teacher_checkpoints", "teacher_checkpoint")
+        return {**{name: getattr(self.config, name) for name in names}, "images": len(self.cache.filled)}
+
+    def on_train_epoch_end(self) -> None:
+        if self.cache is None or self._targets_saved or not bool(self.cache.filled.all()):
+            return
+        if self.trainer.is_global_zero:
+            atomic_save(self.cache.state(self.cache_key()), Path(self.trainer.default_root_dir) / TARGETS)
+        self._targets_saved = True
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        super().on_load_checkpoint(checkpoint)
+        if self.cache is None or not self.trainer.ckpt_path:
+            return
+        path = Path(self.trainer.ckpt_path).parent / TARGETS
+        if path.is_file() and self.cache.load(load_file(path), self.cache_key()):
+            self._targets_saved = path.resolve() == (Path(self.trainer.default_root_dir) / TARGETS).resolve()
 
 
 def cutmix(images: Tensor, alpha: float) -> Tensor:
@@ -278,19 +342,25 @@ class _Renormalize(nn.Module):
         return images * self.scale + self.shift
 
 
-def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
-    """A timm classifier by name: weights from ``checkpoint`` (weights_only), else timm's pretrained ones."""
+def timm_model(name: str, pretrained: bool, give_file: str) -> nn.Module:
+    """``timm.create_model(name)``; its errors (not installed, unknown name, no download offline) as one line, ``give_file``
+    saying where the user can pass the weights instead."""
     try:
         import timm
     except ImportError:
-        raise SeedError(f"teacher '{name}' is none of ours ({', '.join(available())}) and timm is not installed; pip install timm") from None
+        raise SeedError(f"timm:{name} is none of ours ({', '.join(available())}) and timm is not installed; pip install timm "
+                        "(or the seed[timm] extra)") from None
     try:
-        model = timm.create_model(name, pretrained=not checkpoint)
+        return timm.create_model(name, pretrained=pretrained)
     except RuntimeError as error:
         raise SeedError(f"timm model '{name}': {str(error).splitlines()[0]}") from None
     except Exception as error:  # noqa: BLE001 - the hub download fails in many ways offline
-        raise SeedError(f"timm's pretrained weights of '{name}' could not be fetched ({type(error).__name__}); "
-                        "pass the file in --teacher-checkpoints") from None
+        raise SeedError(f"timm's pretrained weights of '{name}' could not be fetched ({type(error).__name__}); {give_file}") from None
+
+
+def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
+    """A timm classifier by name: weights from ``checkpoint`` (weights_only), else timm's pretrained ones."""
+    model = timm_model(name, not checkpoint, "pass the file in --teacher-checkpoints")
     if checkpoint:
         content = load_file(checkpoint)
         state = content.get("state_dict", content.get("model", content)) if isinstance(content, dict) else content
@@ -421,6 +491,26 @@ def val_loader(config: CommonConfig, size: int | None = None) -> DataLoader:
 
 # ---- the run --------------------------------------------------------------------------------------------------
 
+def timm_student_file(name: str) -> str:
+    """timm's pretrained classifier ``name`` saved as a state dict in torch.hub's cache, to start a student of ours from.
+
+    The public MEAL V2 code starts its ResNet-50 from timm's ``resnet50`` of 2020, 79.0 % (now the
+    ``resnet50.ram_in1k`` tag), not from torchvision's 76.15 %. timm's ResNets keep torchvision's layout, so the file
+    loads as a torchvision state dict. The student is fed ImageNet-normalised images, so the model must expect them.
+    """
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"timm-{name}.pth"
+    if not path.is_file():
+        model = timm_model(name, True, "pass the weights' file to --student-init instead")
+        settings = getattr(model, "pretrained_cfg", None) or {}
+        expected = [round(v, 3) for v in (*IMAGENET_NORMALIZE["mean"], *IMAGENET_NORMALIZE["std"])]
+        if [round(v, 3) for v in (*settings.get("mean", ()), *settings.get("std", ()))] not in ([], expected):
+            raise SeedError(f"timm's {name} expects inputs normalised with mean {settings['mean']} and std {settings['std']}, "
+                            "the student gets ImageNet's; start from a model trained on ImageNet-normalised inputs")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(model.state_dict(), path)
+    return str(path)
+
+
 def load_student_init(config: DistillConfig, demo_teachers: bool) -> tuple[str | None, nn.Module | None, nn.Linear | None, bool | None]:
     """--student-init (the demo's with the demo's teachers): path, backbone, classifier (or None) and stem."""
     path = config.student_init
@@ -428,6 +518,9 @@ def load_student_init(config: DistillConfig, demo_teachers: bool) -> tuple[str |
         path = str(DEMO_STUDENT_INIT)
     if path == "torchvision":  # ImageNet V1 weights: the paper's starting point (R-50 76.15, R-18 69.76)
         path = torchvision_file(config.student, "IMAGENET1K_V1")
+    elif path is not None and path.startswith("timm:"):  # the public code's start (R-50: timm's 79.0 %)
+        print(f"student init: timm's pretrained {path.removeprefix('timm:')}")
+        path = timm_student_file(path.removeprefix("timm:"))
     if path is None:
         return None, None, None, None
     backbone, classifier, found, small_images = load_classifier(path, config.student, require_classifier=False)

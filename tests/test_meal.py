@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 from pathlib import Path
@@ -13,10 +14,10 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_classifier, load_file
 from seed.config import DistillConfig, make_config, resolve
-from seed.engine import build_trainer, make_loader
+from seed.engine import build_trainer, fit, make_loader
 from seed.errors import SeedError
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
-from seed.meal import MEAL, Discriminator, FixedCrops, TargetCache, cutmix, distill, load_teacher
+from seed.meal import MEAL, TARGETS, Discriminator, FixedCrops, TargetCache, cutmix, distill, load_student_init, load_teacher
 from seed.teacher import FrozenTeacher
 
 from .conftest import run_command
@@ -108,7 +109,10 @@ def test_each_part_gets_the_gradients_of_its_losses(mode, tmp_path):
     assert torch.allclose(grads[0], kd + sign * 0.5 * bce_student, atol=1e-6)
     for got, expected in zip(grads[1:], bce_disc, strict=True):  # the discriminator learns from its BCE alone
         assert torch.allclose(got, 0.5 * expected, atol=1e-6)
-    assert not teacher_logits.requires_grad
+    target, mean_logits = module.teacher_outputs(torch.randn(6, 3, 16, 16))  # what the module's own teachers give
+    module.losses(module(torch.randn(6, 3, 16, 16)), target, mean_logits)["loss"].backward()
+    assert not target.requires_grad and not mean_logits.requires_grad  # no graph into the teachers: they never learn
+    assert all(p.grad is None for p in module.teachers.parameters()) and any(p.grad is not None for p in module.head.parameters())
 
 
 @pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
@@ -183,12 +187,20 @@ def test_cache_holds_each_crop_and_later_epochs_skip_the_teachers(tmp_path):
     teacher = _Counting(_linear_teacher(4))
     config = _config(tmp_path, epochs=3, batch_size=8, cache_teacher_logits=True, cache_crops=2, cache_top_k=10, num_workers=0)
     module = MEAL(config, [teacher], num_classes=10, num_images=len(data))
-    seen = []
+    seen, judged = [], []
     callback = pl.callbacks.LambdaCallback(on_train_epoch_end=lambda *_: seen.append(teacher.seen))
+    module.discriminator.register_forward_hook(lambda _, inputs, __: judged.append(inputs[0].detach()))
     trainer = build_trainer(config, tmp_path, callbacks=[callback])
     trainer.fit(module, make_loader(data, config, shuffle=True))
     assert seen == [32, 64, 64]  # epochs 0 and 1 fill crops 0 and 1; epoch 2 reads crop 0 from the cache
     assert bool(module.cache.filled.all())
+    # the discriminator sees log-probabilities of student (even calls) and teachers (odd calls) alike, not logits vs log p_T
+    assert len(judged) == 2 * 12 and all(torch.allclose(x.exp().sum(1), torch.ones(len(x)), atol=2e-3) for x in judged)
+    # the cache is no module buffer (DDP would broadcast it every step) and no part of last.ckpt: it is saved once beside it
+    assert not any("cache" in name for name in [*module.state_dict(), *dict(module.named_buffers())])
+    assert not any("cache" in name for name in load_file(tmp_path / "last.ckpt")["state_dict"])
+    saved = load_file(tmp_path / TARGETS)
+    assert saved["key"] == module.cache_key() and torch.equal(saved["values"], module.cache.values) and bool(saved["filled"].all())
     index, crop = torch.arange(32), torch.ones(32, dtype=torch.long)
     with torch.no_grad():
         direct = F.softmax(teacher.teacher(torch.stack([_crop(i, 1) for i in range(32)])), 1)
@@ -197,6 +209,35 @@ def test_cache_holds_each_crop_and_later_epochs_skip_the_teachers(tmp_path):
 
 def _crop(index: int, crop: int):
     return FixedCrops(_Images(), _augment, crops=2, seed=0)[index, crop][0]
+
+
+def _cached_run(out: Path, teacher: nn.Module, **values) -> MEAL:
+    """MEAL with a 2-crop cache through the engine (3 epochs of 4 steps), resumed from ``out``'s last.ckpt when there is one."""
+    data = FixedCrops(_Images(), _augment, crops=2, seed=0)
+    config = _config(out, epochs=3, batch_size=8, cache_teacher_logits=True, cache_crops=2, cache_top_k=3, num_workers=0, **values)
+    pl.seed_everything(0, verbose=False)  # the same initial weights, as seed-distill draws them
+    module = MEAL(config, [teacher], num_classes=10, num_images=len(data))
+    fit(module, make_loader(data, config, shuffle=True, drop_last=True), None, config, out)
+    return module
+
+
+@pytest.mark.filterwarnings(r"ignore:You defined a `validation_step`")
+def test_a_run_resumed_with_or_without_its_cache_ends_as_the_uninterrupted_one(tmp_path):
+    """Stopped before the cache is full (nothing saved beside last.ckpt: the teachers recompute the lost targets, which
+    are read back from the cache like every target) or after (the saved cache is read back: no teacher runs): the same
+    weights as a run that never stopped, top-3 of 10 classes cached."""
+    full = _cached_run(tmp_path / "full", _Counting(_linear_teacher(4)))
+    for stop, teacher_images_after in ((6, 2 * 8 + 32), (9, 0)):  # mid epoch 1 (crop 1 half cached), mid epoch 2 (all cached)
+        out = tmp_path / f"stop{stop}"
+        _cached_run(out, _Counting(_linear_teacher(4)), max_steps=stop)
+        assert (out / TARGETS).is_file() == (stop > 8)
+        teacher = _Counting(_linear_teacher(4))
+        resumed = _cached_run(out, teacher)
+        assert teacher.seen == teacher_images_after, stop
+        for key, value in full.state_dict().items():
+            assert torch.equal(resumed.state_dict()[key], value), (stop, key)
+    other = MEAL(_config(tmp_path, cache_teacher_logits=True, cache_crops=2, cache_top_k=3, seed=1), [_linear_teacher(4)], 10, num_images=32)
+    assert other.cache.load(load_file(out / TARGETS), other.cache_key()) is False and not other.cache.filled.any()  # another seed's: unused
 
 
 def test_cache_keeps_top_k_and_spreads_the_rest():
@@ -208,16 +249,23 @@ def test_cache_keeps_top_k_and_spreads_the_rest():
     assert torch.allclose(read.sum(1), torch.ones(2), atol=1e-3)
 
 
-def test_cutmix_pastes_one_box_of_another_image():
+def test_cutmix_pastes_one_box_of_another_image(monkeypatch):
+    """Kept area 0.75 of 8x8 images: a 4x4 box (side 8 x sqrt(0.25)), the same for every image, from another image of the batch."""
+    monkeypatch.setattr(torch.distributions.Beta, "sample", lambda self, *_: torch.tensor(0.75))
     torch.manual_seed(0)
-    images = torch.arange(4).float().view(4, 1, 1, 1).expand(4, 3, 8, 8).contiguous()
+    images = torch.arange(8).float().view(8, 1, 1, 1).expand(8, 3, 8, 8).contiguous()  # image i is all i
     mixed = cutmix(images, alpha=1.0)
-    for original, result in zip(images, mixed, strict=True):
-        changed = (result != original).any(0)
-        if changed.any():
-            rows, cols = changed.nonzero().T
-            assert changed[rows.min():rows.max() + 1, cols.min():cols.max() + 1].all()  # one rectangle
-            assert len(result[:, changed].unique()) == 1
+    changed = (mixed != images).any(1)  # (8, 8, 8)
+    masks = [mask for mask in changed if mask.any()]
+    assert len(masks) >= 6  # the batch was mixed (a permutation of 8 keeps few images in place)
+    rows, cols = masks[0].nonzero().T
+    assert (int(rows.max() - rows.min()) + 1, int(cols.max() - cols.min()) + 1, int(masks[0].sum())) == (4, 4, 16)  # one 4x4 box
+    assert all(torch.equal(mask, masks[0]) for mask in masks)  # the same box in every image
+    for index, (result, mask) in enumerate(zip(mixed, changed, strict=True)):
+        if mask.any():
+            pasted = result[:, mask].unique()
+            assert len(pasted) == 1 and int(pasted) != index  # one other image's pixels
+        assert torch.equal(result[:, ~mask], images[index][:, ~mask])  # the rest is the image's own
 
 
 # ---- checkpoints of teacher classifiers ---------------------------------------------------------------------------
@@ -273,6 +321,38 @@ def test_timm_teacher_when_timm_is_installed(tmp_path):
     assert teacher.arch == "timm:resnet18" and teacher.embed_dim == 10
 
 
+def test_timm_student_init_starts_from_timms_weights(tmp_path, monkeypatch):
+    """--student-init timm:NAME (the public code starts its R-50 from timm's): our student computes what timm's model does.
+    timm's weights are created here without the hub (pretrained=False, seeded), as offline tests must."""
+    timm = pytest.importorskip("timm")
+    create, made = timm.create_model, []
+
+    def offline(name, pretrained=False, **kwargs):
+        torch.manual_seed(7)
+        made.append(create(name, pretrained=False, **kwargs).eval())
+        return made[-1]
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    config = _config(tmp_path, student="r18", student_init="timm:resnet18.a1_in1k")
+    path, backbone, classifier, small_images = load_student_init(config, demo_teachers=False)
+    assert path == str(tmp_path / "hub" / "checkpoints" / "timm-resnet18.a1_in1k.pth") and len(made) == 1
+    assert classifier.out_features == 1000 and small_images is False
+    images = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.allclose(classifier(backbone.eval()(images)), made[0](images), atol=1e-4)
+    load_student_init(config, demo_teachers=False)
+    assert len(made) == 1  # the file is kept in torch.hub's cache: timm is not asked again
+
+
+def test_recipe_r50_starts_from_timm_and_timm_is_a_dev_dependency():
+    import tomllib
+
+    project = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())["project"]
+    assert any(d.startswith("timm") for d in project["optional-dependencies"]["dev"])
+    assert project["optional-dependencies"]["timm"] == ["timm>=0.9"]
+
+
 @pytest.mark.parametrize(
     "teacher_classes, init_classes, message",
     [
@@ -321,21 +401,46 @@ def test_meal_cli_with_two_teachers_exports_the_student_and_a_table(tmp_path):
     assert all(column in log for column in ("loss", "kd_loss", "disc_loss"))
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "distill").glob("meal_*.yaml")) + sorted((CONFIGS / "demo").glob("meal*.yaml")), ids=lambda p: p.name)
-def test_shipped_meal_configs_are_valid(path):
+@pytest.mark.parametrize("name, kind", [("meal.yaml", "distill"), ("meal_teacher_a.yaml", "pretrain"), ("meal_teacher_b.yaml", "pretrain"),
+                                        ("meal_student_init.yaml", "pretrain")])
+def test_the_demos_meal_configs_are_valid(name, kind):
     from seed.config import PretrainConfig
 
-    kind = DistillConfig if "mode: meal" in path.read_text() else PretrainConfig
-    config = make_config(kind, {"config": str(path)})
-    assert config.method == "supervised" if kind is PretrainConfig else config.mode == "meal"
+    config = make_config(DistillConfig if kind == "distill" else PretrainConfig, {"config": str(CONFIGS / "demo" / name)})
+    assert config.mode == "meal" if kind == "distill" else config.method == "supervised"  # not the defaults, seed and mocov2
+    assert sorted(p.name for p in (CONFIGS / "demo").glob("meal*.yaml")) == ["meal.yaml", "meal_student_init.yaml", "meal_teacher_a.yaml",
+                                                                             "meal_teacher_b.yaml"]
+
+
+PAPER = {"mode": "meal", "teachers": "timm:gluon_senet154,timm:gluon_resnet152_v1s", "image_size": 224, "small_images": False, "batch_size": 512,
+         "epochs": 180, "optimizer": "sgd", "base_lr": 0.005, "momentum": 0.9, "weight_decay": 0.0, "warmup_epochs": 0.0, "lr_schedule": "step",
+         "lr_milestones": "101", "kd_temperature": 1.0, "discriminator": "joint", "discriminator_weight": 1.0, "cutmix": False}
+
+
+@pytest.mark.parametrize("student, init", [("r50", "timm:resnet50.ram_in1k"), ("r18", "torchvision")])
+def test_the_paper_recipes_hold_the_papers_settings(student, init, tmp_path):
+    """configs/distill/meal_v2_<student>.yaml as read: MEAL V2's teachers, schedule and loss; R-50 from timm's 79 % weights
+    (the public code's start), R-18 from torchvision's 69.76 %; and the module built from it steps lr 0.01 at batch 512."""
+    config = make_config(DistillConfig, {"config": str(CONFIGS / "distill" / f"meal_v2_{student}.yaml")})
+    assert {key: getattr(config, key) for key in PAPER} == PAPER
+    assert (config.student, config.student_init) == (student, init)
+    resolved = resolve(dataclasses.replace(config, student="r18", output=str(tmp_path)), MEAL.DEFAULTS)
+    optimizer = MEAL(resolved, [_linear_teacher(0)], num_classes=10).configure_optimizers()["optimizer"]
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01)
 
 
 def test_the_papers_schedule_and_defaults(tmp_path):
+    """The code's regime [0, 100, 0.01, 101, 300, 0.001]: epochs 0-100 (inclusive, counted from 0) at 0.01, then 0.001."""
     config = _config(tmp_path, batch_size=512)
     optimizers = MEAL(config, [_linear_teacher(0)], num_classes=10).configure_optimizers()
     optimizer, schedule = optimizers["optimizer"], optimizers["lr_scheduler"]["scheduler"]
-    assert optimizer.param_groups[0]["lr"] == pytest.approx(0.01) and optimizer.param_groups[0]["weight_decay"] == 0.0  # lr 0.01 at batch 512
-    assert list(schedule.milestones) == [100] and schedule.gamma == 0.1 and optimizers["lr_scheduler"]["interval"] == "epoch"
+    assert optimizer.param_groups[0]["weight_decay"] == 0.0 and optimizers["lr_scheduler"]["interval"] == "epoch"
+    lr = {}
+    for epoch in range(103):  # Lightning steps an "epoch" scheduler after each epoch
+        lr[epoch] = optimizer.param_groups[0]["lr"]
+        optimizer.step()
+        schedule.step()
+    assert [lr[e] for e in (0, 99, 100, 101, 102)] == pytest.approx([0.01, 0.01, 0.01, 0.001, 0.001])  # lr 0.01 at batch 512
     assert (config.kd_temperature, config.discriminator, config.discriminator_weight, config.cutmix) == (1.0, "joint", 1.0, False)
 
 
