@@ -345,7 +345,7 @@ def test_timm_student_init_starts_from_timms_weights(tmp_path, monkeypatch):
     assert len(made) == 1  # the file is kept in torch.hub's cache: timm is not asked again
 
 
-def test_recipe_r50_starts_from_timm_and_timm_is_a_dev_dependency():
+def test_timm_is_an_extra_and_a_dev_dependency():
     import tomllib
 
     project = tomllib.loads((CONFIGS.parent / "pyproject.toml").read_text())["project"]
