@@ -11,8 +11,9 @@ What it runs, in order (the demo's configs, each into runs/bench/meal/):
 
 then, in this process, the student init trained as many steps on the labels (the control: more
 training without teachers), one training step timed with and without the teachers (round-robin), and
-two short multi-epoch MEAL runs on a Fashion-MNIST subset written as an ImageFolder, with and
-without --cache-teacher-logits. Writes bench/results/meal.json in the common format (bench/common.py).
+short multi-epoch MEAL runs on a Fashion-MNIST subset written as an ImageFolder, with and without
+--cache-teacher-logits (top --cache-top-k of the 10 classes kept), once per --seeds seed. Writes
+bench/results/meal.json in the common format (bench/common.py).
 
 It takes 12+ minutes on a shared 2-core CPU, so ``make bench`` leaves it out: ``python -m bench --only meal``.
 
@@ -195,18 +196,22 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     subset = RUNS / "fashion-subset"
     if not (args.reuse and (subset / "val").is_dir()):
         write_subset(subset, args.subset_train, args.subset_val)
-    cache = {}
+    cache: dict[str, Any] = {"subset-teachers": [], "subset-cached": []}
     common = ["--mode", "meal", "--data", str(subset), "--image-size", "32", "--batch-size", "64", "--epochs", str(args.subset_epochs),
               "--base-lr", "0.05", "--weight-decay", "0", "--lr-schedule", "cosine", "--knn-every", "0", *meal]
-    for name, extra in (("subset-teachers", []), ("subset-cached", ["--cache-teacher-logits", "--cache-crops", str(args.cache_crops)])):
-        stage(name, ["seed-distill", *common, *extra, "--output", str(RUNS / name)], RUNS / name / "top1.json")
-        rates = step_rates(RUNS / name)
-        late = [rate for epoch, rate in rates if epoch >= args.cache_crops]
-        cache[name] = {"top1": json.loads((RUNS / name / "top1.json").read_text())["scores"],
-                       "img_s_first_epochs": statistics.median(rate for epoch, rate in rates if epoch < args.cache_crops),
-                       "img_s_later_epochs": statistics.median(late), "train_s": sum(64 / rate for _, rate in rates)}
-    cache["speedup_later_epochs"] = cache["subset-cached"]["img_s_later_epochs"] / cache["subset-teachers"]["img_s_later_epochs"]
-    cache["speedup_whole_run"] = cache["subset-teachers"]["train_s"] / cache["subset-cached"]["train_s"]
+    cached = ["--cache-teacher-logits", "--cache-crops", str(args.cache_crops), "--cache-top-k", str(args.cache_top_k)]
+    for seed in seeds(args):
+        for name, extra in (("subset-teachers", []), ("subset-cached", cached)):
+            folder = RUNS / f"{name}-seed{seed}"
+            stage(folder.name, ["seed-distill", *common, *extra, "--seed", str(seed), "--output", str(folder)], folder / "top1.json")
+            rates = step_rates(folder)
+            late = [rate for epoch, rate in rates if epoch >= args.cache_crops]
+            cache[name].append({"seed": seed, "top1": json.loads((folder / "top1.json").read_text())["scores"],
+                                "img_s_first_epochs": statistics.median(rate for epoch, rate in rates if epoch < args.cache_crops),
+                                "img_s_later_epochs": statistics.median(late), "train_s": sum(64 / rate for _, rate in rates)})
+    pairs = list(zip(cache["subset-teachers"], cache["subset-cached"], strict=True))
+    cache["speedup_later_epochs"] = statistics.mean(c["img_s_later_epochs"] / t["img_s_later_epochs"] for t, c in pairs)
+    cache["speedup_whole_run"] = statistics.mean(t["train_s"] / c["train_s"] for t, c in pairs)
     return {"measured": datetime.date.today().isoformat(), "threads": args.threads, "load_average_before": load_before,
             "load_average_after": os.getloadavg(), "bench_wall_s": time.perf_counter() - started, "stage_wall_s": wall, "commands": commands,
             "top1": scores, "discriminator_variants": variants, "control_top1": control, "control_steps": meal_config["max_steps"],
@@ -216,6 +221,23 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 def meal_score(scores: dict[str, float]) -> float:
     """The distilled student's top-1 in a ``top1.json`` table."""
     return next(value for key, value in scores.items() if key.endswith("MEAL V2"))
+
+
+def seeds(args: argparse.Namespace) -> list[int]:
+    """``--seeds 0,1,2`` as a list."""
+    return [int(seed) for seed in str(args.seeds).split(",") if seed.strip()]
+
+
+def per_seed(runs: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The runs of one cache variant, one per seed (results measured before --seeds hold one run, not a list)."""
+    return runs if isinstance(runs, list) else [runs]
+
+
+def mean_std(values: list[float], digits: int) -> str:
+    """``mean ± std`` over seeds (the mean alone for one seed)."""
+    if len(values) == 1:
+        return f"{values[0]:.{digits}f}"
+    return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
 
 
 def to_result(raw: dict[str, Any]) -> dict[str, Any]:
@@ -242,12 +264,18 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
                    ["the same with both teachers' forward (inference mode, BN folded)", f"{overhead['step_with_teachers_s']:.3f}"],
                    ["KD overhead", f"+{100 * overhead['overhead']:.0f}% (the teachers are {100 * overhead['teacher_share']:.0f}% of the step)"]]}
     crops = args["cache_crops"]
-    cache_rows = [[label, f"{cache[name]['img_s_first_epochs']:.0f}", f"{cache[name]['img_s_later_epochs']:.0f}", f"{cache[name]['train_s']:.1f}",
-                   f"{meal_score(cache[name]['top1']):.2f}"] for name, label in (("subset-teachers", "teachers every step"), ("subset-cached", "cached"))]
-    subset_init = next(value for key, value in cache["subset-teachers"]["top1"].items() if key.endswith(" init"))
-    cache_table = {"caption": f"Teacher-target cache (`--cache-teacher-logits`, {crops} fixed crops per image, so epochs 0-{crops - 1} run the "
-                              f"teachers and epochs {crops}-{args['subset_epochs'] - 1} read the cache; {args['subset_train']} train images, "
-                              f"{args['subset_epochs']} epochs, the same init and teachers; the subset is written as an ImageFolder):",
+    runs = {name: per_seed(cache[name]) for name in ("subset-teachers", "subset-cached")}
+    top_k = args.get("cache_top_k", 10)
+    cache_rows = [[label, mean_std([r["img_s_first_epochs"] for r in runs[name]], 0), mean_std([r["img_s_later_epochs"] for r in runs[name]], 0),
+                   mean_std([r["train_s"] for r in runs[name]], 1), mean_std([meal_score(r["top1"]) for r in runs[name]], 2)]
+                  for name, label in (("subset-teachers", "teachers every step"), ("subset-cached", f"cached, top-{top_k} of 10 classes"))]
+    subset_init = next(value for key, value in runs["subset-teachers"][0]["top1"].items() if key.endswith(" init"))
+    seed_text = f"mean ± std over seeds {', '.join(str(r.get('seed', 0)) for r in runs['subset-teachers'])}" if len(runs["subset-teachers"]) > 1 \
+        else "one seed"
+    cache_table = {"caption": f"Teacher-target cache (`--cache-teacher-logits --cache-top-k {top_k}`, {crops} fixed crops per image, so epochs "
+                              f"0-{crops - 1} run the teachers and epochs {crops}-{args['subset_epochs'] - 1} read the cache; {args['subset_train']} "
+                              f"train images, {args['subset_epochs']} epochs, the same init and teachers, {seed_text}; the subset is written as an "
+                              "ImageFolder):",
                    "columns": ["run", f"img/s, epochs 0-{crops - 1}", f"img/s, epochs {crops}-{args['subset_epochs'] - 1}", "training s",
                                f"student top-1 % ({args['subset_val']:,} val images; init {subset_init:.2f})"],
                    "rows": cache_rows}
@@ -271,13 +299,15 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
                      + f" ({' / '.join(f'{v:.2f}' for v in values)} for joint / " + " / ".join(variants)
                      + "), whether it is trained jointly (the code) or adversarially" + (", within run-to-run noise." if spread < 0.5 else "."))
     ceiling = overhead["step_with_teachers_s"] / overhead["step_without_teachers_s"]
-    accuracy_cost = meal_score(cache["subset-teachers"]["top1"]) - meal_score(cache["subset-cached"]["top1"])
+    costs = [meal_score(t["top1"]) - meal_score(c["top1"]) for t, c in zip(runs["subset-teachers"], runs["subset-cached"], strict=True)]
+    accuracy_cost = statistics.mean(costs)
     notes.append(f"The cache makes the cached epochs {cache['speedup_later_epochs']:.2f}x faster (the ceiling is the step without teachers: "
                  f"{overhead['step_with_teachers_s']:.3f} / {overhead['step_without_teachers_s']:.3f} = {ceiling:.2f}x) and this short run "
                  f"{cache['speedup_whole_run']:.2f}x; the longer the run, the closer to {cache['speedup_later_epochs']:.2f}x (FKD reports 2-4x "
                  "with ImageNet-size teachers, where the teachers' share of the step is larger).")
-    notes.append(f"Its accuracy cost here is {accuracy_cost:.2f} points" + (", within noise" if abs(accuracy_cost) < 0.5 else "")
-                 + ": the targets are exact up to fp16 (10 classes, all kept), and the cost to expect on long runs is the loss of augmentation "
+    kept = "10 classes, all kept: exact up to fp16" if top_k >= 10 else f"the top {top_k} of 10 classes kept in fp16, the rest spread evenly"
+    notes.append(f"Its accuracy cost here is {mean_std(costs, 2)} points" + (", within noise" if abs(accuracy_cost) < 0.5 else "")
+                 + f" (targets: {kept}), and the cost to expect on long runs is the loss of augmentation "
                  "diversity (each image is only ever seen in `--cache-crops` crops).")
 
     stages = "\n".join(f"    {command}" for command in raw["commands"][:4])
@@ -286,9 +316,9 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
         f"On the offline default data, Fashion-MNIST at 32px (ResNet stride-4 stem), batch 64, it runs the demo's commands "
         f"(into `runs/bench/meal/`):\n\n{stages}\n\n"
         f"then, in-process, a control (the student init trained {raw.get('control_steps', 200)} more steps on the labels with cross-entropy, "
-        "MEAL's optimiser and schedule), one step timed with and without the teachers, and two "
+        "MEAL's optimiser and schedule), one step timed with and without the teachers, and "
         f"{args['subset_epochs']}-epoch MEAL runs on a {args['subset_train']}-image subset with and without "
-        f"`--cache-teacher-logits --cache-crops {crops}`"
+        f"`--cache-teacher-logits --cache-crops {crops} --cache-top-k {top_k}` ({seed_text})"
         + ("" if by_hand else ", and `seed-distill --config configs/demo/meal.yaml --discriminator off|minimax` with the same teachers and init")
         + f". It took {raw['bench_wall_s'] / 60:.1f} min"
         + f" (load average about {raw['load_average_before'][0]:.0f}), one torch thread per process (`--threads {raw['threads']}`; at load 6, "
@@ -327,6 +357,8 @@ def main() -> None:
     parser.add_argument("--subset-val", type=int, default=2000)
     parser.add_argument("--subset-epochs", type=int, default=6)
     parser.add_argument("--cache-crops", type=int, default=2)
+    parser.add_argument("--cache-top-k", type=int, default=3, help="classes kept per cached target (below the 10 classes: the top-k path)")
+    parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the cache experiment (mean ± std)")
     parser.add_argument("--rounds", type=int, default=8, help="timed steps per variant of the KD overhead")
     parser.add_argument("--from-json", type=Path, help="no training: write the result from the raw numbers of an earlier run")
     args = parser.parse_args()

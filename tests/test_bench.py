@@ -108,3 +108,21 @@ def test_the_benchmarked_seed_step_enqueues_as_training_does():
         assert int(queue.bank_ptr) == 8 and module._pending == []
         step()
         assert int(queue.bank_ptr) == 16 and torch.allclose(queue.bank[8:16], expected, atol=1e-5)
+
+
+def test_meal_bench_reports_the_cache_over_seeds_with_top_k_below_the_classes():
+    """bench/meal_bench.py renders mean ± std over --seeds and names --cache-top-k (below the 10 classes: the top-k path);
+    results measured before (one run per variant) still render."""
+    import copy
+
+    from bench.meal_bench import read_raw, to_result
+
+    old = read_raw(ROOT / "bench" / "results" / "meal.json")
+    assert "top-10 of 10" in to_result(old)["tables"][2]["rows"][1][0]
+    raw = copy.deepcopy(old)
+    raw["args"].update(cache_top_k=3, seeds="0,1,2")
+    for name in ("subset-teachers", "subset-cached"):
+        raw["cache"][name] = [{**old["cache"][name], "seed": seed, "train_s": old["cache"][name]["train_s"] + seed} for seed in range(3)]
+    table = to_result(raw)["tables"][2]
+    assert "--cache-top-k 3" in table["caption"] and "mean ± std over seeds 0, 1, 2" in table["caption"]
+    assert table["rows"][1][0] == "cached, top-3 of 10 classes" and table["rows"][1][3] == f"{old['cache']['subset-cached']['train_s'] + 1:.1f} ± 1.0"
