@@ -34,9 +34,22 @@ def test_tiny_teacher_temperature_is_one_hot_on_the_own_embedding():
     assert torch.allclose(seed_loss(s, t, queue, 0.2, 1e-4), infonce, atol=1e-5)
 
 
-def test_student_equal_to_teacher_minimises_at_equal_temperatures():
-    torch.manual_seed(2)
-    t, queue = F.normalize(torch.randn(3, 8), dim=1), F.normalize(torch.randn(20, 8), dim=1)
-    s = F.normalize(torch.randn(3, 8), dim=1, eps=1e-12).requires_grad_()
-    at_teacher = seed_loss(t, t, queue, 0.5, 0.5)
-    assert seed_loss(s, t, queue, 0.5, 0.5) > at_teacher
+def _soft_cross_entropy(target_logits: list[float], student_logits: list[float]) -> float:
+    """-sum_j softmax(target)_j log softmax(student)_j, written out."""
+    target_z = sum(math.exp(v) for v in target_logits)
+    log_z = math.log(sum(math.exp(v) for v in student_logits))
+    return -sum(math.exp(t) / target_z * (s - log_z) for t, s in zip(target_logits, student_logits, strict=True))
+
+
+def test_seed_loss_exact_values_pin_the_positive_column_the_mean_and_each_temperature():
+    """Two rows, tau_s = 0.5 and tau_t = 0.25: column 0 is s.t for the student and t.t = 1 for the teacher, tau_s divides only
+    the student's logits and tau_t only the teacher's, and the rows are averaged (not summed)."""
+    s = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    t = torch.tensor([[0.6, 0.8], [0.8, -0.6]])
+    queue = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # row 1: student [s.t, s.q1, s.q2] / 0.5 = [0.6, 1, 0] / 0.5; teacher [t.t, t.q1, t.q2] / 0.25 = [1, 0.6, 0.8] / 0.25
+    row1 = _soft_cross_entropy([4.0, 2.4, 3.2], [1.2, 2.0, 0.0])
+    # row 2: student [-0.6, 0, 1] / 0.5; teacher [1, 0.8, -0.6] / 0.25
+    row2 = _soft_cross_entropy([4.0, 3.2, -2.4], [-1.2, 0.0, 2.0])
+    assert math.isclose(float(seed_loss(s, t, queue, 0.5, 0.25)), (row1 + row2) / 2, rel_tol=1e-6)
+    assert math.isclose((row1 + row2) / 2, 2.23802, abs_tol=1e-5)  # the number itself, so the formula above cannot drift with the code
