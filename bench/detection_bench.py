@@ -135,7 +135,7 @@ def main() -> None:
                     "resume": "never", "accelerator": "cpu", "output": str(work / "runs" / f"{key}-{seed}"), "checkpoint_every": 0,
                 })
                 results = detect(config)
-                runs[key].append({k: results["metrics"][k] for k in METRICS} | {"seed": seed, "time_s": results["time_s"]["total"]})
+                runs[key].append({k: results["metrics"][k] for k in METRICS} | {"seed": seed, "time_s": results["seconds"]})
         total_s = time.time() - started
     finally:
         if not args.work:

@@ -14,6 +14,7 @@ PROTOCOLS = {
     "semi": ("downstream.semi", "1%/10% labels (SimCLR split files or a balanced subset): linear on features, or --finetune"),
     "transfer": ("downstream.transfer", "linear probe on another dataset (cifar10, cifar100, stl10, ImageFolder)"),
     "detection": ("downstream.detection", "VOC/COCO detection with the backbone (detectron2 when installed, else torchvision)"),
+    "compare": ("downstream.compare", "several networks under one protocol (kNN k=200/20, fast linear), random init of each architecture as a row"),
     "report": ("downstream.report", "collect results.json files below a folder into a Markdown table and a PNG bar chart"),
 }
 

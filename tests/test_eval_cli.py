@@ -148,7 +148,7 @@ def image_folder(root: Path, splits: dict[str, list[str]]) -> Path:
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["nope"], "unknown protocol 'nope'; choose one of: knn, linear, semi, transfer, detection, report"),
+        (["nope"], "unknown protocol 'nope'; choose one of: knn, linear, semi, transfer, detection, compare, report"),
         ([], "no protocol given"),
         (["knn", "--arch", "r50"], "of a r50 backbone (198 keys missing); check --arch"),
         (["knn", "--checkpoint", "missing.pt"], "checkpoint missing.pt does not exist"),
