@@ -50,6 +50,7 @@ def pretrain(config: PretrainConfig) -> Path:
     module = method(config, num_classes=len(train_set.classes))
     trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
     if trainer.is_global_zero:
+        module.settle_batchnorm(monitor[0])
         head, embed_dim, extra = module.exported_head() if isinstance(module, Supervised) else (module.projection_head, config.embed_dim, None)
         export_model(
             run_dir / "teacher.pt", config.arch, module.backbone, head, embed_dim,

@@ -89,6 +89,8 @@ class TrainConfig(CommonConfig):
     knn_bank_size: int = _help("train images in the monitor's kNN bank", 5000)
     knn_query_size: int = _help("val images the monitor classifies", 1000)
     knn_k: int = _help("neighbours of the monitor's kNN vote", 200)
+    precise_bn_images: int = _help("recompute BatchNorm statistics over this many train images (eval transform) before each kNN monitor "
+                                   "and before the export (PreciseBN; 0: keep the running averages of training)", 1024)
 
 
 @dataclasses.dataclass

@@ -6,6 +6,8 @@ the kNN monitor, and the queues' place in checkpoints.
 """
 
 import dataclasses
+import itertools
+import math
 from typing import Any
 
 import pytorch_lightning as pl
@@ -14,7 +16,9 @@ import torch.nn.functional as F
 from lightly.models.modules.memory_bank import MemoryBankModule
 from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
-from torch import Tensor
+from torch import Tensor, nn
+from torch.optim.swa_utils import update_bn
+from torch.utils.data import DataLoader
 
 from seed.backbones import create_backbone
 from seed.config import TrainConfig
@@ -48,7 +52,29 @@ class TrainModule(pl.LightningModule):
         schedule = CosineWarmupScheduler(optimizer, warmup_epochs=warmup, max_epochs=max(total, 1), end_value=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+    def evaluated(self) -> nn.Module:
+        """What is exported and evaluated: the backbone, then the projection head when the method has one."""
+        heads = [m for m in (getattr(self, name, None) for name in ("projection_head", "head")) if isinstance(m, nn.Module)]
+        return nn.Sequential(self.backbone, *heads[:1])
+
+    def settle_batchnorm(self, loader: DataLoader) -> int:
+        """PreciseBN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", sec. 3): the BatchNorm statistics of backbone
+        and head recomputed as a plain average over the first ``--precise-bn-images`` images of ``loader`` (train images,
+        eval transform). The running averages kept while training describe augmented views and lag the weights (MobileNetV3's
+        momentum 0.01 remembers its random-init statistics for hundreds of steps); evaluation reads centre crops of
+        the final weights. Training itself is unchanged: train-mode BatchNorm uses batch statistics. Returns the images used.
+        """
+        images = self.config.precise_bn_images
+        if images <= 0:
+            return 0
+        batches = math.ceil(images / (loader.batch_size or 1))
+        update_bn(itertools.islice(loader, batches), self.evaluated(), device=self.device)
+        return min(images, batches * (loader.batch_size or 1), len(loader.dataset))
+
     # kNN monitor: dataloader 0 is the bank (train images), 1 the queries (val images).
+    def on_validation_start(self) -> None:
+        self.settle_batchnorm(self.trainer.val_dataloaders[0])
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
         self._monitor[dataloader_idx].append((F.normalize(self.backbone(images), dim=1), labels))
