@@ -4,19 +4,18 @@ import dataclasses
 from pathlib import Path
 
 import pytorch_lightning as pl
-import torch
 
 from pretrain.mocov2 import MoCoV2
 from pretrain.simclr import SimCLR
 from pretrain.supervised import Supervised, report
-from seed.backbones import create_backbone, feature_dim
+from seed.backbones import feature_dim
 from seed.checkpoints import export_model
 from seed.cli import run_cli
 from seed.config import PretrainConfig, load_config, resolve
 from seed.data import dataset_for, view_transform
 from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
 from seed.errors import SeedError
-from seed.knn import compare_knn, print_knn_table
+from seed.knn import compare_knn, print_knn_table, random_inits
 
 METHODS = {"mocov2": MoCoV2, "simclr": SimCLR, "supervised": Supervised}
 
@@ -50,15 +49,14 @@ def pretrain(config: PretrainConfig) -> Path:
     module = method(config, num_classes=len(train_set.classes))
     trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
     if trainer.is_global_zero:
-        module.settle_batchnorm(monitor[0])
-        head, embed_dim, extra = module.exported_head() if isinstance(module, Supervised) else (module.projection_head, config.embed_dim, None)
+        settled = module.settled_copy(monitor[0])
+        head, embed_dim, extra = module.exported_head() if isinstance(module, Supervised) else (settled[1], config.embed_dim, None)
         export_model(
-            run_dir / "teacher.pt", config.arch, module.backbone, head, embed_dim,
+            run_dir / "teacher.pt", config.arch, settled[0], head, embed_dim,
             config.method, dataclasses.asdict(config), bool(config.small_images), extra,
         )
-        torch.manual_seed(config.seed)
-        random_init = create_backbone(config.arch, small_images=bool(config.small_images))
-        scores = compare_knn({f"{config.arch} random init": random_init, f"{config.arch} {config.method}": module.backbone}, config, len(train_set.classes),
+        random_init = random_inits(config.arch, bool(config.small_images))
+        scores = compare_knn({f"{config.arch} random init": random_init, f"{config.arch} {config.method}": settled[0]}, config, len(train_set.classes),
                              monitor)
         print_knn_table(scores, config, run_dir)
         if isinstance(module, Supervised):

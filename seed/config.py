@@ -81,6 +81,7 @@ class TrainConfig(CommonConfig):
     warmup_epochs: float | None = _help("epochs of linear warm-up before the cosine schedule (default: the method's)")
     crop_min_scale: float | None = _help("smallest random crop, as a fraction of the image (default: the augmentation recipe's)")
     checkpoint_every: int = _help("also write last.ckpt every N optimiser steps", 500)
+    keep_checkpoints: bool = _help("also keep a copy of each epoch's last.ckpt as checkpoints/epoch-E.ckpt (learning curves)", False)
     deterministic: bool = _help("deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical GPU runs and resumes, "
                                 "slower; CPU runs are already", False)
     resume: str = _help("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto", ("auto", "never"), or_file=True)

@@ -120,9 +120,10 @@ class LastCheckpoint(Callback):
     (``sampler``, set by :func:`fit`) to start there.
     """
 
-    def __init__(self, run_dir: Path, every_n_steps: int) -> None:
+    def __init__(self, run_dir: Path, every_n_steps: int, keep_epochs: bool = False) -> None:
         self.path = run_dir / LAST
         self.every_n_steps = every_n_steps
+        self.keep_epochs = keep_epochs
         self.sampler: EpochSampler | None = None
         self.saved_step: int | None = None
         self._position = {"epoch": 0, "batches": 0}
@@ -179,7 +180,13 @@ class LastCheckpoint(Callback):
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if trainer.fit_loop.epoch_loop.batch_progress.is_last_batch:  # not a stop at --max-steps, saved above
-            self.save(trainer, trainer.fit_loop.epoch_progress.current.processed, 0)
+            epoch = trainer.fit_loop.epoch_progress.current.processed
+            self.save(trainer, epoch, 0)
+            if self.keep_epochs and trainer.is_global_zero:  # a hard link: no copy, and last.ckpt is replaced, never rewritten
+                kept = self.path.parent / "checkpoints" / f"epoch-{epoch:03d}.ckpt"
+                kept.parent.mkdir(exist_ok=True)
+                kept.unlink(missing_ok=True)
+                os.link(self.path, kept)
 
 
 class SeedSteps(Callback):
@@ -305,7 +312,7 @@ def build_trainer(config: TrainConfig, run_dir: Path, val_every_steps: int | Non
     _quiet_lightning()
     multi = config.devices > 1 or config.num_nodes > 1
     validate = config.knn_every > 0 or bool(val_every_steps)
-    checkpoint = LastCheckpoint(run_dir, config.checkpoint_every)
+    checkpoint = LastCheckpoint(run_dir, config.checkpoint_every, config.keep_checkpoints)
     return pl.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,

@@ -5,6 +5,7 @@ It answers "is the network learning?" on a few thousand images in seconds.
 """
 
 import json
+import statistics
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +15,7 @@ from lightly.utils.benchmarking import knn_predict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
+from seed.backbones import create_backbone
 from seed.engine import monitor_loaders
 
 
@@ -43,25 +45,47 @@ def knn_top1(
     return 100.0 * correct / max(len(queries), 1)
 
 
-def compare_knn(backbones: dict[str, nn.Module], config: Any, num_classes: int, loaders: list[DataLoader] | None = None) -> dict[str, float]:
-    """kNN top-1 of several backbones on the same monitor subsets (e.g. trained vs random init): ``loaders``, else new ones."""
+def random_inits(arch: str, small_images: bool, seeds: int = 3) -> list[nn.Module]:
+    """``seeds`` random-init backbones of ``arch`` (``torch.manual_seed(0..seeds-1)``): the floor of every comparison."""
+    built = []
+    for seed in range(seeds):
+        torch.manual_seed(seed)
+        built.append(create_backbone(arch, small_images=small_images))
+    return built
+
+
+def compare_knn(backbones: dict[str, nn.Module | list[nn.Module]], config: Any, num_classes: int,
+                loaders: list[DataLoader] | None = None) -> dict[str, list[float]]:
+    """kNN top-1 of several backbones on the same monitor subsets (e.g. trained vs random init): ``loaders``, else new ones.
+
+    A list of backbones under one name (random init over seeds) gives one score each.
+    """
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bank_loader, query_loader = loaders or monitor_loaders(config)
     scores = {}
-    for name, backbone in backbones.items():
-        backbone = backbone.to(device)
-        bank, bank_labels = extract_features(backbone, bank_loader, device)
-        queries, query_labels = extract_features(backbone, query_loader, device)
-        scores[name] = knn_top1(bank, bank_labels, queries, query_labels, num_classes, k=config.knn_k)
+    for name, group in backbones.items():
+        scores[name] = []
+        for backbone in group if isinstance(group, list) else [group]:
+            backbone = backbone.to(device)
+            bank, bank_labels = extract_features(backbone, bank_loader, device)
+            queries, query_labels = extract_features(backbone, query_loader, device)
+            scores[name].append(knn_top1(bank, bank_labels, queries, query_labels, num_classes, k=config.knn_k))
     return scores
 
 
-def print_knn_table(scores: dict[str, float], config: Any, run_dir: Path) -> None:
-    """Print the comparison and keep it as ``knn.json`` in the run folder."""
+def print_knn_table(scores: dict[str, list[float]], config: Any, run_dir: Path) -> None:
+    """Print the comparison (mean ± std where a row has several backbones) and keep it as ``knn.json`` in the run folder.
+
+    These are the training monitor's subsets, not the evaluation protocol: the table says so, and
+    ``seed-eval compare`` gives the numbers to publish.
+    """
     (run_dir / "knn.json").write_text(json.dumps({"metric": "knn_top1", "k": config.knn_k, "bank": config.knn_bank_size,
                                                   "queries": config.knn_query_size, "scores": scores}, indent=2))
-    print(f"\nkNN top-1 (k={config.knn_k}, {config.knn_query_size} val images, {config.knn_bank_size} train images as bank)")
+    print(f"\nkNN monitor top-1 (k={config.knn_k}, {config.knn_query_size} val images, {config.knn_bank_size} train images as bank; "
+          "a training check, not the evaluation protocol: seed-eval compare gives that)")
     width = max(len(name) for name in scores) + 2
-    print(f"{'backbone':<{width}}{'top-1 %':>8}")
-    for name, value in scores.items():
-        print(f"{name:<{width}}{value:>8.2f}")
+    print(f"{'backbone':<{width}}{'top-1 %':>16}")
+    for name, values in scores.items():
+        mean, std = statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
+        cell = f"{mean:.2f} ± {std:.2f} (n={len(values)})" if len(values) > 1 else f"{mean:.2f}"
+        print(f"{name:<{width}}{cell:>16}")

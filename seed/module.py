@@ -8,6 +8,7 @@ the kNN monitor, and the queues' place in checkpoints.
 import dataclasses
 import itertools
 import math
+from copy import deepcopy as copy_module
 from typing import Any
 
 import pytorch_lightning as pl
@@ -35,6 +36,7 @@ class TrainModule(pl.LightningModule):
         self.save_hyperparameters({"config": dataclasses.asdict(config), "arch": arch, "num_classes": num_classes})
         self.backbone = create_backbone(arch, small_images=bool(config.small_images))
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {0: [], 1: []}
+        self._monitored: nn.Module | None = None
 
     def lr(self) -> float:
         """The flag, else the linear scaling rule lr = base_lr x global batch / 256 (Goyal et al. 2017)."""
@@ -52,32 +54,38 @@ class TrainModule(pl.LightningModule):
         schedule = CosineWarmupScheduler(optimizer, warmup_epochs=warmup, max_epochs=max(total, 1), end_value=0.0)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
-    def evaluated(self) -> nn.Module:
+    def evaluated(self) -> nn.Sequential:
         """What is exported and evaluated: the backbone, then the projection head when the method has one."""
         heads = [m for m in (getattr(self, name, None) for name in ("projection_head", "head")) if isinstance(m, nn.Module)]
         return nn.Sequential(self.backbone, *heads[:1])
 
-    def settle_batchnorm(self, loader: DataLoader) -> int:
-        """PreciseBN (Wu & Johnson 2021, "Rethinking 'Batch' in BatchNorm", sec. 3): the BatchNorm statistics of backbone
-        and head recomputed as a plain average over the first ``--precise-bn-images`` images of ``loader`` (train images,
-        eval transform). The running averages kept while training describe augmented views and lag the weights (MobileNetV3's
-        momentum 0.01 remembers its random-init statistics for hundreds of steps); evaluation reads centre crops of
-        the final weights. Training itself is unchanged: train-mode BatchNorm uses batch statistics. Returns the images used.
-        """
-        images = self.config.precise_bn_images
-        if images <= 0:
-            return 0
-        batches = math.ceil(images / (loader.batch_size or 1))
-        update_bn(itertools.islice(loader, batches), self.evaluated(), device=self.device)
-        return min(images, batches * (loader.batch_size or 1), len(loader.dataset))
+    @torch.no_grad()
+    def settled_copy(self, loader: DataLoader) -> nn.Sequential:
+        """A copy of :meth:`evaluated` whose BatchNorm statistics are recomputed (PreciseBN, Wu & Johnson 2021,
+        "Rethinking 'Batch' in BatchNorm", sec. 3) as a plain average over the first ``--precise-bn-images`` images of
+        ``loader`` (train images, eval transform); ``0`` copies the running averages as they are.
 
-    # kNN monitor: dataloader 0 is the bank (train images), 1 the queries (val images).
+        The running averages kept while training describe augmented views and lag the weights (MobileNetV3's momentum
+        0.01 keeps its random-init statistics for hundreds of steps); evaluation reads centre crops of the final
+        weights. The training state is never touched, so a resumed run still equals an uninterrupted one.
+        """
+        copy = copy_module(self.evaluated())
+        images = self.config.precise_bn_images
+        if images > 0:
+            batches = math.ceil(images / (loader.batch_size or 1))
+            update_bn(itertools.islice(loader, batches), copy, device=self.device)
+        return copy.eval()
+
+    # kNN monitor: dataloader 0 is the bank (train images), 1 the queries (val images), both scored with settled statistics.
     def on_validation_start(self) -> None:
-        self.settle_batchnorm(self.trainer.val_dataloaders[0])
+        self._monitored = self.settled_copy(self.trainer.val_dataloaders[0])[0]
+
+    def on_validation_end(self) -> None:
+        self._monitored = None
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        self._monitor[dataloader_idx].append((F.normalize(self.backbone(images), dim=1), labels))
+        self._monitor[dataloader_idx].append((F.normalize(self._monitored(images), dim=1), labels))
 
     def on_validation_epoch_end(self) -> None:
         gathered = []

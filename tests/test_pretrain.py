@@ -73,13 +73,27 @@ def test_pretrain_cli_writes_run_folder_and_resumes(tmp_path, tiny_args):
     teacher = load_backbone(out / "teacher.pt")
     from_ckpt = load_backbone(out / "last.ckpt")
     for key, value in teacher.state_dict().items():
-        assert torch.equal(value, from_ckpt.state_dict()[key]), key
-    assert "r18 random init" in first.stdout and "r18 mocov2" in first.stdout
+        if "running_" not in key and "num_batches_tracked" not in key:
+            assert torch.equal(value, from_ckpt.state_dict()[key]), key
+    # teacher.pt holds the BatchNorm statistics recomputed over the monitor bank's images (PreciseBN), last.ckpt the running ones
+    assert not torch.equal(teacher.bn1.running_mean, from_ckpt.bn1.running_mean)
+    assert "r18 random init" in first.stdout and "r18 mocov2" in first.stdout and "n=3" in first.stdout
 
     second = run_command("seed-pretrain", *tiny_args, "--max-steps", "5", "--output", str(out))
     assert second.returncode == 0, second.stderr[-2000:]
     assert "resuming from" in second.stdout
     assert load_file(out / "last.ckpt")["global_step"] == 5
+
+
+def test_kept_checkpoints_are_the_epoch_ends(tmp_path, tiny_args):
+    """--keep-checkpoints: each epoch's last.ckpt stays as checkpoints/epoch-E.ckpt (1,437 digits at batch 256: 5 steps an epoch)."""
+    result = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--batch-size", "256", "--epochs", "2", "--knn-every", "0",
+                         "--keep-checkpoints", "--output", str(tmp_path))
+    assert result.returncode == 0, result.stderr[-2000:]
+    kept = sorted((tmp_path / "checkpoints").iterdir())
+    assert [p.name for p in kept] == ["epoch-001.ckpt", "epoch-002.ckpt"]
+    assert [load_file(p)["global_step"] for p in kept] == [5, 10]
+    assert kept[-1].read_bytes() == (tmp_path / "last.ckpt").read_bytes()
 
 
 def test_simclr_runs(tmp_path, tiny_args):
