@@ -4,9 +4,12 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 export SEED_DATA ?= $(CURDIR)/.data
+# Where seed-eval caches features and `make teacher` keeps the reference teacher (outside the repository, kept across clones).
+export SEED_CACHE ?= $(HOME)/.cache/seed
+TEACHER_DIR := $(SEED_CACHE)/reference-teacher
 FMNIST_SYSTEM := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test lint bench bench-gpu clean
+.PHONY: setup data demo teacher test lint bench bench-gpu clean
 
 setup: $(VENV)/.installed
 
@@ -30,11 +33,16 @@ data:
 		echo "fashion-mnist missing: put the IDX files in $(SEED_DATA)/fashion-mnist or run with --download when online"; exit 1; \
 	fi
 
+# A SimCLR teacher, a SEED student, then both next to random init of their architecture (3 seeds) under one protocol.
 demo: setup data
 	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml
 	$(BIN)/seed-distill --config configs/demo/distill.yaml
-	$(BIN)/seed-eval knn
-	$(BIN)/seed-eval linear --fast
+	$(BIN)/seed-eval compare --checkpoints teacher=runs/demo/pretrain/teacher.pt,student=runs/demo/distill/student.pt --output runs/demo/compare
+
+# The reference teacher (configs/teacher/reference.yaml, about 90 min on 2 cores) in $(TEACHER_DIR), where
+# `make bench` finds it; never in git. Interrupted, the same command continues from its last.ckpt.
+teacher: setup data
+	$(BIN)/seed-pretrain --config configs/teacher/reference.yaml --output $(TEACHER_DIR)
 
 test: setup data
 	$(BIN)/ruff check .

@@ -32,8 +32,8 @@ def register(name: str, script: str, cpu_args: list[str], gpu_args: list[str] | 
         OPTIONAL.add(name)
 
 
-register("quality", "bench/quality.py", [])
-register("quality_mocov2", "bench/quality.py", ["--method", "mocov2"], default=False)  # its teacher does not learn in a CPU budget
+register("quality", "bench/quality.py", [])  # needs the reference teacher: make teacher
+register("teacher_curve", "bench/teacher_curve.py", [])
 GPU_SPEED = ["--device", "cuda", "--image-size", "224", "--batch-size", "256", "--rounds", "10"]
 register("distill_speed", "bench/distill_speed.py", ["--threads", "1", "--rounds", "8"], [*GPU_SPEED, "--pairs", "r50:r18,r50x2:mbv3l"])
 register("queue", "bench/queue_bench.py", ["--threads", "1", "--rounds", "6"], GPU_SPEED)

@@ -30,6 +30,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+#: `make teacher` writes the reference teacher here (configs/teacher/reference.yaml); never in git.
+MAKE_TEACHER = "make teacher"
+
+
+def reference_teacher_dir() -> Path:
+    """``$SEED_CACHE/reference-teacher`` (default ``~/.cache/seed/reference-teacher``), where ``make teacher`` trains."""
+    return Path(os.environ.get("SEED_CACHE") or Path.home() / ".cache" / "seed") / "reference-teacher"
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:

@@ -1,31 +1,27 @@
-"""Does distillation help a small student? The paper's claim, on the offline default data.
+"""Does SEED give a small student more than its own self-supervision? The paper's claim, on the offline default data.
 
-For each seed, with the recipes in ``configs/bench/``:
+The teacher is the reference teacher of ``make teacher`` (configs/teacher/reference.yaml, a
+ResNet-18 SimCLR run of 20 epochs, cached in ``$SEED_CACHE/reference-teacher``); a weaker
+teacher is the same run after fewer epochs (``--weak-epoch``, its kept checkpoint with
+PreciseBN statistics), which gives the second point on the "stronger teacher, better student" axis.
+For each student architecture and seed, with the same budget of training time per student
+(the steps in ``configs/bench/quality_<arch>_{simclr,seed}.yaml`` are set so that both take
+about the same minutes on 2 cores; the table shows the minutes measured):
 
-1. a teacher trained with ``seed-pretrain --method M``;
-2. the student, a ResNet-18, trained with ``seed-pretrain --method M`` alone, for as many steps as (3);
-3. the student distilled with ``seed-distill`` (SEED) from the teacher of (1).
+1. the student trained with SimCLR alone (the teacher's recipe);
+2. the student distilled with SEED from the reference teacher;
+3. the student distilled with SEED from the weaker teacher.
 
-M is SimCLR by default, with a ResNet-18 teacher trained twice the student's steps.
-``--method mocov2`` runs MoCo v2 with a ResNet-34 teacher (the issue's setting; its
-short-run recipe needs BatchNorm in the head, see ``configs/bench/quality_teacher_mocov2.yaml``);
-measured on 3 seeds, that teacher still scores below its own random init after 300 CPU
-steps, so it cannot show what distillation does. A ResNet-34 SimCLR teacher did not
-learn either (``configs/bench/quality_teacher_simclr.yaml``).
+Every network, random init of each architecture (3 seeds) and the teachers included, is scored
+by ``seed-eval compare``'s protocol (downstream/compare.py): the whole train split as kNN bank and
+probe training set, the whole val split as queries, kNN k = 200 and 20 (tau 0.07), the fast
+linear probe. Results: ``bench/results/quality.json``.
 
-Every network is then scored the same way, in this process: kNN top-1 (k = 200,
-tau = 0.07, seed-eval's vote) and the fast linear probe (seed-eval linear --fast's
-``fit_linear``) on frozen centre-crop features of a fixed train subset (bank /
-probe training set) and the whole val split. The runs' kNN monitors give the
-curves of (2) and (3) against training steps. Results: ``bench/results/quality.json``
-(``quality_mocov2.json`` with ``--method mocov2``).
-
-    python -m bench.quality                    # 3 seeds (make bench)
-    python -m bench.quality --seeds 0 --quick  # a smoke run: minutes
+    python -m bench.quality                        # 3 seeds, students r18 and mbv3l (make bench)
+    python -m bench.quality --seeds 0 --students r18 --quick   # a smoke run: minutes, not a result
 """
 
 import argparse
-import csv
 import os
 import subprocess
 import sys
@@ -33,31 +29,18 @@ import time
 from pathlib import Path
 
 import torch
-from torch.utils.data import Subset
 
-from bench.common import ROOT, mean_std, write_result
-from downstream.features import Features, extract
-from downstream.knn import knn_metrics
-from downstream.linear import FAST_LR, evaluate_head, fit_linear
-from seed.backbones import create_backbone
-from seed.checkpoints import load_encoder
-from seed.data import eval_transform, load_dataset
+from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, write_result
+from downstream.compare import METRICS, CompareConfig, Protocol, Row, open_file, random_init_file, small_image_stem
+from seed.checkpoints import export_model, load_encoder
+from seed.config import PretrainConfig, load_config
+from seed.engine import monitor_loaders
+from seed.module import precise_bn
 
 CONFIGS = ROOT / "configs" / "bench"
 RUNS = ROOT / "runs" / "bench" / "quality"
 BIN = Path(sys.executable).parent
-
-METHODS = {"simclr": "SimCLR", "mocov2": "MoCo v2"}
-DEFAULT_METHOD = "simclr"
-SAME_ARCH_NOTE = ("The teacher has the student's architecture, trained twice as long: a larger one does not learn in this CPU budget "
-                  "(a ResNet-34 SimCLR teacher stayed at its random-init kNN; the ResNet-34 MoCo v2 teacher of `quality_mocov2` "
-                  "scores below it).")
-# row key -> (label, command, config, exported file); {method} is the --method
-ROWS = {
-    "teacher": ("teacher: {teacher} {name}", "seed-pretrain", "quality_teacher_{method}.yaml", "teacher.pt"),
-    "student_alone": ("student: {student} {name} alone", "seed-pretrain", "quality_student_{method}.yaml", "teacher.pt"),
-    "student_seed": ("student: {student} SEED from that teacher", "seed-distill", "quality_student_seed.yaml", "student.pt"),
-}
+QUICK = ["--max-steps", "4", "--knn-every", "0", "--knn-bank-size", "256", "--knn-query-size", "128", "--precise-bn-images", "256"]
 
 
 def run(command: list[str], log: Path, threads: int) -> float:
@@ -73,152 +56,110 @@ def run(command: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def train(key: str, method: str, seed: int, extra: list[str], threads: int, reuse: bool) -> tuple[Path, float]:
-    """Train one row's network for ``seed``; returns its run folder and wall time (NaN for a reused run)."""
-    _, command, config, exported = ROWS[key]
-    config = config.format(method=method)
-    folder = RUNS / method / f"seed{seed}" / key
-    if reuse and (folder / exported).is_file():
-        print(f"reusing {folder / exported}", flush=True)
-        return folder, float("nan")
-    args = [command, "--config", str(CONFIGS / config), "--seed", str(seed), "--output", str(folder), "--resume", "never", *extra]
-    return folder, run(args, folder.with_suffix(".log"), threads)
-
-
-def knn_curve(folder: Path) -> dict[int, float]:
-    """kNN top-1 of the run's monitor by training step, from its CSV log."""
-    curve = {}
-    with open(folder / "logs" / "metrics.csv") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("knn_top1"):
-                curve[int(row["step"])] = float(row["knn_top1"])
-    return curve
-
-
-class Scorer:
-    """kNN and fast-linear top-1 of a frozen backbone on fixed train/val images."""
-
-    def __init__(self, data: str, image_size: int, train_images: int, val_images: int | None, linear_epochs: int) -> None:
-        transform = eval_transform(image_size)
-        train = load_dataset(data, "train", transform=transform)
-        order = torch.randperm(len(train), generator=torch.Generator().manual_seed(0))[:train_images]
-        self.train = Subset(train, order.tolist())
-        val = load_dataset(data, "val", transform=transform)
-        self.val = Subset(val, range(min(val_images or len(val), len(val))))
-        self.classes = len(train.classes)
-        self.linear_epochs = linear_epochs
-
-    def features(self, backbone: torch.nn.Module) -> tuple[Features, Features]:
-        return (extract(backbone, self.train, 256, 0, torch.device("cpu"), "train features"),
-                extract(backbone, self.val, 256, 0, torch.device("cpu"), "val features"))
-
-    def score(self, backbone: torch.nn.Module) -> dict[str, float]:
-        train, val = self.features(backbone)
-        knn = knn_metrics(train.features, train.labels, val.features, val.labels, self.classes, ks=(200,), backend="torch")
-        epochs = self.linear_epochs
-        head = fit_linear(train, self.classes, epochs, lr=FAST_LR, milestones=[round(0.6 * epochs), round(0.8 * epochs)])
-        return {"knn": knn["top1_k200"], "linear": evaluate_head(head, val)["top1"]}
-
-
-def cell(values: list[float]) -> str:
-    mean, std = mean_std(values)
-    return f"{mean:.2f} ± {std:.2f}" if len(values) > 1 else f"{mean:.2f}"
+def teachers(weak_epoch: int) -> dict[str, Path]:
+    """The reference teacher and its weaker self (the run after ``weak_epoch`` epochs, exported with PreciseBN statistics)."""
+    run_dir = reference_teacher_dir()
+    strong = run_dir / "teacher.pt"
+    kept = run_dir / "checkpoints" / f"epoch-{weak_epoch:03d}.ckpt"
+    if not strong.is_file() or not kept.is_file():
+        sys.exit(f"no reference teacher in {run_dir} (teacher.pt and checkpoints/epoch-{weak_epoch:03d}.ckpt); build it with `{MAKE_TEACHER}` "
+                 "(about 90 min on 2 cores, resumable), then run this benchmark again")
+    weak = run_dir / f"teacher-epoch{weak_epoch:03d}.pt"
+    if not weak.is_file() or weak.stat().st_mtime < kept.stat().st_mtime:
+        config = load_config(PretrainConfig, ["--config", str(run_dir / "config.yaml")], "quality", "")
+        backbone, head, _ = load_encoder(kept)
+        settled = precise_bn(torch.nn.Sequential(backbone, head), monitor_loaders(config)[0], config.precise_bn_images)
+        export_model(weak, config.arch, settled[0], settled[1], config.embed_dim, config.method, {"epochs": weak_epoch}, bool(config.small_images))
+    return {"strong": strong, "weak": weak}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--method", default=DEFAULT_METHOD, choices=sorted(METHODS), help="self-supervised method of the teacher and of the student alone")
-    parser.add_argument("--quick", action="store_true", help="a smoke run: 20 steps per network, small eval")
-    parser.add_argument("--train-images", type=int, default=10000, help="train images in the kNN bank / linear probe's training set")
-    parser.add_argument("--linear-epochs", type=int, default=30)
+    parser.add_argument("--students", default="r18,mbv3l", help="student architectures (configs/bench/quality_<arch>_{simclr,seed}.yaml)")
+    parser.add_argument("--weak-epoch", type=int, default=5, help="the weaker teacher: the reference run after this many epochs")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per student (not a result)")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
-    parser.add_argument("--reuse", action="store_true", help="keep finished runs under runs/bench/quality (only after the same recipes)")
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
-    extra = ["--max-steps", "20", "--knn-every-steps", "10", "--knn-bank-size", "500", "--knn-query-size", "200"] if args.quick else []
+    students = [s for s in args.students.split(",") if s]
     torch.set_num_threads(args.threads)
-    keys = list(ROWS)
     started = time.perf_counter()
+    teacher_files = teachers(args.weak_epoch)
+    variants = {  # row key -> (label, command, config, teacher, exported file)
+        "alone": ("{arch} SimCLR alone", "seed-pretrain", "quality_{arch}_simclr.yaml", None, "teacher.pt"),
+        "seed": ("{arch} SEED from the reference teacher", "seed-distill", "quality_{arch}_seed.yaml", "strong", "student.pt"),
+        "seed_weak": (f"{{arch}} SEED from the teacher at epoch {args.weak_epoch}", "seed-distill", "quality_{arch}_seed.yaml", "weak", "student.pt"),
+    }
+    files: dict[tuple[str, str], list[str]] = {}
+    minutes: dict[tuple[str, str], list[float]] = {}
+    for arch in students:
+        for seed in seeds:
+            for key, (_, command, config, teacher, exported) in variants.items():
+                folder = RUNS / arch / f"seed{seed}" / key
+                extra = ["--teacher-checkpoint", str(teacher_files[teacher])] if teacher else []
+                argv = [command, "--config", str(CONFIGS / config.format(arch=arch)), "--seed", str(seed), "--output", str(folder),
+                        "--resume", "never", *extra, *(QUICK if args.quick else [])]
+                minutes.setdefault((arch, key), []).append(run(argv, folder.with_suffix(".log"), args.threads) / 60)
+                files.setdefault((arch, key), []).append(str(folder / exported))
 
-    folders: dict[tuple[str, int], Path] = {}
-    times: dict[str, list[float]] = {key: [] for key in keys}
-    for seed in seeds:
-        for key in keys:
-            teacher = ["--teacher-checkpoint", str(folders["teacher", seed] / "teacher.pt")] if key == "student_seed" else []
-            folder, seconds = train(key, args.method, seed, extra + teacher, args.threads, args.reuse)
-            folders[key, seed] = folder
-            times[key].append(seconds)
+    config = CompareConfig(num_workers=0, epochs=3 if args.quick else 100)
+    protocol = Protocol(config)
+    rows: list[tuple[Row, str]] = []
 
-    scorer = Scorer("fashion-mnist", 32, 500 if args.quick else args.train_images, 500 if args.quick else None, 3 if args.quick else args.linear_epochs)
-    scores: dict[str, list[dict[str, float]]] = {key: [] for key in keys}
-    random_init: dict[str, list[dict[str, float]]] = {}
-    scored_init: set[tuple[str, int]] = set()  # teacher and student may share an architecture: one random init per seed
-    for (key, seed), folder in folders.items():
-        backbone, _, _ = load_encoder(folder / ROWS[key][3], use_head=False)
-        scores[key].append(scorer.score(backbone))
-        if key in ("teacher", "student_alone") and (backbone.arch, seed) not in scored_init:
-            scored_init.add((backbone.arch, seed))
-            torch.manual_seed(seed)
-            random_init.setdefault(backbone.arch, []).append(scorer.score(create_backbone(backbone.arch, small_images=False)))
+    def score(label: str, paths: list[str], note: str = "") -> Row:
+        row = Row(label)
+        for path in paths:
+            print(f"scoring {label}: {path}", flush=True)
+            row.scores.append(protocol.score(open_file(path)))
+            row.files.append(path)
+        rows.append((row, note))
+        return row
 
-    config_names = {key: ROWS[key][2].format(method=args.method) for key in keys}
-    teacher_arch = load_encoder(folders["teacher", seeds[0]] / "teacher.pt", use_head=False)[0].arch
-    student_arch = load_encoder(folders["student_seed", seeds[0]] / "student.pt", use_head=False)[0].arch
-    rows = []
-    for arch, values in random_init.items():
-        rows.append([f"{arch} random init", cell([v["knn"] for v in values]), cell([v["linear"] for v in values]), "", ""])
-    for key in keys:
-        label = ROWS[key][0].format(teacher=teacher_arch, student=student_arch, name=METHODS[args.method])
-        minutes = [t / 60 for t in times[key] if t == t]
-        rows.append([label, cell([v["knn"] for v in scores[key]]), cell([v["linear"] for v in scores[key]]),
-                     f"{sum(minutes) / len(minutes):.1f}" if minutes else "(reused)", f"`configs/bench/{config_names[key]}`"])
+    floors = {}
+    for path in [*(str(p) for p in teacher_files.values()), *(f[0] for f in files.values())]:
+        checkpoint = open_file(path)
+        floors.setdefault((checkpoint.arch, small_image_stem(checkpoint.backbone)), None)
+    for arch, small in floors:
+        floors[arch, small] = score(f"{arch} random init", [str(random_init_file(arch, small, s)) for s in range(3)])
+    strong = score("teacher: reference (r18 SimCLR, 20 epochs)", [str(teacher_files["strong"])], "`make teacher`")
+    weak = score(f"teacher: the same run after {args.weak_epoch} epochs", [str(teacher_files["weak"])], "its kept checkpoint")
+    results: dict[tuple[str, str], Row] = {}
+    for (arch, key), paths in files.items():
+        label, _, config_name, _, _ = variants[key]
+        spent = mean_std(minutes[arch, key])[0]
+        results[arch, key] = score(label.format(arch=arch), paths, f"{spent:.1f} min, `configs/bench/{config_name.format(arch=arch)}`")
 
-    curves = {key: [knn_curve(folders[key, seed]) for seed in seeds] for key in ("student_alone", "student_seed")}
-    series = []
-    for key, label in (("student_alone", f"{student_arch} {METHODS[args.method]} alone"), ("student_seed", f"{student_arch} SEED")):
-        steps = sorted(set.intersection(*(set(c) for c in curves[key])))
-        stats = [mean_std([c[s] for c in curves[key]]) for s in steps]
-        series.append({"label": label, "x": steps, "y": [m for m, _ in stats], "yerr": [s for _, s in stats]})
+    def mean(row: Row, metric: str) -> float:
+        return row.summary()[metric][0]
 
-    knn = {key: mean_std([v["knn"] for v in scores[key]])[0] for key in keys}
-    linear = {key: mean_std([v["linear"] for v in scores[key]])[0] for key in keys}
-    notes = [
-        f"SEED vs the student trained alone for the same steps: kNN {knn['student_seed'] - knn['student_alone']:+.2f}, "
-        f"linear {linear['student_seed'] - linear['student_alone']:+.2f} points (mean over {len(seeds)} seed{'s' if len(seeds) > 1 else ''}).",
-        f"SEED student vs its teacher: kNN {knn['student_seed'] - knn['teacher']:+.2f}, linear {linear['student_seed'] - linear['teacher']:+.2f} points.",
-    ]
-    baselines = ", ".join(f"{arch} {mean_std([v['knn'] for v in values])[0]:.2f}" for arch, values in random_init.items())
-    teacher_init = mean_std([v["knn"] for v in random_init[teacher_arch]])[0]
-    if knn["teacher"] < teacher_init:
-        notes.append(f"The teacher scores below its own random init (kNN {knn['teacher']:.2f} vs {teacher_init:.2f}): in this budget it has "
-                     "not learned useful features, so this table cannot show what distillation does.")
-    if teacher_arch == student_arch:
-        notes.append(SAME_ARCH_NOTE)
-    notes.append(f"Random init already scores kNN {baselines}: on Fashion-MNIST random convolutional features are strong, "
-                 "so short CPU runs move the numbers by a few points.")
-    description = (
-        f"Fashion-MNIST (the offline default), 32px, CPU; seeds {', '.join(map(str, seeds))}; mean ± std over seeds. "
-        f"Teacher {teacher_arch}, student {student_arch}; the recipes (steps, batch, lr, queue) are the YAML files named in the table, "
-        "each run as `<command> --config <file> --seed S`. Scores: kNN top-1 (k = 200, tau = 0.07) and a linear probe "
-        f"({scorer.linear_epochs} epochs on standardised frozen features, the `seed-eval linear --fast` trainer) with "
-        f"{len(scorer.train)} train images (fixed subset) as bank / probe training set and all {len(scorer.val)} val images. "
-        "The plot is the kNN monitor during training (bank of 5000 train images, 1000 val queries)."
-        + (" **Smoke run (--quick): not a result.**" if args.quick else "")
-    )
-    name = "quality" if args.method == DEFAULT_METHOD else f"quality_{args.method}"  # one result per method
-    write_result(name, {
-        "title": f"Quality: does distillation help a small student? ({METHODS[args.method]})",
-        "order": 10 if args.method == DEFAULT_METHOD else 11,
+    notes = [f"Teacher vs random init: kNN {mean(strong, 'knn_k200') - mean(floors['r18', False], 'knn_k200'):+.2f}, "
+             f"linear {mean(strong, 'linear') - mean(floors['r18', False], 'linear'):+.2f} points (the weaker one: "
+             f"{mean(weak, 'knn_k200') - mean(floors['r18', False], 'knn_k200'):+.2f} / {mean(weak, 'linear') - mean(floors['r18', False], 'linear'):+.2f})."]
+    for arch in students:
+        floor = next(row for (a, _), row in floors.items() if a == arch)
+        seed_row, alone, weak_row = results[arch, "seed"], results[arch, "alone"], results[arch, "seed_weak"]
+        notes.append(f"{arch}: SEED vs SimCLR alone on the same budget: kNN {mean(seed_row, 'knn_k200') - mean(alone, 'knn_k200'):+.2f}, "
+                     f"linear {mean(seed_row, 'linear') - mean(alone, 'linear'):+.2f}; SEED vs random init: kNN "
+                     f"{mean(seed_row, 'knn_k200') - mean(floor, 'knn_k200'):+.2f}, linear {mean(seed_row, 'linear') - mean(floor, 'linear'):+.2f}; "
+                     f"stronger vs weaker teacher: kNN {mean(seed_row, 'knn_k200') - mean(weak_row, 'knn_k200'):+.2f}.")
+    table = []
+    for row, note in rows:
+        cells = [f"{m:.2f} ± {s:.2f}" if len(row.scores) > 1 else f"{m:.2f}" for m, s in row.summary().values()]
+        table.append([row.label, str(len(row.scores)), *cells, note])
+    write_result("quality", {
+        "title": "Quality: does SEED give a small student more than its own self-supervision?",
+        "order": 10,
         "command": " ".join(["python -m bench.quality", *sys.argv[1:]]),
-        "description": description,
-        "tables": [{"caption": "", "columns": ["network", "kNN top-1 %", "linear top-1 %", "train min / run", "recipe"], "rows": rows}],
-        "plots": [{"file": f"{name}_knn_curve.png", "title": "kNN top-1 while training the student", "xlabel": "training step",
-                   "ylabel": "kNN top-1 % (monitor)", "kind": "line", "series": series}],
+        "description": (f"Fashion-MNIST 32px, CPU; seeds {', '.join(map(str, seeds))}; mean ± std over seeds (n). One protocol for every row "
+                        "(`seed-eval compare`): all 60k train images as kNN bank and probe training set, all 10k val images as queries, "
+                        "kNN k = 200 and 20 (tau 0.07, weighted vote), `seed-eval linear --fast`. Each student run gets about the same "
+                        "minutes of training (the last column: mean wall minutes per run, and its recipe)."
+                        + (" **Smoke run (--quick): not a result.**" if args.quick else "")),
+        "tables": [{"caption": "", "columns": ["network", "n", *METRICS.values(), "budget / recipe"], "rows": table}],
         "notes": notes,
-        "data": {"scores": scores, "random_init": random_init, "minutes": times, "curves": {k: [{str(s): v for s, v in c.items()} for c in cs]
-                                                                                            for k, cs in curves.items()},
-                 "wall_minutes": (time.perf_counter() - started) / 60},
+        "data": {"rows": [{"label": r.label, "files": r.files, "scores": r.scores} for r, _ in rows],
+                 "minutes": {f"{a} {k}": v for (a, k), v in minutes.items()}, "wall_minutes": (time.perf_counter() - started) / 60},
     })
 
 

@@ -59,6 +59,8 @@ class Row:
     label: str
     scores: list[dict[str, float]] = field(default_factory=list)
     files: list[str] = field(default_factory=list)
+    arch: str = ""  # with its stem: "r18", "r18 (3x3 stem)"
+    random_init: bool = False
 
     def summary(self) -> dict[str, tuple[float, float]]:
         """Mean and sample standard deviation of each metric (std 0 for a single file)."""
@@ -163,18 +165,24 @@ def compare(entries: list[tuple[str, str]], config: CompareConfig) -> tuple[list
     opened = [(label, open_file(path, config.arch)) for label, path in entries]
     rows: dict[str, Row] = {}
     for arch, small in dict.fromkeys((c.arch, small_image_stem(c.backbone)) for _, c in opened):
-        label = f"{arch} random init" + (" (3x3 stem)" if small and not arch.startswith(("mbv3", "effb")) else "")
         for seed in range(config.random_init_seeds):
-            path = random_init_file(arch, small, seed)
-            _add(rows, label, open_file(path), protocol)
+            _add(rows, f"{stem_name(arch, small)} random init", open_file(random_init_file(arch, small, seed)), protocol, random_init=True)
     for label, checkpoint in opened:
         _add(rows, label, checkpoint, protocol)
     return list(rows.values()), protocol.settings()
 
 
-def _add(rows: dict[str, Row], label: str, checkpoint: Checkpoint, protocol: Protocol) -> None:
+def stem_name(arch: str, small: bool) -> str:
+    """``r18``, or ``r18 (small-image stem)`` (ResNets: 3x3 stride-1 conv1, no max-pool; others: a stride-1 first conv)."""
+    return f"{arch} (small-image stem)" if small else arch
+
+
+def _add(rows: dict[str, Row], label: str, checkpoint: Checkpoint, protocol: Protocol, random_init: bool = False) -> None:
     print(f"scoring {label}: {checkpoint.path}", flush=True)
-    row = rows.setdefault(label, Row(label))
+    arch = stem_name(checkpoint.arch, small_image_stem(checkpoint.backbone))
+    row = rows.setdefault(label, Row(label, arch=arch, random_init=random_init))
+    if row.arch != arch:
+        raise SeedError(f"--checkpoints: the files labelled '{label}' are not one architecture ({row.arch} and {arch}); give them different labels")
     row.scores.append(protocol.score(checkpoint))
     row.files.append(str(checkpoint.path))
 
@@ -186,6 +194,19 @@ def markdown(rows: list[Row]) -> str:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row.scores) > 1 else f"{m:.2f}" for m, s in row.summary().values()]
         lines.append(f"| {row.label} | {len(row.scores)} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
+
+
+def gains(rows: list[Row]) -> list[str]:
+    """One line per trained row: its mean gain over the random-init row of the same architecture and stem, in points."""
+    floors = {r.arch: r for r in rows if r.random_init}
+    lines = []
+    for row in rows:
+        floor = floors.get(row.arch)
+        if floor is None or row.random_init:
+            continue
+        mine, base = row.summary(), floor.summary()
+        lines.append(f"{row.label} vs {floor.label}: " + ", ".join(f"{METRICS[m]} {mine[m][0] - base[m][0]:+.2f}" for m in METRICS))
+    return lines
 
 
 def evaluate(config: CompareConfig) -> dict:
@@ -207,7 +228,9 @@ def evaluate(config: CompareConfig) -> dict:
     print(f"\nOne protocol for every row: {config.data} {config.image_size}px, whole train split as bank and probe set, whole val split as queries;"
           f" kNN weighted vote tau {KNN_TAU}; linear = seed-eval linear --fast ({config.epochs} epochs). Top-1 %, mean ± std over n files.\n")
     print(table)
-    print(f"results: {run_dir / 'compare.json'}, {run_dir / 'compare.md'}")
+    for line in gains(rows):
+        print(line)
+    print(f"\nresults: {run_dir / 'compare.json'}, {run_dir / 'compare.md'}")
     return results
 
 

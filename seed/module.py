@@ -26,6 +26,23 @@ from seed.config import TrainConfig
 from seed.knn import knn_top1
 
 
+@torch.no_grad()
+def precise_bn(model: nn.Module, loader: DataLoader, images: int, device: torch.device | str = "cpu") -> nn.Module:
+    """A copy of ``model`` whose BatchNorm statistics are recomputed (PreciseBN, Wu & Johnson 2021, "Rethinking 'Batch'
+    in BatchNorm", sec. 3) as a plain average over the first ``images`` images of ``loader`` (train images, eval
+    transform), in eval mode; ``images`` 0 copies the running averages as they are.
+
+    The running averages kept while training describe augmented views and lag the weights (MobileNetV3's momentum
+    0.01 keeps its random-init statistics for hundreds of steps); evaluation reads centre crops of the final
+    weights. ``model`` itself is never touched, so a resumed run still equals an uninterrupted one.
+    """
+    copy = copy_module(model)
+    if images > 0:
+        batches = math.ceil(images / (loader.batch_size or 1))
+        update_bn(itertools.islice(loader, batches), copy, device=device)
+    return copy.eval()
+
+
 class TrainModule(pl.LightningModule):
     """Backbone + optimiser + cosine schedule + kNN monitor; subclasses add the method."""
 
@@ -59,22 +76,9 @@ class TrainModule(pl.LightningModule):
         heads = [m for m in (getattr(self, name, None) for name in ("projection_head", "head")) if isinstance(m, nn.Module)]
         return nn.Sequential(self.backbone, *heads[:1])
 
-    @torch.no_grad()
     def settled_copy(self, loader: DataLoader) -> nn.Sequential:
-        """A copy of :meth:`evaluated` whose BatchNorm statistics are recomputed (PreciseBN, Wu & Johnson 2021,
-        "Rethinking 'Batch' in BatchNorm", sec. 3) as a plain average over the first ``--precise-bn-images`` images of
-        ``loader`` (train images, eval transform); ``0`` copies the running averages as they are.
-
-        The running averages kept while training describe augmented views and lag the weights (MobileNetV3's momentum
-        0.01 keeps its random-init statistics for hundreds of steps); evaluation reads centre crops of the final
-        weights. The training state is never touched, so a resumed run still equals an uninterrupted one.
-        """
-        copy = copy_module(self.evaluated())
-        images = self.config.precise_bn_images
-        if images > 0:
-            batches = math.ceil(images / (loader.batch_size or 1))
-            update_bn(itertools.islice(loader, batches), copy, device=self.device)
-        return copy.eval()
+        """:meth:`evaluated` with PreciseBN statistics over ``--precise-bn-images`` images of ``loader`` (see :func:`precise_bn`)."""
+        return precise_bn(self.evaluated(), loader, self.config.precise_bn_images, self.device)
 
     # kNN monitor: dataloader 0 is the bank (train images), 1 the queries (val images), both scored with settled statistics.
     def on_validation_start(self) -> None:

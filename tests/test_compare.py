@@ -69,8 +69,18 @@ def test_random_init_follows_the_architecture_and_stem(tmp_path):
     path = tmp_path / "small.pt"
     export_model(path, "r18", create_backbone("r18", small_images=True), None, None, "test", {}, True)
     rows, _ = compare.compare([("small", str(path))], CompareConfig(**TINY, random_init_seeds=1))
-    assert rows[0].label == "r18 random init (3x3 stem)"
+    assert rows[0].label == "r18 (small-image stem) random init"
     assert load_backbone(rows[0].files[0]).conv1.kernel_size == (3, 3)
+
+
+def test_gains_are_over_random_init_of_the_same_architecture():
+    def row(label, arch, knn, random_init=False):
+        return compare.Row(label, [{"knn_k200": v, "knn_k20": v, "linear": v} for v in knn], arch=arch, random_init=random_init)
+
+    rows = [row("r18 random init", "r18", [70.0, 72.0], True), row("mbv3l random init", "mbv3l", [60.0], True),
+            row("teacher", "r18", [75.0]), row("student", "mbv3l", [62.5, 63.5])]
+    assert compare.gains(rows) == ["teacher vs r18 random init: kNN k=200 +4.00, kNN k=20 +4.00, linear (fast) +4.00",
+                                   "student vs mbv3l random init: kNN k=200 +3.00, kNN k=20 +3.00, linear (fast) +3.00"]
 
 
 def test_entries_and_markdown(tmp_path):
@@ -91,5 +101,6 @@ def test_cli_writes_the_table(tmp_path):
     saved = json.loads((out / "compare.json").read_text())
     assert [r["label"] for r in saved["rows"]] == ["r18 random init", "student"]
     assert "| student | 2 |" in (out / "compare.md").read_text() and "| student | 2 |" in result.stdout
+    assert "student vs r18 random init: kNN k=200 " in result.stdout
     bad = run_command("seed-eval", "compare", "--checkpoints", "nothing.pt", "--data", "digits")
     assert bad.returncode == 2 and "nothing.pt is not a file" in bad.stderr
