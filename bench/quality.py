@@ -56,9 +56,8 @@ def run(command: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def teachers(weak_epoch: int) -> dict[str, Path]:
-    """The reference teacher and its weaker self (the run after ``weak_epoch`` epochs, exported with PreciseBN statistics)."""
-    run_dir = reference_teacher_dir()
+def teachers(weak_epoch: int, run_dir: Path) -> dict[str, Path]:
+    """The teacher of ``run_dir`` and its weaker self (the run after ``weak_epoch`` epochs, exported with PreciseBN statistics)."""
     strong = run_dir / "teacher.pt"
     kept = run_dir / "checkpoints" / f"epoch-{weak_epoch:03d}.ckpt"
     if not strong.is_file() or not kept.is_file():
@@ -79,13 +78,23 @@ def main() -> None:
     parser.add_argument("--students", default="r18,mbv3l", help="student architectures (configs/bench/quality_<arch>_{simclr,seed}.yaml)")
     parser.add_argument("--weak-epoch", type=int, default=5, help="the weaker teacher: the reference run after this many epochs")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per student (not a result)")
+    parser.add_argument("--teacher-config", help="train the teacher here with this config (kept epoch checkpoints) instead of "
+                                                 "reading the reference teacher of `make teacher` (the GPU run: configs/bench/gpu/teacher_r50.yaml)")
+    parser.add_argument("--configs", default=str(CONFIGS), help="folder of the student recipes quality_<arch>_{simclr,seed}.yaml")
+    parser.add_argument("--name", default="quality", help="result name: bench/results/<name>.json")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     students = [s for s in args.students.split(",") if s]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
-    teacher_files = teachers(args.weak_epoch)
+    teacher_dir = reference_teacher_dir()
+    if args.teacher_config:
+        teacher_dir = RUNS / "teacher"
+        run(["seed-pretrain", "--config", args.teacher_config, "--output", str(teacher_dir), "--resume", "never", "--keep-checkpoints"],
+            teacher_dir.with_suffix(".log"), args.threads)
+    teacher_files = teachers(args.weak_epoch, teacher_dir)
+    teacher_label = load_encoder(teacher_files["strong"], use_head=False)[0].arch
     variants = {  # row key -> (label, command, config, teacher, exported file)
         "alone": ("{arch} SimCLR alone", "seed-pretrain", "quality_{arch}_simclr.yaml", None, "teacher.pt"),
         "seed": ("{arch} SEED from the reference teacher", "seed-distill", "quality_{arch}_seed.yaml", "strong", "student.pt"),
@@ -98,7 +107,7 @@ def main() -> None:
             for key, (_, command, config, teacher, exported) in variants.items():
                 folder = RUNS / arch / f"seed{seed}" / key
                 extra = ["--teacher-checkpoint", str(teacher_files[teacher])] if teacher else []
-                argv = [command, "--config", str(CONFIGS / config.format(arch=arch)), "--seed", str(seed), "--output", str(folder),
+                argv = [command, "--config", str(Path(args.configs) / config.format(arch=arch)), "--seed", str(seed), "--output", str(folder),
                         "--resume", "never", *extra, *(QUICK if args.quick else [])]
                 minutes.setdefault((arch, key), []).append(run(argv, folder.with_suffix(".log"), args.threads) / 60)
                 files.setdefault((arch, key), []).append(str(folder / exported))
@@ -122,7 +131,7 @@ def main() -> None:
         floors.setdefault((checkpoint.arch, small_image_stem(checkpoint.backbone)), None)
     for arch, small in floors:
         floors[arch, small] = score(f"{arch} random init", [str(random_init_file(arch, small, s)) for s in range(3)])
-    strong = score("teacher: reference (r18 SimCLR, 20 epochs)", [str(teacher_files["strong"])], "`make teacher`")
+    strong = score(f"teacher: {teacher_label} SimCLR", [str(teacher_files["strong"])], args.teacher_config or f"`{MAKE_TEACHER}`")
     weak = score(f"teacher: the same run after {args.weak_epoch} epochs", [str(teacher_files["weak"])], "its kept checkpoint")
     results: dict[tuple[str, str], Row] = {}
     for (arch, key), paths in files.items():
@@ -133,9 +142,10 @@ def main() -> None:
     def mean(row: Row, metric: str) -> float:
         return row.summary()[metric][0]
 
-    notes = [f"Teacher vs random init: kNN {mean(strong, 'knn_k200') - mean(floors['r18', False], 'knn_k200'):+.2f}, "
-             f"linear {mean(strong, 'linear') - mean(floors['r18', False], 'linear'):+.2f} points (the weaker one: "
-             f"{mean(weak, 'knn_k200') - mean(floors['r18', False], 'knn_k200'):+.2f} / {mean(weak, 'linear') - mean(floors['r18', False], 'linear'):+.2f})."]
+    teacher_floor = next(row for (a, _), row in floors.items() if a == teacher_label)
+    notes = [f"Teacher vs random init: kNN {mean(strong, 'knn_k200') - mean(teacher_floor, 'knn_k200'):+.2f}, "
+             f"linear {mean(strong, 'linear') - mean(teacher_floor, 'linear'):+.2f} points (the weaker one: "
+             f"{mean(weak, 'knn_k200') - mean(teacher_floor, 'knn_k200'):+.2f} / {mean(weak, 'linear') - mean(teacher_floor, 'linear'):+.2f})."]
     for arch in students:
         floor = next(row for (a, _), row in floors.items() if a == arch)
         seed_row, alone, weak_row = results[arch, "seed"], results[arch, "alone"], results[arch, "seed_weak"]
@@ -147,11 +157,12 @@ def main() -> None:
     for row, note in rows:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row.scores) > 1 else f"{m:.2f}" for m, s in row.summary().values()]
         table.append([row.label, str(len(row.scores)), *cells, note])
-    write_result("quality", {
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    write_result(args.name, {
         "title": "Quality: does SEED give a small student more than its own self-supervision?",
         "order": 10,
         "command": " ".join(["python -m bench.quality", *sys.argv[1:]]),
-        "description": (f"Fashion-MNIST 32px, CPU; seeds {', '.join(map(str, seeds))}; mean ± std over seeds (n). One protocol for every row "
+        "description": (f"Fashion-MNIST 32px, {device}; seeds {', '.join(map(str, seeds))}; mean ± std over seeds (n). One protocol for every row "
                         "(`seed-eval compare`): all 60k train images as kNN bank and probe training set, all 10k val images as queries, "
                         "kNN k = 200 and 20 (tau 0.07, weighted vote), `seed-eval linear --fast`. Each student run gets about the same "
                         "minutes of training (the last column: mean wall minutes per run, and its recipe)."
@@ -160,7 +171,7 @@ def main() -> None:
         "notes": notes,
         "data": {"rows": [{"label": r.label, "files": r.files, "scores": r.scores} for r, _ in rows],
                  "minutes": {f"{a} {k}": v for (a, k), v in minutes.items()}, "wall_minutes": (time.perf_counter() - started) / 60},
-    })
+    }, device)
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from downstream.common import DEMO_CHECKPOINTS, Checkpoint, file_sha256, option
-from downstream.features import Features, cache_dir, cached_features, open_split
+from downstream.features import Features, cache_dir, cached_features, eval_device, open_split
 from downstream.knn import knn_metrics
 from downstream.linear import FAST_LR, ProbeConfig, evaluate_head, fit_linear, parse_milestones
 from seed.backbones import create_backbone
@@ -142,7 +142,7 @@ class Protocol:
         train, val = self.features(checkpoint)
         knn = knn_metrics(train.features, train.labels, val.features, val.labels, self.classes, KNN_KS, KNN_TAU)
         c = self.config
-        head = fit_linear(train, self.classes, c.epochs, c.batch_size, self.lr, c.momentum, c.weight_decay, self.milestones, c.seed)
+        head = fit_linear(train, self.classes, c.epochs, c.batch_size, self.lr, c.momentum, c.weight_decay, self.milestones, c.seed, eval_device(c))
         return {"knn_k200": knn["top1_k200"], "knn_k20": knn["top1_k20"], "linear": evaluate_head(head, val)["top1"]}
 
     def settings(self) -> dict:
