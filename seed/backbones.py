@@ -75,7 +75,8 @@ def _stride_one_stem(model: nn.Module) -> None:
 def _mobilenet_v3(make: Callable[[], nn.Module]) -> Builder:
     def build(small_images: bool) -> nn.Module:
         model = make()
-        # keep Linear + Hardswish (SEED's feature layer), drop Dropout and the class Linear
+        # keep Linear + Hardswish (SEED's feature layer); the Dropout before the class Linear becomes feature_dropout
+        model.feature_dropout = model.classifier[2].p
         model.classifier = nn.Sequential(model.classifier[0], model.classifier[1])
         if small_images:
             _stride_one_stem(model)
@@ -87,6 +88,7 @@ def _mobilenet_v3(make: Callable[[], nn.Module]) -> Builder:
 def _efficientnet(make: Callable[[], nn.Module]) -> Builder:
     def build(small_images: bool) -> nn.Module:
         model = make()
+        model.feature_dropout = model.classifier[0].p  # the Dropout before the class Linear
         model.classifier = nn.Identity()
         if small_images:
             _stride_one_stem(model)
@@ -130,13 +132,18 @@ def feature_dim(name: str) -> int:
 def create_backbone(name: str, small_images: bool = False) -> nn.Module:
     """Build ``name`` with random weights; maps (N, 3, H, W) images to (N, feature_dim) features.
 
-    The result carries ``.feature_dim`` and ``.arch`` (the registry name).
+    The result carries ``.feature_dim``, ``.arch`` (the registry name) and
+    ``.feature_dropout``: the dropout rate torchvision (and the official SEED
+    code) applies to the pooled features before the last Linear, 0.2 for
+    MobileNetV3 and EfficientNet-B0/B1, 0 for ResNets. The backbone does not
+    apply it (features stay deterministic); heads trained on it do.
     ``small_images=True`` adapts the stem to 32px data (CIFAR, Fashion-MNIST) so
     the last stage keeps a spatial map: ResNets get a 3x3 stride-1 ``conv1`` and
     no max-pool; MobileNetV3 and EfficientNet get a stride-1 first convolution.
     """
     build, dim = _lookup(name)
     model = build(small_images)
+    model.feature_dropout = getattr(model, "feature_dropout", 0.0)
     model.feature_dim = dim
     model.arch = name
     return model

@@ -122,6 +122,8 @@ class DistillConfig(TrainConfig):
     tau_s: float = _help("student temperature", 0.2)
     tau_t: float = _help("teacher temperature (1e-4: near one-hot, the official code's)", 1e-4)
     small_crops: int = _help("SwAV-style extra small crops per image, with their own queue (0: off; the paper's variant uses 6)", 0)
+    augmentation: str | None = _help("SEED's view recipe: mocov2, mocov1 or swav (default: the official code's for the teacher's method: "
+                                     "swav for SwAV teachers, mocov1 for SimCLR ones, else mocov2)", choices=("mocov2", "mocov1", "swav"))
     teacher_fold_bn: bool = _help("fold the teacher's BatchNorm into its convolutions (same outputs, faster)", True)
     channels_last: bool | None = _help("run the teacher in channels_last memory format (default: on GPU)")
     teachers: str | None = _help("MEAL V2: comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "

@@ -4,22 +4,30 @@ One augmented view goes to a frozen teacher and to the student; the student
 learns to reproduce the teacher's similarity distribution over a FIFO queue of
 teacher embeddings (``seed.losses.seed_loss``). The queue is updated after the
 optimiser step, so the loss reads the bank without copying it.
+
+Where the paper leaves it open, the official code (jacobswan1/SEED) decides:
+the view recipe follows the teacher's method (``--augmentation``), MobileNetV3
+and EfficientNet students drop out their features before the head, the lr warms
+up from ``base_lr`` for 5 epochs, and the small-crop queue takes one patch per image.
 """
 
 import dataclasses
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from lightly.transforms import SwaVTransform
+from lightly.transforms.multi_view_transform import MultiViewTransform
+from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
+from torch.optim.lr_scheduler import LambdaLR
 
 from seed.backbones import create_backbone, feature_dim
 from seed.checkpoints import export_model, load_encoder
 from seed.config import DistillConfig, resolve
-from seed.data import dataset_for, single_view_transform
+from seed.data import dataset_for, seed_view_transform, small_crop_transforms
 from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table
@@ -31,14 +39,29 @@ from seed.teacher import FrozenTeacher
 DEMO_TEACHER = Path("runs/demo/pretrain/teacher.pt")
 
 
+def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float) -> float:
+    """The lr factor at ``step``: linear from ``start`` to 1 over ``warmup_steps``, then lightly's cosine from 1 to 0.
+
+    SEED's official schedule (``tools/utils.py:adjust_learning_rate``) warms up
+    for 5 epochs from 0.03 to 0.03 x B/256, one step per epoch; here the ramp
+    is per optimiser step. Without warm-up this is the cosine every method uses.
+    """
+    if step < warmup_steps:
+        return start + (1.0 - start) * step / warmup_steps
+    return cosine_schedule(step - warmup_steps, total_steps - warmup_steps, 1.0, 0.0)
+
+
 class SEED(TrainModule):
     """Student backbone + MLP head trained with SEED's loss against a frozen teacher."""
 
-    DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 0.0}
+    DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 5.0}
 
     def __init__(self, config: DistillConfig, teacher: FrozenTeacher, num_classes: int) -> None:
         super().__init__(config, config.student, num_classes)
         dim = self.backbone.feature_dim
+        # the official MobileNetV3/EfficientNet students keep their Dropout(0.2) between the features and the (MLP) fc
+        rate = self.backbone.feature_dropout
+        self.dropout = nn.Dropout(rate) if rate > 0 else nn.Identity()
         self.head = nn.Sequential(nn.Linear(dim, dim), nn.ReLU(inplace=True), nn.Linear(dim, teacher.embed_dim))
         self.teacher = teacher
         self.queue = TeacherQueue(config.queue_size, teacher.embed_dim)
@@ -48,13 +71,13 @@ class SEED(TrainModule):
 
     def embed(self, images: Tensor) -> Tensor:
         """The student's L2-normalised embedding."""
-        return F.normalize(self.head(self.backbone(images)), dim=1)
+        return F.normalize(self.head(self.dropout(self.backbone(images))), dim=1)
 
-    def seed_step(self, images: Tensor, queue: TeacherQueue) -> Tensor:
-        """SEED's loss for one batch of views; the teacher embeddings wait to be enqueued."""
+    def seed_step(self, images: Tensor, queue: TeacherQueue, enqueue: int | None = None) -> Tensor:
+        """SEED's loss for one batch of views; the first ``enqueue`` teacher embeddings (all by default) wait to be enqueued."""
         teacher = self.teacher(images)
         loss = seed_loss(self.embed(images), teacher, queue.bank, self.config.tau_s, self.config.tau_t)
-        self._pending.append((queue, teacher))
+        self._pending.append((queue, teacher[:enqueue]))
         return loss
 
     def training_step(self, batch: tuple[Any, Tensor], batch_idx: int) -> Tensor:
@@ -62,9 +85,22 @@ class SEED(TrainModule):
         big, *small = views if isinstance(views, (list, tuple)) else [views]
         loss = self.seed_step(big, self.queue)
         if small:
-            loss = loss + self.seed_step(torch.cat(small), self.small_queue)
+            # crop-major rows: the first len(big) are each image's first small crop, the one patch per image
+            # the official code enqueues (small_patch_builder.py), so the queue does not fill with near-duplicates
+            loss = loss + self.seed_step(torch.cat(small), self.small_queue, enqueue=len(big))
         self.log("loss", loss, prog_bar=True)
         return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        """The base's optimiser with SEED's schedule: warm-up from ``base_lr`` (the lr of 256 images) to the
+        scaled lr over ``warmup_epochs`` (5), then cosine; nothing to warm up when the batch does not raise the lr."""
+        setup = super().configure_optimizers()
+        peak = self.lr()
+        start = min(self.config.base_lr, peak) / peak
+        total = max(int(self.trainer.estimated_stepping_batches), 1)
+        warmup = min(int(self.config.warmup_epochs * self.trainer.num_training_batches), total) if start < 1.0 else 0
+        schedule = LambdaLR(setup["optimizer"], partial(warmup_cosine, warmup_steps=warmup, total_steps=total, start=start))
+        return {**setup, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
     def optimizer_step(self, *args: Any, **kwargs: Any) -> None:
         """The step, then the enqueue: before any callback (``last.ckpt``) sees the queue."""
@@ -98,13 +134,21 @@ def check_config(config: DistillConfig) -> None:
     feature_dim(config.student)  # unknown names fail here, before any data is read
 
 
+def default_augmentation(found: str) -> str:
+    """The official code's view recipe for a teacher (its ``main.py``): SwAV's for SwAV teachers, MoCo v1's for
+    SimCLR ones, MoCo v2's otherwise. ``found`` is the checkpoint's format name, which names the method."""
+    name = found.lower()
+    if "swav" in name:
+        return "swav"
+    return "mocov1" if "simclr" in name else "mocov2"
+
+
 def train_transform(config: DistillConfig) -> Any:
-    """One MoCo v2 view; with ``--small-crops N`` lightly's SwAV multi-crop (1 big + N small)."""
+    """One view by ``--augmentation``; with ``--small-crops N`` also N small patches (1 + N views)."""
+    view = seed_view_transform(config.augmentation or "mocov2", config.image_size, config.crop_min_scale)
     if not config.small_crops:
-        return single_view_transform("mocov2", config.image_size, min_scale=config.crop_min_scale)
-    small = max(round(config.image_size * 96 / 224), 8)
-    return SwaVTransform(crop_sizes=(config.image_size, small), crop_counts=(1, config.small_crops),
-                         crop_min_scales=(0.14, 0.05), crop_max_scales=(1.0, 0.14), gaussian_blur=0.5 if config.image_size >= 96 else 0.0)
+        return view
+    return MultiViewTransform([view, *small_crop_transforms(config.image_size, config.small_crops)])
 
 
 def build_teacher(config: DistillConfig, checkpoint: str) -> tuple[FrozenTeacher, str]:
@@ -118,11 +162,12 @@ def distill(config: DistillConfig) -> Path:
     config = resolve(config, SEED.DEFAULTS)
     check_config(config)
     checkpoint = default_teacher_checkpoint(config)
+    teacher, found = build_teacher(config, checkpoint)
+    config = dataclasses.replace(config, augmentation=config.augmentation or default_augmentation(found))
     train_set = dataset_for(config, "train", train_transform(config))
     check_batch(len(train_set), config)
     monitor = monitor_loaders(config)
-    teacher, found = build_teacher(config, checkpoint)
-    print(f"teacher: {checkpoint} ({found}, {teacher.embed_dim}-d embeddings)")
+    print(f"teacher: {checkpoint} ({found}, {teacher.embed_dim}-d embeddings); views: --augmentation {config.augmentation}")
     pl.seed_everything(config.seed, workers=True, verbose=False)
     run_dir = run_folder(config, "distill", f"seed-{Path(checkpoint).stem}-{config.student}-{data_name(config)}")
     module = SEED(config, teacher, num_classes=len(train_set.classes))

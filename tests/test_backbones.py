@@ -117,3 +117,12 @@ def test_small_images_sets_first_conv_stride_to_one(name: str) -> None:
     assert model.features[0][0].stride == (1, 1)
     with torch.no_grad():
         assert model.eval()(torch.randn(2, 3, 32, 32)).shape == (2, feature_dim(name))
+
+
+@pytest.mark.parametrize("name, rate", [("r18", 0.0), ("r50", 0.0), ("mbv3l", 0.2), ("mbv3s", 0.2), ("effb0", 0.2), ("effb1", 0.2)])
+def test_feature_dropout_is_the_one_before_torchvisions_class_linear(name: str, rate: float) -> None:
+    """Recorded, not applied: heads trained on the features use it (SEED's official MobileNetV3/EfficientNet students do)."""
+    backbone = create_backbone(name, small_images=True)
+    assert backbone.feature_dropout == rate
+    tail = getattr(backbone, "classifier", None) or backbone.fc
+    assert not any(isinstance(m, nn.Dropout) for m in tail.modules())

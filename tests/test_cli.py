@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from seed.config import DistillConfig, PretrainConfig, make_config, read_yaml
+from seed.config import DistillConfig, PretrainConfig, make_config, read_yaml, resolve
 
 from .conftest import run_command
 
@@ -29,7 +29,34 @@ def test_shipped_pretrain_configs_are_valid(path):
     assert set(read_yaml(str(path))) <= set(vars(config))
 
 
-@pytest.mark.parametrize("path", sorted((CONFIGS / "distill").glob("seed_*.yaml")) + sorted((CONFIGS / "demo").glob("distill*.yaml")), ids=lambda p: p.name)
-def test_shipped_distill_configs_are_valid(path):
-    config = make_config(DistillConfig, {"config": str(path)})
-    assert config.mode == "seed"
+#: SEED's paper recipes -> (teacher file of that Table 1 row, its layout, student, reported linear top-1 quoted in the header).
+SEED_RECIPES = {
+    "seed_r50_r18.yaml": ("jianfw_mocov2_ResNet50_epoch200.pth", "MoCo v2", "r18", "57.6"),
+    "seed_r50x2_mbv3l.yaml": ("swav_RN50w2_400ep_pretrain.pth.tar", "SwAV", "mbv3l", "68.2"),
+}
+
+
+def test_every_seed_recipe_is_listed():
+    assert sorted(p.name for p in (CONFIGS / "distill").glob("seed_*.yaml")) == sorted(SEED_RECIPES)
+
+
+@pytest.mark.parametrize("name", sorted(SEED_RECIPES))
+def test_seed_recipes_name_their_teacher_and_build_the_official_views(name):
+    """Each paper recipe names the teacher checkpoint of the paper row it quotes, and trains as the official code would:
+    the teacher method's views (1 + small crops, at their sizes), lr 0.03 x B/256 with 5 warm-up epochs, the student's dropout."""
+    from PIL import Image
+
+    from seed.distill import SEED, default_augmentation, train_transform
+
+    path = CONFIGS / "distill" / name
+    checkpoint, layout, student, top1 = SEED_RECIPES[name]
+    header = path.read_text().split("\nmode:")[0]
+    assert checkpoint in header and top1 in header
+    config = resolve(make_config(DistillConfig, {"config": str(path)}), SEED.DEFAULTS)
+    assert (config.teacher_checkpoint, config.student, config.tau_s, config.tau_t, config.queue_size) == (checkpoint, student, 0.2, 1e-4, 65536)
+    assert config.augmentation == default_augmentation(layout)
+    views = train_transform(config)(Image.new("RGB", (320, 280), (90, 120, 30)))
+    views = views if isinstance(views, list) else [views]
+    assert [tuple(v.shape) for v in views] == [(3, 224, 224)] + [(3, 96, 96)] * config.small_crops
+    assert config.base_lr * config.batch_size / 256 == 0.03 and config.warmup_epochs == 5
+    assert config.epochs == (800 if config.small_crops else 200)  # SEED README: the * (SwAV, small-patch) rows distil 800 epochs

@@ -1,3 +1,6 @@
+import math
+from types import SimpleNamespace
+
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -6,7 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_backbone, load_file
 from seed.config import DistillConfig, make_config, resolve
-from seed.distill import SEED
+from seed.distill import SEED, default_augmentation
 from seed.engine import build_trainer
 from seed.losses import seed_loss
 from seed.teacher import FrozenTeacher
@@ -57,12 +60,75 @@ def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
     assert int(module.queue.bank_ptr) == (8 * 8 * 32) % 96  # every teacher embedding was enqueued
 
 
+@pytest.mark.parametrize("found, augmentation", [
+    ("SwAV", "swav"), ("SimCLR (SEED release)", "mocov1"), ("SimCLR (converted)", "mocov1"), ("seed export (simclr)", "mocov1"),
+    ("seed Lightning checkpoint (simclr)", "mocov1"), ("MoCo v2", "mocov2"), ("MoCo v1", "mocov2"), ("seed export (mocov2)", "mocov2"),
+    ("plain state_dict (torchvision)", "mocov2"),
+])
+def test_views_follow_the_teacher_method_as_in_the_official_code(found, augmentation):
+    """SEED main.py: swav_aug for SwAV teachers, simclr_aug (MoCo v1's set) for SimCLR ones, mocov2_aug for MoCo (with the MLP student)."""
+    assert default_augmentation(found) == augmentation
+
+
+@pytest.mark.parametrize("student, rate", [("mbv3l", 0.2), ("effb0", 0.2), ("r18", 0.0)])
+def test_mobilenet_and_efficientnet_students_drop_out_their_features_before_the_head(student, rate):
+    """The official MobileNetV3 / EfficientNet students keep Dropout(0.2) between the 1280-d features and their MLP fc."""
+    config = resolve(make_config(DistillConfig, {"student": student, "image_size": 16, "queue_size": 64}), SEED.DEFAULTS)
+    module = SEED(config, _conv_teacher(), num_classes=10)
+    assert (module.dropout.p if rate else 0.0) == rate
+    images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    seen: list[torch.Tensor] = []
+    module.head.register_forward_pre_hook(lambda _, args: seen.append(args[0]))
+    module.train()
+    module.backbone.eval()  # fixed features (EfficientNet's stochastic depth is random too): only the head side trains
+    features = module.backbone(images)
+    module.embed(images)
+    if rate:
+        dropped = (seen[-1] == 0) & (features != 0)
+        assert 0.1 < float(dropped.float().mean()) < 0.3  # about 20% of the 4 x 1280 features
+        assert torch.allclose(seen[-1][~dropped], features[~dropped] / (1 - rate))
+    else:
+        assert torch.equal(seen[-1], features)
+    module.eval()
+    module.embed(images)
+    assert torch.equal(seen[-1], features)  # off in eval mode
+    assert "dropout" not in "".join(module.state_dict())  # no weights: exported heads and backbones keep their keys
+
+
+def _lr_at(config: DistillConfig, steps: list[int], batches_per_epoch: int) -> list[float]:
+    """The lr SEED's scheduler sets at each of ``steps`` (optimiser steps), for a run of ``config.epochs`` epochs."""
+    module = SEED(config, _conv_teacher(), num_classes=10)
+    module.trainer = SimpleNamespace(estimated_stepping_batches=config.epochs * batches_per_epoch, num_training_batches=batches_per_epoch)
+    setup = module.configure_optimizers()
+    optimizer, schedule = setup["optimizer"], setup["lr_scheduler"]["scheduler"]
+    found = []
+    for step in range(max(steps) + 1):
+        if step in steps:
+            found.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()  # no gradients: changes nothing, keeps torch's step order
+        schedule.step()
+    return found
+
+
+def test_warm_up_from_base_lr_when_the_batch_raises_the_lr():
+    """SEED's official schedule: 5 epochs from 0.03 up to 0.03 x B/256, then cosine; at B <= 256 there is nothing to warm up."""
+    big = resolve(make_config(DistillConfig, {"batch_size": 128, "devices": 4, "epochs": 100, "image_size": 16, "queue_size": 512}), SEED.DEFAULTS)
+    assert big.warmup_epochs == 5.0
+    # 10 batches an epoch: 50 warm-up steps from 0.03 to 0.06, then lightly's cosine over the other 950 steps
+    expected = [0.03, 0.03 + 0.03 * 10 / 50, 0.045, 0.06, 0.06 * 0.5 * (1 + math.cos(math.pi * 475 / 949))]
+    assert _lr_at(big, [0, 10, 25, 50, 525], 10) == pytest.approx(expected, rel=1e-9)
+    plain = resolve(make_config(DistillConfig, {"batch_size": 256, "epochs": 100, "image_size": 16, "queue_size": 512}), SEED.DEFAULTS)
+    assert _lr_at(plain, [0, 25, 500], 10) == pytest.approx([0.03, 0.03 * 0.5 * (1 + math.cos(math.pi * 25 / 999)),
+                                                             0.03 * 0.5 * (1 + math.cos(math.pi * 500 / 999))], rel=1e-9)
+
+
 def test_seed_distill_cli_exports_student_and_resumes_with_its_queue(tmp_path, tiny_args, teacher_file):
     out = tmp_path / "run"
     args = [*tiny_args, "--teacher-checkpoint", str(teacher_file), "--queue-size", "56", "--output", str(out)]
     first = run_command("seed-distill", *args, "--max-steps", "3")
     assert first.returncode == 0, first.stderr[-2000:]
     assert "seed export (mocov2), 128-d" in first.stdout
+    assert "views: --augmentation mocov2" in first.stdout and "augmentation: mocov2" in (out / "config.yaml").read_text()
     assert "student r18 distilled" in first.stdout and "teacher r34" in first.stdout
     ckpt = load_file(out / "last.ckpt")
     assert not any(k.startswith("teacher.") for k in ckpt["state_dict"])  # the teacher stays in its own file
@@ -81,12 +147,37 @@ def test_seed_distill_cli_exports_student_and_resumes_with_its_queue(tmp_path, t
     assert torch.equal(resumed["memory_banks"]["queue"]["bank"][24:48], ckpt["memory_banks"]["queue"]["bank"][24:48])
 
 
+def _conv_teacher() -> FrozenTeacher:
+    """A fixed random conv + pooling: embeds images of any size (big views and small crops)."""
+    torch.manual_seed(1)
+    backbone = torch.nn.Sequential(torch.nn.Conv2d(3, 16, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    backbone.feature_dim, backbone.arch = 16, "conv"
+    return FrozenTeacher(backbone, None, fold_bn=False)
+
+
+def test_small_crop_queue_takes_one_patch_per_image(tmp_path):
+    """The official small_patch_builder enqueues each image's first small patch only: B rows per step, not N x B."""
+    config = resolve(make_config(DistillConfig, {"student": "r18", "image_size": 16, "batch_size": 8, "queue_size": 40, "small_crops": 3,
+                                                 "knn_every": 0, "max_steps": 1, "output": str(tmp_path)}), SEED.DEFAULTS)
+    teacher = _conv_teacher()
+    module = SEED(config, teacher, num_classes=10)
+    generator = torch.Generator().manual_seed(0)
+    items = [([torch.randn(3, 16, 16, generator=generator), *torch.randn(3, 3, 8, 8, generator=generator)], 0) for _ in range(8)]
+    small_before = module.small_queue.bank.clone()
+    build_trainer(config, tmp_path).fit(module, DataLoader(items, batch_size=8))
+    first_patches = torch.stack([views[1] for views, _ in items])
+    assert int(module.queue.bank_ptr) == 8 and int(module.small_queue.bank_ptr) == 8  # not 3 x 8 = 24
+    assert torch.allclose(module.small_queue.bank[:8], teacher(first_patches), atol=1e-6)
+    assert torch.equal(module.small_queue.bank[8:], small_before[8:])  # the other patches are not queued
+    assert torch.allclose(module.queue.bank[:8], teacher(torch.stack([views[0] for views, _ in items])), atol=1e-6)
+
+
 def test_small_crops_use_a_second_queue(tmp_path, tiny_args, teacher_file):
     result = run_command("seed-distill", *tiny_args, "--teacher-checkpoint", str(teacher_file), "--small-crops", "2",
                          "--max-steps", "2", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     banks = load_file(tmp_path / "last.ckpt")["memory_banks"]
-    assert int(banks["queue"]["ptr"]) == 32 and int(banks["small_queue"]["ptr"]) == 64 % 64
+    assert int(banks["queue"]["ptr"]) == 32 and int(banks["small_queue"]["ptr"]) == 32  # one small patch per image and step
 
 
 def test_two_process_ddp_gathers_into_one_queue(tmp_path, tiny_args, teacher_file):
