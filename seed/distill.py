@@ -24,13 +24,13 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
-from seed.backbones import create_backbone, feature_dim
+from seed.backbones import feature_dim
 from seed.checkpoints import export_model, load_encoder
 from seed.config import DistillConfig, resolve
 from seed.data import dataset_for, seed_view_transform, small_crop_transforms
 from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
 from seed.errors import SeedError
-from seed.knn import compare_knn, print_knn_table
+from seed.knn import compare_knn, print_knn_table, random_inits
 from seed.losses import seed_loss
 from seed.module import TrainModule
 from seed.queue import TeacherQueue
@@ -173,13 +173,13 @@ def distill(config: DistillConfig) -> Path:
     module = SEED(config, teacher, num_classes=len(train_set.classes))
     trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
     if trainer.is_global_zero:
-        export_model(run_dir / "student.pt", config.student, module.backbone, module.head, teacher.embed_dim, "seed",
+        settled = module.settled_copy(monitor[0])  # PreciseBN statistics: MobileNetV3's running ones lag for hundreds of steps
+        export_model(run_dir / "student.pt", config.student, settled[0], settled[1], teacher.embed_dim, "seed",
                      dataclasses.asdict(config), bool(config.small_images))
-        torch.manual_seed(config.seed)
         scores = compare_knn({
             f"teacher {teacher.arch}": load_encoder(checkpoint, config.teacher, False)[0],
-            f"student {config.student} random init": create_backbone(config.student, small_images=bool(config.small_images)),
-            f"student {config.student} distilled": module.backbone,
+            f"student {config.student} random init": random_inits(config.student, bool(config.small_images)),
+            f"student {config.student} distilled": settled[0],
         }, config, len(train_set.classes), monitor)
         print_knn_table(scores, config, run_dir)
         print(f"\nrun folder: {run_dir} (student.pt, last.ckpt, config.yaml, logs/)")
