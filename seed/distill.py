@@ -25,7 +25,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from seed.backbones import feature_dim
-from seed.checkpoints import export_model, load_encoder
+from seed.checkpoints import export_model, load_encoder, read_checkpoint
 from seed.config import DistillConfig, resolve
 from seed.data import dataset_for, seed_view_transform, small_crop_transforms
 from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
@@ -162,11 +162,12 @@ def distill(config: DistillConfig) -> Path:
     config = resolve(config, SEED.DEFAULTS)
     check_config(config)
     checkpoint = default_teacher_checkpoint(config)
-    teacher, found = build_teacher(config, checkpoint)
-    config = dataclasses.replace(config, augmentation=config.augmentation or default_augmentation(found))
+    if config.augmentation is None:  # the teacher file's format names its method; read it, build no model before the data checks
+        config = dataclasses.replace(config, augmentation=default_augmentation(read_checkpoint(checkpoint)["format"]))
     train_set = dataset_for(config, "train", train_transform(config))
     check_batch(len(train_set), config)
     monitor = monitor_loaders(config)
+    teacher, found = build_teacher(config, checkpoint)
     print(f"teacher: {checkpoint} ({found}, {teacher.embed_dim}-d embeddings); views: --augmentation {config.augmentation}")
     pl.seed_everything(config.seed, workers=True, verbose=False)
     run_dir = run_folder(config, "distill", f"seed-{Path(checkpoint).stem}-{config.student}-{data_name(config)}")

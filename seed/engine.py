@@ -312,7 +312,7 @@ def build_trainer(config: TrainConfig, run_dir: Path, val_every_steps: int | Non
     _quiet_lightning()
     multi = config.devices > 1 or config.num_nodes > 1
     validate = config.knn_every > 0 or bool(val_every_steps)
-    checkpoint = LastCheckpoint(run_dir, config.checkpoint_every, config.keep_checkpoints)
+    checkpoint = LastCheckpoint(run_dir, config.checkpoint_every, getattr(config, "keep_checkpoints", False))
     return pl.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,

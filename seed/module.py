@@ -6,8 +6,6 @@ the kNN monitor, and the queues' place in checkpoints.
 """
 
 import dataclasses
-import itertools
-import math
 from copy import deepcopy as copy_module
 from typing import Any
 
@@ -19,7 +17,7 @@ from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, Subset
 
 from seed.backbones import create_backbone
 from seed.config import TrainConfig
@@ -30,16 +28,16 @@ from seed.knn import knn_top1
 def precise_bn(model: nn.Module, loader: DataLoader, images: int, device: torch.device | str = "cpu") -> nn.Module:
     """A copy of ``model`` whose BatchNorm statistics are recomputed (PreciseBN, Wu & Johnson 2021, "Rethinking 'Batch'
     in BatchNorm", sec. 3) as a plain average over the first ``images`` images of ``loader`` (train images, eval
-    transform), in eval mode; ``images`` 0 copies the running averages as they are.
+    transform; the same images on every DDP rank), in eval mode; ``images`` 0 copies the running averages as they are.
 
     The running averages kept while training describe augmented views and lag the weights (MobileNetV3's momentum
     0.01 keeps its random-init statistics for hundreds of steps); evaluation reads centre crops of the final
     weights. ``model`` itself is never touched, so a resumed run still equals an uninterrupted one.
     """
     copy = copy_module(model)
-    if images > 0:
-        batches = math.ceil(images / (loader.batch_size or 1))
-        update_bn(itertools.islice(loader, batches), copy, device=device)
+    if images > 0:  # a loader of its own over the first images: the given one may keep persistent workers mid-epoch
+        first = Subset(loader.dataset, range(min(images, len(loader.dataset))))
+        update_bn(DataLoader(first, batch_size=loader.batch_size or 1, num_workers=loader.num_workers), copy, device=device)
     return copy.eval()
 
 
