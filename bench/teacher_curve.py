@@ -63,7 +63,8 @@ def main() -> None:
         if not (run / "checkpoints").is_dir():
             sys.exit(f"{run} has no checkpoints/ (train it with --keep-checkpoints; the reference teacher: make teacher)")
     wanted = {int(e) for e in args.epochs.split(",")}
-    protocol = Protocol(CompareConfig(num_workers=0))
+    first_config = load_config(PretrainConfig, ["--config", str(runs[0] / "config.yaml")], "teacher_curve", "")
+    protocol = Protocol(CompareConfig(data=first_config.data, image_size=first_config.image_size, num_workers=0))
 
     curves, floors, series, rows = {}, {}, [], []
     for run in runs:
@@ -102,8 +103,8 @@ def main() -> None:
         "title": "Teacher learning curves under the evaluation protocol",
         "order": 9,
         "command": " ".join(["python -m bench.teacher_curve", *sys.argv[1:]]),
-        "description": (f"Fashion-MNIST 32px: every point is a kept epoch checkpoint with PreciseBN statistics, scored with all 60k train "
-                        f"images as kNN bank / probe set and all 10k val images as queries (kNN k = {KNN_KS[0]} and {KNN_KS[1]}, tau 0.07; "
+        "description": (f"{first_config.data} {first_config.image_size}px: every point is a kept epoch checkpoint with PreciseBN statistics, "
+                        f"scored with all train images as kNN bank / probe set and all val images as queries (kNN k = {KNN_KS[0]} and {KNN_KS[1]}, tau 0.07; "
                         "`seed-eval linear --fast`). Minutes: the run's training wall time at that epoch end, from its own log "
                         "(monitor included; inflated when the machine was shared)."),
         "tables": [{"caption": "", "columns": ["network", "epoch", "train min", *METRICS.values()], "rows": rows}],

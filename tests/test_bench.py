@@ -126,3 +126,25 @@ def test_meal_bench_reports_the_cache_over_seeds_with_top_k_below_the_classes():
     table = to_result(raw)["tables"][2]
     assert "--cache-top-k 3" in table["caption"] and "mean ± std over seeds 0, 1, 2" in table["caption"]
     assert table["rows"][1][0] == "cached, top-3 of 10 classes" and table["rows"][1][3] == f"{old['cache']['subset-cached']['train_s'] + 1:.1f} ± 1.0"
+
+
+def test_teacher_curve_scores_each_kept_epoch_against_random_init(tmp_path, results, monkeypatch, tiny_args):
+    """A 2-epoch SimCLR run with --keep-checkpoints, scored per epoch under compare's protocol (whole digits splits)."""
+    from bench import teacher_curve
+    from tests.conftest import run_command
+
+    monkeypatch.setenv("SEED_CACHE", str(tmp_path / "cache"))
+    run = tmp_path / "run"
+    done = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--batch-size", "256", "--epochs", "2", "--knn-every", "0",
+                       "--keep-checkpoints", "--precise-bn-images", "64", "--output", str(run))
+    assert done.returncode == 0, done.stderr[-2000:]
+    monkeypatch.setattr(sys, "argv", ["teacher_curve", "--run", str(run), "--epochs", "1,2", "--seeds", "2"])
+    teacher_curve.main()
+    saved = json.loads((results / "teacher_curve.json").read_text())
+    curve = saved["data"]["curves"][f"r18 simclr ({run.name})"]
+    assert list(curve) == ["1", "2"] and all(0 < s["knn_k200"] <= 100 for s in curve.values())
+    assert curve["1"] != curve["2"]  # two different networks
+    assert len(saved["data"]["random_init"]["r18 small stem"]) == 2
+    rows = saved["tables"][0]["rows"]
+    assert rows[0][0] == "r18 random init (2 seeds)" and [r[1] for r in rows[1:]] == ["1", "2"]
+    assert "digits 16px" in saved["description"]
