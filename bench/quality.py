@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, write_result
-from downstream.compare import METRICS, CompareConfig, Protocol, Row, open_file, random_init_file, small_image_stem
+from downstream.compare import METRICS, CompareConfig, Row, compare
 from seed.checkpoints import export_model, load_encoder
 from seed.config import PretrainConfig, load_config
 from seed.engine import monitor_loaders
@@ -56,20 +56,21 @@ def run(command: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def teachers(weak_epoch: int, run_dir: Path) -> dict[str, Path]:
-    """The teacher of ``run_dir`` and its weaker self (the run after ``weak_epoch`` epochs, exported with PreciseBN statistics)."""
+def teachers(weak_epoch: int, run_dir: Path) -> tuple[dict[str, Path], PretrainConfig]:
+    """The teacher of ``run_dir`` and its weaker self (the run after ``weak_epoch`` epochs, exported with PreciseBN statistics),
+    and the teacher run's config (its data and image size are the protocol's)."""
     strong = run_dir / "teacher.pt"
     kept = run_dir / "checkpoints" / f"epoch-{weak_epoch:03d}.ckpt"
     if not strong.is_file() or not kept.is_file():
         sys.exit(f"no reference teacher in {run_dir} (teacher.pt and checkpoints/epoch-{weak_epoch:03d}.ckpt); build it with `{MAKE_TEACHER}` "
                  "(about 90 min on 2 cores, resumable), then run this benchmark again")
     weak = run_dir / f"teacher-epoch{weak_epoch:03d}.pt"
+    config = load_config(PretrainConfig, ["--config", str(run_dir / "config.yaml")], "quality", "")
     if not weak.is_file() or weak.stat().st_mtime < kept.stat().st_mtime:
-        config = load_config(PretrainConfig, ["--config", str(run_dir / "config.yaml")], "quality", "")
         backbone, head, _ = load_encoder(kept)
         settled = precise_bn(torch.nn.Sequential(backbone, head), monitor_loaders(config)[0], config.precise_bn_images)
         export_model(weak, config.arch, settled[0], settled[1], config.embed_dim, config.method, {"epochs": weak_epoch}, bool(config.small_images))
-    return {"strong": strong, "weak": weak}
+    return {"strong": strong, "weak": weak}, config
 
 
 def main() -> None:
@@ -93,7 +94,7 @@ def main() -> None:
         teacher_dir = RUNS / "teacher"
         run(["seed-pretrain", "--config", args.teacher_config, "--output", str(teacher_dir), "--resume", "never", "--keep-checkpoints"],
             teacher_dir.with_suffix(".log"), args.threads)
-    teacher_files = teachers(args.weak_epoch, teacher_dir)
+    teacher_files, teacher_config = teachers(args.weak_epoch, teacher_dir)
     teacher_label = load_encoder(teacher_files["strong"], use_head=False)[0].arch
     variants = {  # row key -> (label, command, config, teacher, exported file)
         "alone": ("{arch} SimCLR alone", "seed-pretrain", "quality_{arch}_simclr.yaml", None, "teacher.pt"),
@@ -112,64 +113,48 @@ def main() -> None:
                 minutes.setdefault((arch, key), []).append(run(argv, folder.with_suffix(".log"), args.threads) / 60)
                 files.setdefault((arch, key), []).append(str(folder / exported))
 
-    config = CompareConfig(num_workers=0, epochs=3 if args.quick else 100)
-    protocol = Protocol(config)
-    rows: list[tuple[Row, str]] = []
-
-    def score(label: str, paths: list[str], note: str = "") -> Row:
-        row = Row(label)
-        for path in paths:
-            print(f"scoring {label}: {path}", flush=True)
-            row.scores.append(protocol.score(open_file(path)))
-            row.files.append(path)
-        rows.append((row, note))
-        return row
-
-    floors = {}
-    for path in [*(str(p) for p in teacher_files.values()), *(f[0] for f in files.values())]:
-        checkpoint = open_file(path)
-        floors.setdefault((checkpoint.arch, small_image_stem(checkpoint.backbone)), None)
-    for arch, small in floors:
-        floors[arch, small] = score(f"{arch} random init", [str(random_init_file(arch, small, s)) for s in range(3)])
-    strong = score(f"teacher: {teacher_label} SimCLR", [str(teacher_files["strong"])], args.teacher_config or f"`{MAKE_TEACHER}`")
-    weak = score(f"teacher: the same run after {args.weak_epoch} epochs", [str(teacher_files["weak"])], "its kept checkpoint")
-    results: dict[tuple[str, str], Row] = {}
+    labels = {"strong": f"teacher: {teacher_label} SimCLR", "weak": f"teacher: the same run after {args.weak_epoch} epochs"}
+    recipes = {labels["strong"]: args.teacher_config or f"`{MAKE_TEACHER}`", labels["weak"]: "its kept checkpoint"}
+    entries = [(labels[key], str(path)) for key, path in teacher_files.items()]
     for (arch, key), paths in files.items():
         label, _, config_name, _, _ = variants[key]
-        spent = mean_std(minutes[arch, key])[0]
-        results[arch, key] = score(label.format(arch=arch), paths, f"{spent:.1f} min, `configs/bench/{config_name.format(arch=arch)}`")
+        entries += [(label.format(arch=arch), path) for path in paths]
+        recipes[label.format(arch=arch)] = f"{mean_std(minutes[arch, key])[0]:.1f} min, `{Path(args.configs).name}/{config_name.format(arch=arch)}`"
+    protocol = CompareConfig(data=teacher_config.data, image_size=teacher_config.image_size, num_workers=0, epochs=3 if args.quick else 100)
+    rows, _ = compare(entries, protocol)
+    by_label = {row.label: row for row in rows}
+    floors = {row.arch: row for row in rows if row.random_init}
 
-    def mean(row: Row, metric: str) -> float:
-        return row.summary()[metric][0]
+    def gain(row: str, base: Row, metric: str = "knn_k200") -> str:
+        return f"{by_label[row].summary()[metric][0] - base.summary()[metric][0]:+.2f}"
 
-    teacher_floor = next(row for (a, _), row in floors.items() if a == teacher_label)
-    notes = [f"Teacher vs random init: kNN {mean(strong, 'knn_k200') - mean(teacher_floor, 'knn_k200'):+.2f}, "
-             f"linear {mean(strong, 'linear') - mean(teacher_floor, 'linear'):+.2f} points (the weaker one: "
-             f"{mean(weak, 'knn_k200') - mean(teacher_floor, 'knn_k200'):+.2f} / {mean(weak, 'linear') - mean(teacher_floor, 'linear'):+.2f})."]
+    strong, weak = by_label[labels["strong"]], by_label[labels["weak"]]
+    notes = [f"Teacher vs random init: kNN {gain(strong.label, floors[strong.arch])}, linear {gain(strong.label, floors[strong.arch], 'linear')} "
+             f"points (the weaker one: {gain(weak.label, floors[weak.arch])} / {gain(weak.label, floors[weak.arch], 'linear')})."]
     for arch in students:
-        floor = next(row for (a, _), row in floors.items() if a == arch)
-        seed_row, alone, weak_row = results[arch, "seed"], results[arch, "alone"], results[arch, "seed_weak"]
-        notes.append(f"{arch}: SEED vs SimCLR alone on the same budget: kNN {mean(seed_row, 'knn_k200') - mean(alone, 'knn_k200'):+.2f}, "
-                     f"linear {mean(seed_row, 'linear') - mean(alone, 'linear'):+.2f}; SEED vs random init: kNN "
-                     f"{mean(seed_row, 'knn_k200') - mean(floor, 'knn_k200'):+.2f}, linear {mean(seed_row, 'linear') - mean(floor, 'linear'):+.2f}; "
-                     f"stronger vs weaker teacher: kNN {mean(seed_row, 'knn_k200') - mean(weak_row, 'knn_k200'):+.2f}.")
+        name = {key: variants[key][0].format(arch=arch) for key in variants}
+        alone, floor = by_label[name["alone"]], floors[by_label[name["alone"]].arch]
+        notes.append(f"{arch}: SEED vs SimCLR alone on the same budget: kNN {gain(name['seed'], alone)}, linear {gain(name['seed'], alone, 'linear')}; "
+                     f"SEED vs random init: kNN {gain(name['seed'], floor)}, linear {gain(name['seed'], floor, 'linear')}; "
+                     f"stronger vs weaker teacher: kNN {gain(name['seed'], by_label[name['seed_weak']])}.")
     table = []
-    for row, note in rows:
+    for row in rows:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row.scores) > 1 else f"{m:.2f}" for m, s in row.summary().values()]
-        table.append([row.label, str(len(row.scores)), *cells, note])
+        table.append([row.label, str(len(row.scores)), *cells, recipes.get(row.label, "")])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     write_result(args.name, {
         "title": "Quality: does SEED give a small student more than its own self-supervision?",
         "order": 10,
         "command": " ".join(["python -m bench.quality", *sys.argv[1:]]),
-        "description": (f"Fashion-MNIST 32px, {device}; seeds {', '.join(map(str, seeds))}; mean ± std over seeds (n). One protocol for every row "
-                        "(`seed-eval compare`): all 60k train images as kNN bank and probe training set, all 10k val images as queries, "
+        "description": (f"{teacher_config.data} {teacher_config.image_size}px, {device}; seeds {', '.join(map(str, seeds))}; "
+                        "mean ± std over seeds (n). One protocol for every row "
+                        "(`seed-eval compare`): all train images as kNN bank and probe training set, all val images as queries, "
                         "kNN k = 200 and 20 (tau 0.07, weighted vote), `seed-eval linear --fast`. Each student run gets about the same "
                         "minutes of training (the last column: mean wall minutes per run, and its recipe)."
                         + (" **Smoke run (--quick): not a result.**" if args.quick else "")),
         "tables": [{"caption": "", "columns": ["network", "n", *METRICS.values(), "budget / recipe"], "rows": table}],
         "notes": notes,
-        "data": {"rows": [{"label": r.label, "files": r.files, "scores": r.scores} for r, _ in rows],
+        "data": {"rows": [{"label": r.label, "files": r.files, "scores": r.scores} for r in rows],
                  "minutes": {f"{a} {k}": v for (a, k), v in minutes.items()}, "wall_minutes": (time.perf_counter() - started) / 60},
     }, device)
 

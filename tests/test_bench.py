@@ -148,3 +148,29 @@ def test_teacher_curve_scores_each_kept_epoch_against_random_init(tmp_path, resu
     rows = saved["tables"][0]["rows"]
     assert rows[0][0] == "r18 random init (2 seeds)" and [r[1] for r in rows[1:]] == ["1", "2"]
     assert "digits 16px" in saved["description"]
+
+
+def test_quality_table_has_random_init_teachers_and_students_under_one_protocol(tmp_path, results, monkeypatch):
+    """bench.quality end to end on digits: a 2-epoch teacher trained in the run, its epoch-1 self, r18 students for a few steps."""
+    from bench import quality
+
+    monkeypatch.setenv("SEED_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    monkeypatch.setattr(quality, "RUNS", tmp_path / "runs")
+    common = "data: digits\nimage_size: 16\nsmall_images: false\nnum_workers: 0\nknn_every: 0\nprecise_bn_images: 64\n"
+    (tmp_path / "teacher.yaml").write_text("method: simclr\narch: r18\nbatch_size: 256\nepochs: 2\n" + common)
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    (configs / "quality_r18_simclr.yaml").write_text("method: simclr\narch: r18\nbatch_size: 32\nepochs: 1\n" + common)
+    (configs / "quality_r18_seed.yaml").write_text("mode: seed\nstudent: r18\nbatch_size: 32\nepochs: 1\nqueue_size: 64\n" + common)
+    monkeypatch.setattr(sys, "argv", ["quality", "--teacher-config", str(tmp_path / "teacher.yaml"), "--configs", str(configs),
+                                      "--students", "r18", "--seeds", "0", "--weak-epoch", "1", "--quick", "--threads", "1", "--name", "q"])
+    quality.main()
+    saved = json.loads((results / "q.json").read_text())
+    labels = [row[0] for row in saved["tables"][0]["rows"]]
+    assert labels == ["r18 random init", "teacher: r18 SimCLR", "teacher: the same run after 1 epochs", "r18 SimCLR alone",
+                      "r18 SEED from the reference teacher", "r18 SEED from the teacher at epoch 1"]
+    assert [row[1] for row in saved["tables"][0]["rows"]] == ["3", "1", "1", "1", "1", "1"]
+    assert saved["notes"][1].startswith("r18: SEED vs SimCLR alone on the same budget: kNN ")
+    assert "digits 16px" in saved["description"] and "Smoke run" in saved["description"]
+    assert (tmp_path / "runs" / "teacher" / "teacher-epoch001.pt").is_file()
