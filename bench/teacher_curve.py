@@ -53,7 +53,7 @@ def settled(path: Path, loader, images: int) -> Checkpoint:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", help="run folder trained with --keep-checkpoints (default: the reference teacher)")
-    parser.add_argument("--epochs", default="2,5,10,20", help="epochs to score (those kept)")
+    parser.add_argument("--epochs", default="5,10,20", help="epochs to score (those kept)")
     parser.add_argument("--seeds", type=int, default=3, help="random-init seeds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
