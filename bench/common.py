@@ -18,6 +18,7 @@ Result format (one JSON file per benchmark)::
      "data": {...}}                         # raw numbers, free form
 """
 
+import csv
 import json
 import os
 import platform
@@ -27,6 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
@@ -37,6 +39,19 @@ MAKE_TEACHER = "make teacher"
 def reference_teacher_dir() -> Path:
     """``$SEED_CACHE/reference-teacher`` (default ``~/.cache/seed/reference-teacher``), where ``make teacher`` trains."""
     return Path(os.environ.get("SEED_CACHE") or Path.home() / ".cache" / "seed") / "reference-teacher"
+
+
+def training_minutes(run: Path) -> dict[int, float]:
+    """Cumulative training wall time (minutes) at each epoch end of a run of ours, from its images/s log
+    (start-up, the final kNN table and the export are not training time)."""
+    batch = yaml.safe_load((run / "config.yaml").read_text())["batch_size"]
+    minutes, total = {}, 0.0
+    with open(run / "logs" / "metrics.csv") as handle:
+        for row in csv.DictReader(handle):
+            if row.get("img_s"):
+                total += batch / float(row["img_s"]) / 60
+                minutes[int(row["epoch"])] = total
+    return minutes
 
 
 def machine(device: str = "cpu") -> dict[str, Any]:

@@ -30,10 +30,10 @@ from pathlib import Path
 
 import torch
 
-from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, write_result
+from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, training_minutes, write_result
 from downstream.compare import METRICS, CompareConfig, Row, compare
 from seed.checkpoints import export_model, load_encoder
-from seed.config import PretrainConfig, load_config
+from seed.config import DistillConfig, PretrainConfig, load_config
 from seed.engine import monitor_loaders
 from seed.module import precise_bn
 
@@ -78,6 +78,7 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--students", default="r18,mbv3l", help="student architectures (configs/bench/quality_<arch>_{simclr,seed}.yaml)")
     parser.add_argument("--weak-epoch", type=int, default=5, help="the weaker teacher: the reference run after this many epochs")
+    parser.add_argument("--weak-students", default="r18", help="students that are also distilled from the weaker teacher")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per student (not a result)")
     parser.add_argument("--teacher-config", help="train the teacher here with this config (kept epoch checkpoints) instead of "
                                                  "reading the reference teacher of `make teacher` (the GPU run: configs/bench/gpu/teacher_r50.yaml)")
@@ -87,6 +88,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     students = [s for s in args.students.split(",") if s]
+    weak_students = [s for s in args.weak_students.split(",") if s]
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     teacher_dir = reference_teacher_dir()
@@ -106,11 +108,21 @@ def main() -> None:
     for arch in students:
         for seed in seeds:
             for key, (_, command, config, teacher, exported) in variants.items():
+                if key == "seed_weak" and arch not in weak_students:
+                    continue
                 folder = RUNS / arch / f"seed{seed}" / key
                 extra = ["--teacher-checkpoint", str(teacher_files[teacher])] if teacher else []
                 argv = [command, "--config", str(Path(args.configs) / config.format(arch=arch)), "--seed", str(seed), "--output", str(folder),
                         "--resume", "never", *extra, *(QUICK if args.quick else [])]
-                minutes.setdefault((arch, key), []).append(run(argv, folder.with_suffix(".log"), args.threads) / 60)
+                marker = folder.with_suffix(".done")  # a finished run's command and recipe: a rerun of the benchmark keeps that run
+                recipe = " ".join(argv) + "\n" + (Path(args.configs) / config.format(arch=arch)).read_text()
+                if not (marker.is_file() and marker.read_text() == recipe and (folder / exported).is_file()):
+                    marker.unlink(missing_ok=True)
+                    run(argv, folder.with_suffix(".log"), args.threads)
+                    marker.write_text(recipe)
+                else:
+                    print(f"finished before, kept: {folder}", flush=True)
+                minutes.setdefault((arch, key), []).append(max(training_minutes(folder).values()))
                 files.setdefault((arch, key), []).append(str(folder / exported))
 
     labels = {"strong": f"teacher: {teacher_label} SimCLR", "weak": f"teacher: the same run after {args.weak_epoch} epochs"}
@@ -119,7 +131,10 @@ def main() -> None:
     for (arch, key), paths in files.items():
         label, _, config_name, _, _ = variants[key]
         entries += [(label.format(arch=arch), path) for path in paths]
-        recipes[label.format(arch=arch)] = f"{mean_std(minutes[arch, key])[0]:.1f} min, `{Path(args.configs).name}/{config_name.format(arch=arch)}`"
+        recipe_file = str(Path(args.configs) / config_name.format(arch=arch))
+        recipe = load_config(PretrainConfig if key == "alone" else DistillConfig, ["--config", recipe_file], "quality", "")
+        recipes[label.format(arch=arch)] = (f"{recipe.max_steps} steps, {mean_std(minutes[arch, key])[0]:.1f} train min, "
+                                            f"`{Path(args.configs).name}/{config_name.format(arch=arch)}`")
     protocol = CompareConfig(data=teacher_config.data, image_size=teacher_config.image_size, num_workers=0, epochs=3 if args.quick else 100)
     rows, _ = compare(entries, protocol)
     by_label = {row.label: row for row in rows}
@@ -135,8 +150,10 @@ def main() -> None:
         name = {key: variants[key][0].format(arch=arch) for key in variants}
         alone, floor = by_label[name["alone"]], floors[by_label[name["alone"]].arch]
         notes.append(f"{arch}: SEED vs SimCLR alone on the same budget: kNN {gain(name['seed'], alone)}, linear {gain(name['seed'], alone, 'linear')}; "
-                     f"SEED vs random init: kNN {gain(name['seed'], floor)}, linear {gain(name['seed'], floor, 'linear')}; "
-                     f"stronger vs weaker teacher: kNN {gain(name['seed'], by_label[name['seed_weak']])}.")
+                     f"SEED vs random init: kNN {gain(name['seed'], floor)}, linear {gain(name['seed'], floor, 'linear')}"
+                     + ("; " if name["seed_weak"] in by_label else ".")
+                     + (f"stronger vs weaker teacher: kNN {gain(name['seed'], by_label[name['seed_weak']])}, "
+                        f"linear {gain(name['seed'], by_label[name['seed_weak']], 'linear')}." if name["seed_weak"] in by_label else ""))
     table = []
     for row in rows:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row.scores) > 1 else f"{m:.2f}" for m, s in row.summary().values()]
@@ -150,7 +167,8 @@ def main() -> None:
                         "mean ± std over seeds (n). One protocol for every row "
                         "(`seed-eval compare`): all train images as kNN bank and probe training set, all val images as queries, "
                         "kNN k = 200 and 20 (tau 0.07, weighted vote), `seed-eval linear --fast`. Each student run gets about the same "
-                        "minutes of training (the last column: mean wall minutes per run, and its recipe)."
+                        "minutes of training: the step counts were set from step times measured on an idle machine; the last column gives "
+                        "each recipe's steps and its measured training minutes (mean over seeds; inflated when the machine was shared)."
                         + (" **Smoke run (--quick): not a result.**" if args.quick else "")),
         "tables": [{"caption": "", "columns": ["network", "n", *METRICS.values(), "budget / recipe"], "rows": table}],
         "notes": notes,

@@ -13,13 +13,12 @@ The x-axis is epochs; the run's own log gives the minutes (training wall time, m
 """
 
 import argparse
-import csv
 import sys
 from pathlib import Path
 
 import torch
 
-from bench.common import mean_std, reference_teacher_dir, write_result
+from bench.common import mean_std, reference_teacher_dir, training_minutes, write_result
 from downstream.common import Checkpoint, state_digest
 from downstream.compare import KNN_KS, METRICS, CompareConfig, Protocol, open_file, random_init_file, small_image_stem
 from seed.checkpoints import load_backbone
@@ -33,17 +32,6 @@ def kept(run: Path) -> dict[int, Path]:
     return {int(p.stem.split("-")[1]): p for p in sorted((run / "checkpoints").glob("epoch-*.ckpt"))}
 
 
-def training_minutes(run: Path) -> dict[int, float]:
-    """Cumulative training wall time (minutes) at each epoch end, from the run's images/s log."""
-    minutes, total, batch = {}, 0.0, load_config(PretrainConfig, ["--config", str(run / "config.yaml")], "x", "").batch_size
-    with open(run / "logs" / "metrics.csv") as handle:
-        for row in csv.DictReader(handle):
-            if row.get("img_s"):
-                total += batch / float(row["img_s"]) / 60
-                minutes[int(row["epoch"])] = total
-    return minutes
-
-
 def settled(path: Path, loader, images: int) -> Checkpoint:
     """The checkpoint's backbone with PreciseBN statistics, identified by the digest of its weights and statistics."""
     backbone = precise_bn(load_backbone(path), loader, images)
@@ -53,7 +41,7 @@ def settled(path: Path, loader, images: int) -> Checkpoint:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", help="run folder trained with --keep-checkpoints (default: the reference teacher)")
-    parser.add_argument("--epochs", default="5,10,20", help="epochs to score (those kept)")
+    parser.add_argument("--epochs", default="1,2,3,4,5,10,20", help="epochs to score (those kept)")
     parser.add_argument("--seeds", type=int, default=3, help="random-init seeds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     args = parser.parse_args()
