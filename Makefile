@@ -39,7 +39,8 @@ demo: setup data
 	$(BIN)/seed-distill --config configs/demo/distill.yaml
 	$(BIN)/seed-eval compare --checkpoints teacher=runs/demo/pretrain/teacher.pt,student=runs/demo/distill/student.pt --output runs/demo/compare
 	@echo "The demo's teacher trains for 200 steps (under one epoch): too short to beat random features on this data."
-	@echo "A teacher that does: make teacher (about 90 min on 2 cores); its learning curve: docs/BENCHMARKS.md (python -m bench.teacher_curve)."
+	@echo "A teacher that does: make teacher (about 90 min on 2 cores). Its learning curve, measured (docs/BENCHMARKS.md):"
+	@$(BIN)/python -m bench.teacher_curve --show
 
 # The reference teacher (configs/teacher/reference.yaml, about 90 min on 2 cores) in $(TEACHER_DIR), where
 # `make bench` finds it; never in git. Interrupted, the same command continues from its last.ckpt.

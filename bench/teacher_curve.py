@@ -13,12 +13,14 @@ The x-axis is epochs; the run's own log gives the minutes (training wall time, m
 """
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
 import torch
 
-from bench.common import mean_std, reference_teacher_dir, training_minutes, write_result
+from bench.common import RESULTS, describe_machine, mean_std, reference_teacher_dir, training_minutes, write_result
+from bench.render import markdown_table
 from downstream.common import Checkpoint, state_digest
 from downstream.compare import KNN_KS, METRICS, CompareConfig, Protocol, open_file, random_init_file, small_image_stem
 from seed.checkpoints import load_backbone
@@ -38,13 +40,28 @@ def settled(path: Path, loader, images: int) -> Checkpoint:
     return Checkpoint(path, state_digest(backbone), backbone.arch, "seed Lightning checkpoint + PreciseBN", backbone)
 
 
+def show() -> None:
+    """The measured curve as a table, e.g. at the end of ``make demo``: how long a teacher must train to beat random init."""
+    path = RESULTS / "teacher_curve.json"
+    if not path.is_file():
+        sys.exit(f"no measured curve in {path}: python -m bench.teacher_curve (after make teacher)")
+    result = json.loads(path.read_text())
+    print(f"{result['title']}, measured by `{result['command']}` on {describe_machine(result['machine'])}:")
+    print(markdown_table(result["tables"][0]))
+    print("\n".join(f"- {note}" for note in result["notes"]))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--run", action="append", help="run folder trained with --keep-checkpoints (default: the reference teacher)")
     parser.add_argument("--epochs", default="1,2,3,4,5,10,20", help="epochs to score (those kept)")
     parser.add_argument("--seeds", type=int, default=3, help="random-init seeds")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--show", action="store_true", help="measure nothing: print the curve last measured (bench/results/teacher_curve.json)")
     args = parser.parse_args()
+    if args.show:
+        show()
+        return
     torch.set_num_threads(args.threads)
     runs = [Path(r) for r in args.run] if args.run else [reference_teacher_dir()]
     for run in runs:

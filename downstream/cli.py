@@ -1,7 +1,6 @@
 """``seed-eval PROTOCOL [flags]``: downstream protocols, one module each, imported only when chosen."""
 
 import importlib
-import importlib.util
 import sys
 
 from seed.cli import run_cli
@@ -39,10 +38,7 @@ def dispatch(argv: list[str] | None) -> None:
     protocol, rest = args[0], args[1:]
     if protocol not in PROTOCOLS:
         raise SeedError(f"unknown protocol '{protocol}'; choose one of: {', '.join(PROTOCOLS)}")
-    module_name = PROTOCOLS[protocol][0]
-    if importlib.util.find_spec(module_name) is None:
-        raise SeedError(f"seed-eval {protocol} is not implemented yet")
-    importlib.import_module(module_name).main(rest)
+    importlib.import_module(PROTOCOLS[protocol][0]).main(rest)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -131,13 +131,16 @@ def fit_linear(
 ) -> nn.Linear:
     """Train a Linear layer on in-memory features with minibatch SGD and a step schedule (the fast linear probe).
 
-    Features are standardised with the train statistics while training; the
-    affine map is folded into the returned layer, which takes raw features.
+    Features are standardised with the train statistics while training (so the probe is the same at any feature
+    scale); the affine map is folded into the returned layer, which takes raw features.
     """
     device = torch.device(device)
     x = train.features.to(device, torch.float32)
     y = train.labels.to(device)
-    mean, std = x.mean(dim=0), x.std(dim=0).clamp(min=1e-6)
+    mean, std = x.mean(dim=0), x.std(dim=0)
+    # A floor relative to the largest spread, so that the probe does not depend on the features' scale: a random-init
+    # MobileNetV3 (BatchNorm running statistics of its init) gives features of about 1e-10, which an absolute floor flattened.
+    std = std.clamp(min=float(std.max()) * 1e-6 if float(std.max()) > 0 else 1.0)
     x = (x - mean) / std
     generator = torch.Generator().manual_seed(seed)
     head = nn.Linear(x.shape[1], num_classes).to(device)

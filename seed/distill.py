@@ -185,8 +185,3 @@ def distill(config: DistillConfig) -> Path:
         print_knn_table(scores, config, run_dir)
         print(f"\nrun folder: {run_dir} (student.pt, last.ckpt, config.yaml, logs/)")
     return run_dir
-
-
-def main(config: DistillConfig) -> Path | None:
-    """``seed-distill --mode seed``."""
-    return distill(config)

@@ -185,13 +185,6 @@ def test_no_checkpoint_and_no_demo(tmp_path, monkeypatch, capsys):
     assert capsys.readouterr().err.strip() == "seed-eval: error: no checkpoint given and no demo run found; pass --checkpoint or run make demo"
 
 
-def test_detection_without_its_module_is_not_implemented(monkeypatch, capsys):
-    monkeypatch.setitem(cli.PROTOCOLS, "detection", ("downstream.no_such_module", "test"))
-    with pytest.raises(SystemExit):
-        seed_eval("detection", "--help")
-    assert capsys.readouterr().err.strip() == "seed-eval: error: seed-eval detection is not implemented yet"
-
-
 def test_help_lists_protocols_and_common_flags(capsys):
     seed_eval("--help")
     text = capsys.readouterr().out

@@ -27,6 +27,19 @@ def test_fast_probe_separates_separated_classes():
     assert isinstance(head, nn.Linear) and head.in_features == 64  # one layer on raw features: the standardisation is folded in
 
 
+def test_fast_probe_does_not_depend_on_the_feature_scale():
+    """A random-init MobileNetV3 gives features of about 1e-10 (its BatchNorm statistics are the init's): same probe as at scale 1."""
+    train, val = separated(500, dim=16), separated(200, seed=1, dim=16)
+    train = Features(train.features / 50 + 0.04 * torch.randn(500, 16, generator=torch.Generator().manual_seed(3)), train.labels, train.classes)
+    val = Features(val.features / 50 + 0.04 * torch.randn(200, 16, generator=torch.Generator().manual_seed(4)), val.labels, val.classes)
+    tiny = 2.0 ** -33  # about 1.2e-10; a power of two, so the scaled features are exact
+    small_train, small_val = (Features(f.features * tiny, f.labels, f.classes) for f in (train, val))
+    head, small_head = fit_linear(train, 10, epochs=5, batch_size=64), fit_linear(small_train, 10, epochs=5, batch_size=64)
+    assert 20.0 < evaluate_head(head, val)["top1"] < 100.0
+    assert evaluate_head(small_head, small_val) == evaluate_head(head, val)
+    assert torch.allclose(small_head.weight * tiny, head.weight, rtol=1e-5)
+
+
 def test_fast_probe_on_random_labels_is_at_chance():
     train, val = separated(500), separated(1000, seed=1)
     shuffled = Features(train.features, train.labels[torch.randperm(500, generator=torch.Generator().manual_seed(0))], train.classes)
