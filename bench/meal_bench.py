@@ -19,7 +19,6 @@ It takes 12+ minutes on a shared 2-core CPU, so ``make bench`` leaves it out: ``
 
     python -m bench.meal_bench                 # the whole benchmark
     python -m bench.meal_bench --reuse         # keep finished runs, redo the rest
-    python -m bench.meal_bench --from-json FILE   # no training: re-render the raw numbers of an earlier run (its "data")
 """
 
 import argparse
@@ -215,7 +214,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     return {"measured": datetime.date.today().isoformat(), "threads": args.threads, "load_average_before": load_before,
             "load_average_after": os.getloadavg(), "bench_wall_s": time.perf_counter() - started, "stage_wall_s": wall, "commands": commands,
             "top1": scores, "discriminator_variants": variants, "control_top1": control, "control_steps": meal_config["max_steps"],
-            "kd_overhead": overhead, "cache": cache, "args": {k: v for k, v in vars(args).items() if k != "from_json"}}
+            "kd_overhead": overhead, "cache": cache, "args": vars(args)}
 
 
 def meal_score(scores: dict[str, float]) -> float:
@@ -228,9 +227,9 @@ def seeds(args: argparse.Namespace) -> list[int]:
     return [int(seed) for seed in str(args.seeds).split(",") if seed.strip()]
 
 
-def per_seed(runs: dict[str, Any] | list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The runs of one cache variant, one per seed (results measured before --seeds hold one run, not a list)."""
-    return runs if isinstance(runs, list) else [runs]
+def signed_mean_std(values: list[float]) -> str:
+    """``+mean ± std`` with two decimals (the mean alone for one value)."""
+    return f"{statistics.mean(values):+.2f}" + (f" ± {statistics.stdev(values):.2f}" if len(values) > 1 else "")
 
 
 def mean_std(values: list[float], digits: int) -> str:
@@ -249,12 +248,12 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
     teachers = [key for key in scores if key.startswith("teacher")]
     ensemble = scores.get("ensemble (mean softmax)")
     gain = scores[student] - scores[init]
-    variants = raw.get("discriminator_variants", {})
+    variants = raw["discriminator_variants"]
     rows = [[f"student {arch}, its supervised init", f"{scores[init]:.2f}"],
             [f"**student {arch} after MEAL V2** (joint discriminator, the code's default)", f"**{scores[student]:.2f}**"],
             *[[key, f"{scores[key]:.2f}"] for key in teachers],
             *([["ensemble (mean softmax)", f"{ensemble:.2f}"]] if ensemble is not None else []),
-            [f"control: student init + {raw.get('control_steps', 200)} supervised steps, same schedule", f"{raw['control_top1']:.2f}"],
+            [f"control: student init + {raw['control_steps']} supervised steps, same schedule", f"{raw['control_top1']:.2f}"],
             *[[f"MEAL V2, `--discriminator {mode}`" + (" (gradient reversal)" if mode == "minimax" else ""), f"{value:.2f}"]
               for mode, value in variants.items()]]
     top1 = {"caption": f"Top-1 on the Fashion-MNIST val split ({raw['top1']['val_images']:,} images):", "columns": ["model", "top-1 %"], "rows": rows}
@@ -264,8 +263,8 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
                    ["the same with both teachers' forward (inference mode, BN folded)", f"{overhead['step_with_teachers_s']:.3f}"],
                    ["KD overhead", f"+{100 * overhead['overhead']:.0f}% (the teachers are {100 * overhead['teacher_share']:.0f}% of the step)"]]}
     crops = args["cache_crops"]
-    runs = {name: per_seed(cache[name]) for name in ("subset-teachers", "subset-cached")}
-    top_k = args.get("cache_top_k", 10)
+    runs = {name: cache[name] for name in ("subset-teachers", "subset-cached")}
+    top_k = args["cache_top_k"]
     cache_rows = [[label, mean_std([r["img_s_first_epochs"] for r in runs[name]], 0), mean_std([r["img_s_later_epochs"] for r in runs[name]], 0),
                    mean_std([r["train_s"] for r in runs[name]], 1), mean_std([meal_score(r["top1"]) for r in runs[name]], 2)]
                   for name, label in (("subset-teachers", "teachers every step"), ("subset-cached", f"cached, top-{top_k} of 10 classes"))]
@@ -287,7 +286,7 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
     if control >= scores[student]:
         notes.append(f"It does not beat the control ({control:.2f}): on this budget the init is far from converged and the teachers are only "
                      f"{(ensemble or best_teacher) - control:.0f} points above what the student reaches from labels in the same "
-                     f"{raw.get('control_steps', 200)} steps, so correct labels are worth more than {best_teacher:.0f}%-accurate soft targets. "
+                     f"{raw['control_steps']} steps, so correct labels are worth more than {best_teacher:.0f}%-accurate soft targets. "
                      "MEAL V2's setting is a student trained to convergence and teachers well above it (ImageNet: 76.15 → 80.67); this CPU "
                      "bench checks the mechanics, not the paper's numbers, which need ImageNet and GPUs.")
     else:
@@ -299,54 +298,34 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
                      + f" ({' / '.join(f'{v:.2f}' for v in values)} for joint / " + " / ".join(variants)
                      + "), whether it is trained jointly (the code) or adversarially" + (", within run-to-run noise." if spread < 0.5 else "."))
     ceiling = overhead["step_with_teachers_s"] / overhead["step_without_teachers_s"]
-    costs = [meal_score(t["top1"]) - meal_score(c["top1"]) for t, c in zip(runs["subset-teachers"], runs["subset-cached"], strict=True)]
-    accuracy_cost = statistics.mean(costs)
+    changes = [meal_score(c["top1"]) - meal_score(t["top1"]) for t, c in zip(runs["subset-teachers"], runs["subset-cached"], strict=True)]
+    change = statistics.mean(changes)
     notes.append(f"The cache makes the cached epochs {cache['speedup_later_epochs']:.2f}x faster (the ceiling is the step without teachers: "
                  f"{overhead['step_with_teachers_s']:.3f} / {overhead['step_without_teachers_s']:.3f} = {ceiling:.2f}x) and this short run "
                  f"{cache['speedup_whole_run']:.2f}x; the longer the run, the closer to {cache['speedup_later_epochs']:.2f}x (FKD reports 2-4x "
                  "with ImageNet-size teachers, where the teachers' share of the step is larger).")
     kept = "10 classes, all kept: exact up to fp16" if top_k >= 10 else f"the top {top_k} of 10 classes kept in fp16, the rest spread evenly"
-    notes.append(f"Its accuracy cost here is {mean_std(costs, 2)} points" + (", within noise" if abs(accuracy_cost) < 0.5 else "")
+    notes.append(f"Its effect on the student's top-1 here (cached minus teachers every step, per seed): {signed_mean_std(changes)} points"
+                 + (", within noise" if abs(change) < 0.5 else "")
                  + f" (targets: {kept}), and the cost to expect on long runs is the loss of augmentation "
                  "diversity (each image is only ever seen in `--cache-crops` crops).")
 
     stages = "\n".join(f"    {command}" for command in raw["commands"][:4])
-    by_hand = raw.get("discriminator_variants_how")
     description = (
         f"On the offline default data, Fashion-MNIST at 32px (ResNet stride-4 stem), batch 64, it runs the demo's commands "
         f"(into `runs/bench/meal/`):\n\n{stages}\n\n"
-        f"then, in-process, a control (the student init trained {raw.get('control_steps', 200)} more steps on the labels with cross-entropy, "
+        f"then, in-process, a control (the student init trained {raw['control_steps']} more steps on the labels with cross-entropy, "
         "MEAL's optimiser and schedule), one step timed with and without the teachers, and "
         f"{args['subset_epochs']}-epoch MEAL runs on a {args['subset_train']}-image subset with and without "
         f"`--cache-teacher-logits --cache-crops {crops} --cache-top-k {top_k}` ({seed_text})"
-        + ("" if by_hand else ", and `seed-distill --config configs/demo/meal.yaml --discriminator off|minimax` with the same teachers and init")
+        + ", and `seed-distill --config configs/demo/meal.yaml --discriminator off|minimax` with the same teachers and init"
         + f". It took {raw['bench_wall_s'] / 60:.1f} min"
         + f" (load average about {raw['load_average_before'][0]:.0f}), one torch thread per process (`--threads {raw['threads']}`; at load 6, "
-        "two threads made an r18 step 5x slower than one). Measured " + (raw.get("measured") or "in an earlier run") + ". "
+        "two threads made an r18 step 5x slower than one). Measured " + raw["measured"] + ". "
         "Not part of `make bench` (over 10 minutes): `python -m bench --only meal` reruns it."
-        + (f" The two `--discriminator off|minimax` rows were {by_hand}." if by_hand else "")
-        + (f" This page shows that run's numbers ({raw['converted_from']} then, kept as this result's `data`), converted to this format with "
-           "`--from-json`." if raw.get("converted_from") else "")
     )
     return {"title": "MEAL V2", "order": 60, "command": "python -m bench.meal_bench", "description": description,
             "tables": [top1, kd, cache_table], "notes": notes, "data": raw}
-
-
-def read_raw(path: Path) -> dict[str, Any]:
-    """The raw numbers of an earlier run: a common-format result's ``data``, or the file itself (the format before it)."""
-    saved = json.loads(path.read_text())
-    if "data" in saved:
-        return saved["data"]
-    return {**saved, "converted_from": str(path.resolve().relative_to(ROOT)) if path.resolve().is_relative_to(ROOT) else str(path)}
-
-
-def old_machine(raw: dict[str, Any]) -> dict[str, Any] | None:
-    """The machine dict of write_result from the one-line machine of the format before it ("CPU, N cores, torch V")."""
-    text = raw.get("machine")
-    if not isinstance(text, str):
-        return None
-    cpu, cores, torch_version = text.split(", ")
-    return {**machine(), "cpu": cpu, "cores": int(cores.split()[0]), "torch": torch_version.split()[1], "threads": raw.get("threads")}
 
 
 def main() -> None:
@@ -360,18 +339,11 @@ def main() -> None:
     parser.add_argument("--cache-top-k", type=int, default=3, help="classes kept per cached target (below the 10 classes: the top-k path)")
     parser.add_argument("--seeds", default="0,1,2", help="comma-separated seeds of the cache experiment (mean ± std)")
     parser.add_argument("--rounds", type=int, default=8, help="timed steps per variant of the KD overhead")
-    parser.add_argument("--from-json", type=Path, help="no training: write the result from the raw numbers of an earlier run")
     args = parser.parse_args()
     os.chdir(ROOT)
-    raw = read_raw(args.from_json) if args.from_json else measure(args)
+    raw = measure(args)
     result = to_result(raw)
-    found_machine = old_machine(raw)
-    if found_machine:
-        result["machine"] = found_machine
-    elif "machine" in raw:
-        result["machine"] = raw["machine"]
-    else:
-        raw["machine"] = result["machine"] = {**machine(), "threads": raw["threads"]}
+    raw["machine"] = result["machine"] = {**machine(), "threads": raw["threads"]}
     write_result("meal", result)
     for table in result["tables"]:
         print(f"\n{table['caption']}")

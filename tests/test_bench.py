@@ -111,21 +111,28 @@ def test_the_benchmarked_seed_step_enqueues_as_training_does():
 
 
 def test_meal_bench_reports_the_cache_over_seeds_with_top_k_below_the_classes():
-    """bench/meal_bench.py renders mean ± std over --seeds and names --cache-top-k (below the 10 classes: the top-k path);
-    results measured before (one run per variant) still render."""
+    """bench/meal_bench.py renders mean ± std over --seeds and names --cache-top-k (below the 10 classes: the top-k path),
+    from the raw numbers of a real run (tests/data/meal_result.json: its ``data``)."""
     import copy
+    import statistics
 
-    from bench.meal_bench import read_raw, to_result
+    from bench.meal_bench import meal_score, to_result
 
-    old = read_raw(ROOT / "tests" / "data" / "meal_result_v1.json")  # a result in the format of earlier runs (one run per variant)
-    assert "top-10 of 10" in to_result(old)["tables"][2]["rows"][1][0]
-    raw = copy.deepcopy(old)
-    raw["args"].update(cache_top_k=3, seeds="0,1,2")
-    for name in ("subset-teachers", "subset-cached"):
-        raw["cache"][name] = [{**old["cache"][name], "seed": seed, "train_s": old["cache"][name]["train_s"] + seed} for seed in range(3)]
-    table = to_result(raw)["tables"][2]
+    raw = json.loads((ROOT / "tests" / "data" / "meal_result.json").read_text())
+    result = to_result(raw)
+    table = result["tables"][2]
     assert "--cache-top-k 3" in table["caption"] and "mean ± std over seeds 0, 1, 2" in table["caption"]
-    assert table["rows"][1][0] == "cached, top-3 of 10 classes" and table["rows"][1][3] == f"{old['cache']['subset-cached']['train_s'] + 1:.1f} ± 1.0"
+    assert table["rows"][1][0] == "cached, top-3 of 10 classes"
+    seconds = [run["train_s"] for run in raw["cache"]["subset-cached"]]
+    assert table["rows"][1][3] == f"{statistics.mean(seconds):.1f} ± {statistics.stdev(seconds):.1f}"
+    changes = [meal_score(c["top1"]) - meal_score(t["top1"]) for t, c in zip(raw["cache"]["subset-teachers"], raw["cache"]["subset-cached"], strict=True)]
+    assert f"{statistics.mean(changes):+.2f} ± {statistics.stdev(changes):.2f} points" in result["notes"][-1]
+    one = copy.deepcopy(raw)
+    one["args"].update(seeds="0", cache_top_k=10)
+    for name in ("subset-teachers", "subset-cached"):
+        one["cache"][name] = one["cache"][name][:1]
+    table = to_result(one)["tables"][2]
+    assert "one seed" in table["caption"] and table["rows"][1][0] == "cached, top-10 of 10 classes" and "±" not in table["rows"][1][3]
 
 
 def test_teacher_curve_scores_each_kept_epoch_against_random_init(tmp_path, results, monkeypatch, tiny_args):
