@@ -17,7 +17,7 @@ by ``seed-eval compare``'s protocol (downstream/compare.py): the whole train spl
 probe training set, the whole val split as queries, kNN k = 200 and 20 (tau 0.07), the fast
 linear probe. Results: ``bench/results/quality.json``.
 
-    python -m bench.quality                        # 3 seeds, students r18 and mbv3l (make bench)
+    python -m bench.quality                        # 3 seeds, students r18 and mbv3s (make bench)
     python -m bench.quality --seeds 0 --students r18 --quick   # a smoke run: minutes, not a result
 """
 
@@ -76,7 +76,7 @@ def teachers(weak_epoch: int, run_dir: Path) -> tuple[dict[str, Path], PretrainC
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--students", default="r18,mbv3l", help="student architectures (configs/bench/quality_<arch>_{simclr,seed}.yaml)")
+    parser.add_argument("--students", default="r18,mbv3s", help="student architectures (configs/bench/quality_<arch>_{simclr,seed}.yaml)")
     parser.add_argument("--weak-epoch", type=int, default=5, help="the weaker teacher: the reference run after this many epochs")
     parser.add_argument("--weak-students", default="r18", help="students that are also distilled from the weaker teacher")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per student (not a result)")
