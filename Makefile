@@ -54,7 +54,7 @@ test: setup data
 lint: setup
 	$(BIN)/ruff check .
 
-# Every CPU benchmark (under an hour on 2 cores), then docs/BENCHMARKS.md and docs/bench/*.png from bench/results/*.json.
+# Every CPU benchmark (about 3 hours on 2 cores, 2 of them the quality benchmark), then docs/BENCHMARKS.md and docs/bench/*.png from bench/results/*.json.
 bench: setup data
 	$(BIN)/python -m bench
 

@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmark suite, then render docs/BENCHMARKS.md.
 
-    python -m bench                      # every CPU benchmark (`make bench`, under an hour on 2 cores)
+    python -m bench                      # every CPU benchmark (`make bench`, about 3 hours on 2 cores, 2 of them quality)
     python -m bench --gpu                # the speed benchmarks on a GPU at 224px (`make bench-gpu`)
     python -m bench --only knn,queue     # a subset; the page is re-rendered from all results
     python -m bench --list
@@ -51,7 +51,7 @@ register("detection", "bench/detection_bench.py", ["--threads", "1"])
 def record_suite(seconds: dict[str, float], failed: list[str]) -> None:
     """Minutes per benchmark, each from the last ``python -m bench`` run that ran it, and the ``make bench`` total.
 
-    ``make bench`` promises under an hour on a 2-core CPU; a rerun of some benchmarks (``--only``) updates their rows.
+    The total is what ``make bench`` takes; a rerun of some benchmarks (``--only``) updates their rows.
     """
     path = common.RESULTS / "suite.json"
     last = json.loads(path.read_text()).get("data", {}).get("runs", {}) if path.is_file() else {}  # never lose a finished suite over an old file
