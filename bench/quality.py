@@ -29,11 +29,12 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, training_minutes, write_result
 from downstream.compare import METRICS, CompareConfig, Row, compare
 from seed.checkpoints import export_model, load_encoder
-from seed.config import DistillConfig, PretrainConfig, load_config
+from seed.config import PretrainConfig, load_config
 from seed.engine import monitor_loaders
 from seed.module import precise_bn
 
@@ -110,16 +111,16 @@ def main() -> None:
             for key, (_, command, config, teacher, exported) in variants.items():
                 if key == "seed_weak" and arch not in weak_students:
                     continue
-                folder = RUNS / arch / f"seed{seed}" / key
+                folder, recipe_file = RUNS / arch / f"seed{seed}" / key, Path(args.configs) / config.format(arch=arch)
                 extra = ["--teacher-checkpoint", str(teacher_files[teacher])] if teacher else []
-                argv = [command, "--config", str(Path(args.configs) / config.format(arch=arch)), "--seed", str(seed), "--output", str(folder),
+                argv = [command, "--config", str(recipe_file), "--seed", str(seed), "--output", str(folder),
                         "--resume", "never", *extra, *(QUICK if args.quick else [])]
                 marker = folder.with_suffix(".done")  # a finished run's command and recipe: a rerun of the benchmark keeps that run
-                recipe = " ".join(argv) + "\n" + (Path(args.configs) / config.format(arch=arch)).read_text()
-                if not (marker.is_file() and marker.read_text() == recipe and (folder / exported).is_file()):
+                done = " ".join(argv) + "\n" + recipe_file.read_text()
+                if not (marker.is_file() and marker.read_text() == done and (folder / exported).is_file()):
                     marker.unlink(missing_ok=True)
                     run(argv, folder.with_suffix(".log"), args.threads)
-                    marker.write_text(recipe)
+                    marker.write_text(done)
                 else:
                     print(f"finished before, kept: {folder}", flush=True)
                 minutes.setdefault((arch, key), []).append(max(training_minutes(folder).values()))
@@ -131,9 +132,8 @@ def main() -> None:
     for (arch, key), paths in files.items():
         label, _, config_name, _, _ = variants[key]
         entries += [(label.format(arch=arch), path) for path in paths]
-        recipe_file = str(Path(args.configs) / config_name.format(arch=arch))
-        recipe = load_config(PretrainConfig if key == "alone" else DistillConfig, ["--config", recipe_file], "quality", "")
-        recipes[label.format(arch=arch)] = (f"{recipe.max_steps} steps, {mean_std(minutes[arch, key])[0]:.1f} train min, "
+        steps = yaml.safe_load((Path(args.configs) / config_name.format(arch=arch)).read_text()).get("max_steps")
+        recipes[label.format(arch=arch)] = (f"{f'{steps} steps, ' if steps else ''}{mean_std(minutes[arch, key])[0]:.1f} train min, "
                                             f"`{Path(args.configs).name}/{config_name.format(arch=arch)}`")
     protocol = CompareConfig(data=teacher_config.data, image_size=teacher_config.image_size, num_workers=0, epochs=3 if args.quick else 100)
     rows, _ = compare(entries, protocol)
@@ -149,11 +149,12 @@ def main() -> None:
     for arch in students:
         name = {key: variants[key][0].format(arch=arch) for key in variants}
         alone, floor = by_label[name["alone"]], floors[by_label[name["alone"]].arch]
-        notes.append(f"{arch}: SEED vs SimCLR alone on the same budget: kNN {gain(name['seed'], alone)}, linear {gain(name['seed'], alone, 'linear')}; "
-                     f"SEED vs random init: kNN {gain(name['seed'], floor)}, linear {gain(name['seed'], floor, 'linear')}"
-                     + ("; " if name["seed_weak"] in by_label else ".")
-                     + (f"stronger vs weaker teacher: kNN {gain(name['seed'], by_label[name['seed_weak']])}, "
-                        f"linear {gain(name['seed'], by_label[name['seed_weak']], 'linear')}." if name["seed_weak"] in by_label else ""))
+        parts = [f"SEED vs SimCLR alone on the same budget: kNN {gain(name['seed'], alone)}, linear {gain(name['seed'], alone, 'linear')}",
+                 f"SEED vs random init: kNN {gain(name['seed'], floor)}, linear {gain(name['seed'], floor, 'linear')}"]
+        if name["seed_weak"] in by_label:
+            weak_row = by_label[name["seed_weak"]]
+            parts.append(f"stronger vs weaker teacher: kNN {gain(name['seed'], weak_row)}, linear {gain(name['seed'], weak_row, 'linear')}")
+        notes.append(f"{arch}: {'; '.join(parts)}.")
     table = []
     for row in rows:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row.scores) > 1 else f"{m:.2f}" for m, s in row.summary().values()]
