@@ -27,6 +27,7 @@ from seed.config import DistillConfig, PretrainConfig, make_config, resolve
 from seed.distill import SEED
 from seed.queue import TeacherQueue
 from seed.teacher import FrozenTeacher
+from seed.teacher_cache import TeacherCache
 
 EMBED_DIM = 128  # SEED's and MoCo v2's embedding size
 
@@ -176,19 +177,29 @@ def official_step(model: OfficialSEED, images: Tensor) -> StepFn:
     return step
 
 
-def ours_step(module: SEED, images: Tensor, device: str, bf16: bool = False, queue: TeacherQueue | None = None) -> StepFn:
+def ours_step(module: SEED, images: Tensor, device: str, bf16: bool = False, queue: TeacherQueue | None = None,
+              cache: TeacherCache | None = None) -> StepFn:
     """One optimiser step as the Trainer runs it: ``SEED.seed_step`` (under autocast when bf16), backward, then
-    ``SEED.optimizer_step``, the optimiser step and the enqueue; against ``queue`` when given instead of the module's own."""
+    ``SEED.optimizer_step``, the optimiser step and the enqueue; against ``queue`` when given instead of the module's own.
+    With ``cache`` (``--teacher-cache``) a step of a cached epoch: the batch's embeddings are read back from the cache,
+    which the teacher fills here first, and no teacher runs."""
     optimizer = sgd(module)
     queue = module.queue if queue is None else queue
+    rows = torch.arange(len(images)), torch.zeros(len(images), dtype=torch.long)
+    if cache is not None:
+        module.cache = cache
+        cache.prepare()
+        cache.open()
+        cache.write(*rows, module.teacher(images))
 
     def step() -> dict[str, float]:
         with autocast(device, bf16):
-            loss = module.seed_step(images, queue)
+            teacher = module.cached_teacher(images, *rows) if cache is not None else module.teacher(images)
+            loss = module.seed_step(images, teacher, queue)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         module.optimizer_step(0, 0, optimizer)
-        return {"teacher_s": module.teacher.seconds}
+        return {"teacher_s": 0.0 if cache is not None else module.teacher.seconds}
 
     return step
 

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from seed.checkpoints import load_encoder
+from seed.checkpoints import file_sha256, load_encoder
 from seed.config import CommonConfig
 from seed.engine import data_name, run_folder
 from seed.errors import SeedError
@@ -45,15 +45,6 @@ def default_checkpoint() -> str:
         if Path(path).is_file():
             return path
     raise SeedError("no checkpoint given and no demo run found; pass --checkpoint or run make demo")
-
-
-def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be gigabytes)."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def state_digest(module: nn.Module) -> str:

@@ -6,6 +6,7 @@ Every load goes through :func:`load_file`, which uses
 and nothing in it runs.
 """
 
+import hashlib
 import os
 import pickle
 import re
@@ -41,6 +42,15 @@ def atomic_save(obj: Any, path: Path) -> None:
 
 #: How every file ``torch.save`` writes begins: a zip archive (the default since torch 1.6) or a pickle (protocol 2-5).
 _CHECKPOINT_STARTS = (b"PK\x03\x04", b"\x80\x02", b"\x80\x03", b"\x80\x04", b"\x80\x05")
+
+
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file, read in 1 MiB blocks (checkpoints can be gigabytes)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def load_file(path: str | Path) -> Any:

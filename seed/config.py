@@ -145,6 +145,10 @@ class DistillConfig(TrainConfig):
                                        "so epochs after the first --cache-crops skip the teachers (as FKD does)", False)
     cache_crops: int = _help("fixed augmentations per image when caching; epoch e uses crop e mod N", 4)
     cache_top_k: int = _help("classes kept per cached target, the rest of the probability spread evenly (FKD keeps top-k)", 10)
+    teacher_cache: bool = _help("SEED, beyond the paper: the teacher embeds each image under --cache-views fixed views once, kept in fp16 "
+                                "in <run>/teacher_cache/, so epochs after the first --cache-views run no teacher", False)
+    cache_views: int = _help("SEED --teacher-cache: fixed views per image, epoch e shows view e mod N "
+                             "(disk: images x N x embedding dim x 2 bytes; ImageNet, N = 10: 3.3 GB)", 10)
 
 
 def _flag(name: str) -> str:

@@ -9,6 +9,9 @@ Where the paper leaves it open, the official code (jacobswan1/SEED) decides:
 the view recipe follows the teacher's method (``--augmentation``), MobileNetV3
 and EfficientNet students drop out their features before the head, the lr warms
 up from ``base_lr`` for 5 epochs, and the small-crop queue takes one patch per image.
+
+Beyond the paper, ``--teacher-cache`` takes the teacher out of the loop after the first
+``--cache-views`` epochs (``seed.teacher_cache``).
 """
 
 import dataclasses
@@ -25,7 +28,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 
 from seed.backbones import feature_dim
-from seed.checkpoints import export_model, load_encoder, read_checkpoint
+from seed.checkpoints import export_model, file_sha256, load_encoder, read_checkpoint
 from seed.config import DistillConfig, resolve
 from seed.data import dataset_for, seed_view_transform, small_crop_transforms
 from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
@@ -34,7 +37,9 @@ from seed.knn import compare_knn, print_knn_table, random_inits
 from seed.losses import seed_loss
 from seed.module import TrainModule
 from seed.queue import TeacherQueue
+from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
+from seed.teacher_cache import TeacherCache
 
 DEMO_TEACHER = Path("runs/demo/pretrain/teacher.pt")
 
@@ -56,7 +61,7 @@ class SEED(TrainModule):
 
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 5.0}
 
-    def __init__(self, config: DistillConfig, teacher: FrozenTeacher, num_classes: int) -> None:
+    def __init__(self, config: DistillConfig, teacher: FrozenTeacher, num_classes: int, cache: TeacherCache | None = None) -> None:
         super().__init__(config, config.student, num_classes)
         dim = self.backbone.feature_dim
         # the official MobileNetV3/EfficientNet students keep their Dropout(0.2) between the features and the (MLP) fc
@@ -67,27 +72,42 @@ class SEED(TrainModule):
         self.queue = TeacherQueue(config.queue_size, teacher.embed_dim)
         self.small_queue = TeacherQueue(config.queue_size, teacher.embed_dim) if config.small_crops else None
         self.strict_loading = False  # the teacher is rebuilt from its own file, not stored in ours
+        self.cache = cache  # --teacher-cache: batches are FixedCrops items
         self._pending: list[tuple[TeacherQueue, Tensor]] = []
 
     def embed(self, images: Tensor) -> Tensor:
         """The student's L2-normalised embedding."""
         return F.normalize(self.head(self.dropout(self.backbone(images))), dim=1)
 
-    def seed_step(self, images: Tensor, queue: TeacherQueue, enqueue: int | None = None) -> Tensor:
-        """SEED's loss for one batch of views; the first ``enqueue`` teacher embeddings (all by default) wait to be enqueued."""
-        teacher = self.teacher(images)
+    def seed_step(self, images: Tensor, teacher: Tensor, queue: TeacherQueue, enqueue: int | None = None) -> Tensor:
+        """SEED's loss for one batch of views and their ``teacher`` embeddings; the first ``enqueue`` of these (all by
+        default) wait to be enqueued."""
         loss = seed_loss(self.embed(images), teacher, queue.bank, self.config.tau_s, self.config.tau_t)
         self._pending.append((queue, teacher[:enqueue]))
         return loss
 
-    def training_step(self, batch: tuple[Any, Tensor], batch_idx: int) -> Tensor:
-        views, _ = batch
-        big, *small = views if isinstance(views, (list, tuple)) else [views]
-        loss = self.seed_step(big, self.queue)
-        if small:
-            # crop-major rows: the first len(big) are each image's first small crop, the one patch per image
-            # the official code enqueues (small_patch_builder.py), so the queue does not fill with near-duplicates
-            loss = loss + self.seed_step(torch.cat(small), self.small_queue, enqueue=len(big))
+    def cached_teacher(self, images: Tensor, index: Tensor, view: Tensor) -> Tensor:
+        """The teacher's embeddings of these fixed views, read from the cache. A batch with a miss runs the teacher
+        (on the whole batch, as without the cache) and writes its new rows first: every step reads the fp16 form."""
+        hit = self.cache.hits(index, view)
+        if not bool(hit.all()):
+            self.cache.write(index.cpu()[~hit], view.cpu()[~hit], self.teacher(images).cpu()[~hit])
+        self.log("cache_hits", hit.float().mean(), prog_bar=True)
+        return self.cache.read(index, view).to(images.device)
+
+    def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> Tensor:
+        if self.cache is not None:  # FixedCrops items (view, label, index, view number); no small crops (check_config)
+            images, _, index, view = batch
+            loss = self.seed_step(images, self.cached_teacher(images, index, view), self.queue)
+        else:
+            views, _ = batch
+            big, *small = views if isinstance(views, (list, tuple)) else [views]
+            loss = self.seed_step(big, self.teacher(big), self.queue)
+            if small:
+                # crop-major rows: the first len(big) are each image's first small crop, the one patch per image
+                # the official code enqueues (small_patch_builder.py), so the queue does not fill with near-duplicates
+                crops = torch.cat(small)
+                loss = loss + self.seed_step(crops, self.teacher(crops), self.small_queue, enqueue=len(big))
         self.log("loss", loss, prog_bar=True)
         return loss
 
@@ -113,6 +133,21 @@ class SEED(TrainModule):
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
+    # --teacher-cache: rank 0 makes (or keeps) the files, then every rank maps them.
+    def on_fit_start(self) -> None:
+        if self.cache is None:
+            return
+        if self.trainer.is_global_zero:
+            filled = self.cache.prepare()
+            images, views, _ = self.cache.shape
+            print(f"teacher cache: {self.cache.folder}, {filled} of {images} images x {views} views embedded")
+        self.trainer.strategy.barrier("teacher cache")
+        self.cache.open()
+
+    def on_train_epoch_end(self) -> None:
+        if self.cache is not None:
+            self.cache.flush()
+
 
 def default_teacher_checkpoint(config: DistillConfig) -> str:
     """``--teacher-checkpoint``, else the demo's teacher when ``make demo`` made one."""
@@ -131,6 +166,12 @@ def check_config(config: DistillConfig) -> None:
     global_batch = config.batch_size * config.devices * config.num_nodes
     if config.queue_size < global_batch:
         raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (SEED uses 65536)")
+    if config.teacher_cache and config.small_crops:
+        raise SeedError("--teacher-cache keeps fixed views, --small-crops draws new patches every step; drop one of them")
+    if config.teacher_cache and config.cache_views < 1:
+        raise SeedError(f"--cache-views must be at least 1, got {config.cache_views}")
+    if config.cache_teacher_logits:
+        raise SeedError("--cache-teacher-logits is MEAL V2's (--mode meal); SEED's cache is --teacher-cache")
     feature_dim(config.student)  # unknown names fail here, before any data is read
 
 
@@ -157,6 +198,13 @@ def build_teacher(config: DistillConfig, checkpoint: str) -> tuple[FrozenTeacher
     return FrozenTeacher(backbone, head, fold_bn=config.teacher_fold_bn, channels_last=channels_last), found
 
 
+def teacher_cache(config: DistillConfig, checkpoint: str, teacher: FrozenTeacher, run_dir: Path, images: int) -> TeacherCache:
+    """The cache of ``--teacher-cache`` beside the run, keyed by what its embeddings depend on."""
+    names = ("teacher", "teacher_head", "teacher_fold_bn", "data", "image_size", "augmentation", "crop_min_scale", "seed")
+    key = {"teacher_sha256": file_sha256(checkpoint), "channels_last": teacher.channels_last, **{n: getattr(config, n) for n in names}}
+    return TeacherCache(run_dir / "teacher_cache", key, images, config.cache_views, teacher.embed_dim)
+
+
 def distill(config: DistillConfig) -> Path:
     """Run SEED as ``config`` says; returns the run folder."""
     config = resolve(config, SEED.DEFAULTS)
@@ -164,14 +212,18 @@ def distill(config: DistillConfig) -> Path:
     checkpoint = default_teacher_checkpoint(config)
     if config.augmentation is None:  # the teacher file's format names its method; read it, build no model before the data checks
         config = dataclasses.replace(config, augmentation=default_augmentation(read_checkpoint(checkpoint)["format"]))
-    train_set = dataset_for(config, "train", train_transform(config))
+    if config.teacher_cache:
+        train_set = FixedCrops(dataset_for(config, "train"), train_transform(config), config.cache_views, config.seed)
+    else:
+        train_set = dataset_for(config, "train", train_transform(config))
     check_batch(len(train_set), config)
     monitor = monitor_loaders(config)
     teacher, found = build_teacher(config, checkpoint)
     print(f"teacher: {checkpoint} ({found}, {teacher.embed_dim}-d embeddings); views: --augmentation {config.augmentation}")
     pl.seed_everything(config.seed, workers=True, verbose=False)
     run_dir = run_folder(config, "distill", f"seed-{Path(checkpoint).stem}-{config.student}-{data_name(config)}")
-    module = SEED(config, teacher, num_classes=len(train_set.classes))
+    cache = teacher_cache(config, checkpoint, teacher, run_dir, len(train_set)) if config.teacher_cache else None
+    module = SEED(config, teacher, num_classes=len(train_set.classes), cache=cache)
     trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
     if trainer.is_global_zero:
         settled = module.settled_copy(monitor[0])  # PreciseBN statistics: MobileNetV3's running ones lag for hundreds of steps

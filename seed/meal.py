@@ -27,7 +27,7 @@ import torchvision.transforms as T
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.utils.lars import LARS
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Subset
 
 from seed.backbones import available
 from seed.checkpoints import atomic_save, export_model, load_classifier, load_file
@@ -37,7 +37,7 @@ from seed.engine import check_batch, data_name, fit, make_loader, run_folder
 from seed.errors import SeedError
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
-from seed.sampling import KeyedDataset, mix, seeded
+from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
 
 DEMO = Path("runs/demo/meal")
@@ -283,32 +283,6 @@ def train_transform(image_size: int, min_scale: float | None = None) -> T.Compos
     return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), normalize])
 
 
-class FixedCrops(KeyedDataset):
-    """Each image under one of ``crops`` fixed augmentations: epoch e shows crop e mod crops.
-
-    The augmentation's random draws are seeded by (seed, image, crop), so the
-    same crop comes back ``crops`` epochs later and its cached target still fits.
-    Items are ``(image, label, index, crop)``, looked up by the ``(index, epoch)``
-    keys of the engine's sampler, so the crop follows the epoch in every loader
-    process and after a resume.
-    """
-
-    def __init__(self, dataset: Dataset, transform: Any, crops: int, seed: int) -> None:
-        self.dataset, self.transform, self.crops, self.seed = dataset, transform, crops, seed
-        self.classes = dataset.classes
-
-    def __len__(self) -> int:
-        return len(self.dataset)
-
-    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, int, int]:
-        index, epoch = key
-        image, label = self.dataset[index]
-        crop = epoch % self.crops
-        with seeded(mix(self.seed, crop, index)):
-            image = self.transform(image)
-        return image, label, index, crop
-
-
 def milestones(config: DistillConfig) -> list[int]:
     try:
         return [int(m) for m in str(config.lr_milestones).split(",") if m.strip()]
@@ -323,6 +297,8 @@ def check_config(config: DistillConfig) -> None:
     milestones(config)
     if config.cache_teacher_logits and config.cutmix:
         raise SeedError("--cutmix mixes new images every step, which no cache holds; drop --cutmix or --cache-teacher-logits")
+    if config.teacher_cache:
+        raise SeedError("--teacher-cache is SEED's (--mode seed); MEAL V2 caches its targets with --cache-teacher-logits")
     if config.cache_crops < 1 or config.cache_top_k < 1:
         raise SeedError("--cache-crops and --cache-top-k must be at least 1")
 

@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.distributed as dist
+from torch import Tensor
 from torch.utils.data import Dataset, DistributedSampler
 
 _MASK = (1 << 64) - 1
@@ -141,3 +142,30 @@ class EpochSampler(DistributedSampler):
             skip = self._resume[1] * self.batch_size
         self._resume = None
         return iter([(index, epoch) for index in self.order(epoch)[skip:]])
+
+
+class FixedCrops(KeyedDataset):
+    """Each image under one of ``crops`` fixed augmentations: epoch e shows crop e mod crops.
+
+    The teacher caches rest on it (MEAL V2's ``--cache-teacher-logits``, SEED's
+    ``--teacher-cache``): the augmentation's random draws are seeded by (seed, image, crop),
+    so the same crop comes back ``crops`` epochs later and its cached target still fits.
+    Items are ``(image, label, index, crop)``, looked up by the ``(index, epoch)``
+    keys of the engine's sampler, so the crop follows the epoch in every loader
+    process and after a resume.
+    """
+
+    def __init__(self, dataset: Dataset, transform: Any, crops: int, seed: int) -> None:
+        self.dataset, self.transform, self.crops, self.seed = dataset, transform, crops, seed
+        self.classes = dataset.classes
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, key: tuple[int, int]) -> tuple[Tensor, int, int, int]:
+        index, epoch = key
+        image, label = self.dataset[index]
+        crop = epoch % self.crops
+        with seeded(mix(self.seed, crop, index)):
+            image = self.transform(image)
+        return image, label, index, crop

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 BIN = Path(sys.executable).parent
 TINY = ["--data", "digits", "--image-size", "16", "--batch-size", "16", "--num-workers", "0",
@@ -33,3 +34,16 @@ def one_thread(monkeypatch):
 @pytest.fixture
 def tiny_args() -> list[str]:
     return list(TINY)
+
+
+def image_folder_of(root: Path, classes: int = 2, train: int = 40, val: int = 10, size: int = 16) -> Path:
+    """An ImageFolder at ``root`` (train/ and val/, ``classes`` folders each) of random RGB PNGs."""
+    generator = torch.Generator().manual_seed(0)
+    for split, count in (("train", train), ("val", val)):
+        for label in range(classes):
+            folder = root / split / f"class{label}"
+            folder.mkdir(parents=True)
+            for number in range(count):
+                pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
+                Image.fromarray(pixels).save(folder / f"{number}.png")
+    return root

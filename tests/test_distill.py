@@ -1,20 +1,26 @@
+import csv
+import json
 import math
+from pathlib import Path
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_backbone, load_file
 from seed.config import DistillConfig, make_config, resolve
 from seed.distill import SEED, default_augmentation
-from seed.engine import build_trainer
+from seed.engine import build_trainer, fit, make_loader
 from seed.losses import seed_loss
+from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
+from seed.teacher_cache import TeacherCache
 
-from .conftest import run_command
+from .conftest import image_folder_of, run_command
 
 
 @pytest.fixture
@@ -196,6 +202,10 @@ def test_two_process_ddp_gathers_into_one_queue(tmp_path, tiny_args, teacher_fil
         (["--teacher-checkpoint", "/no/such.pth"], "checkpoint /no/such.pth does not exist"),
         (["--teacher", "r50"], "lacks 'layer1.0.conv3.weight' of a r50 backbone"),
         (["--mode", "kd"], "unknown --mode 'kd'"),
+        (["--teacher-cache", "--small-crops", "2"], "--teacher-cache keeps fixed views, --small-crops draws new patches every step"),
+        (["--teacher-cache", "--cache-views", "0"], "--cache-views must be at least 1"),
+        (["--cache-teacher-logits"], "--cache-teacher-logits is MEAL V2's (--mode meal); SEED's cache is --teacher-cache"),
+        (["--mode", "meal", "--teacher-cache"], "--teacher-cache is SEED's (--mode seed)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, tiny_args, teacher_file):
@@ -204,3 +214,89 @@ def test_bad_input_is_one_line_exit_2(args, message, tmp_path, tiny_args, teache
     assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert not (tmp_path / "out").exists()
+
+
+# ---- --teacher-cache ---------------------------------------------------------------------------------------------
+
+class _Pictures(Dataset):
+    """24 fixed random 16x16 images."""
+
+    classes = ["only"]
+
+    def __len__(self) -> int:
+        return 24
+
+    def __getitem__(self, index: int):
+        return torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(index)), 0
+
+
+def _jitter(image):
+    """Random flip and noise, drawn from torch's generator as torchvision's transforms are."""
+    image = image.flip(-1) if torch.rand(()) < 0.5 else image
+    return image + 0.1 * torch.randn(image.shape)
+
+
+def _cached_seed(out: Path, always_miss: bool = False) -> tuple[SEED, list[int]]:
+    """SEED with a 2-view teacher cache through the engine, 3 epochs of 3 steps; the batch sizes the teacher saw.
+    ``always_miss``: the cache reports no hit, so the teacher embeds every batch (the same fixed views, live)."""
+    config = resolve(make_config(DistillConfig, {"student": "r18", "image_size": 16, "batch_size": 8, "epochs": 3, "queue_size": 32, "knn_every": 0,
+                                                 "num_workers": 0, "output": str(out), "teacher_cache": True, "cache_views": 2}), SEED.DEFAULTS)
+    data = FixedCrops(_Pictures(), _jitter, crops=2, seed=0)
+    teacher, seen = _conv_teacher(), []
+    teacher.register_forward_hook(lambda _, inputs, __: seen.append(len(inputs[0])))
+    pl.seed_everything(0, verbose=False)
+    module = SEED(config, teacher, num_classes=1, cache=TeacherCache(out / "teacher_cache", {"run": "test"}, len(data), 2, teacher.embed_dim))
+    if always_miss:
+        module.cache.hits = lambda index, view: torch.zeros(len(index), dtype=torch.bool)
+    fit(module, make_loader(data, config, shuffle=True, drop_last=True), None, config, out)
+    return module, seen
+
+
+def _step_losses(run: Path) -> list[str]:
+    with open(run / "logs" / "metrics.csv") as handle:
+        return [row["loss"] for row in csv.DictReader(handle) if row.get("loss")]
+
+
+@pytest.mark.filterwarnings(r"ignore:You defined a `validation_step`")
+def test_teacher_cache_equals_the_teacher_on_the_same_fixed_views_and_skips_it_after_n_epochs(tmp_path):
+    cached, seen = _cached_seed(tmp_path / "cached")
+    assert seen == [8] * 6  # epochs 0 and 1 embed views 0 and 1; epoch 2 reads view 0 back and runs no teacher
+    live, seen_live = _cached_seed(tmp_path / "live", always_miss=True)
+    assert seen_live == [8] * 9
+    assert _step_losses(tmp_path / "cached") == _step_losses(tmp_path / "live") and len(_step_losses(tmp_path / "live")) == 9
+    for key, value in live.state_dict().items():  # student, head and queue, bit for bit
+        assert torch.equal(cached.state_dict()[key], value), key
+    data, index = FixedCrops(_Pictures(), _jitter, crops=2, seed=0), torch.arange(24)
+    for view in (0, 1):
+        direct = cached.teacher(torch.stack([data[i, view][0] for i in range(24)]))
+        stored = cached.cache.read(index, torch.full((24,), view))
+        assert torch.allclose(stored, direct, atol=1e-3) and not torch.equal(stored, direct)  # the fp16 form
+    # beside the run, not in it: no module buffer (DDP would broadcast it) and nothing in last.ckpt
+    assert not any("cache" in name for name in [*cached.state_dict(), *load_file(tmp_path / "cached" / "last.ckpt")["state_dict"]])
+    assert json.loads((tmp_path / "cached" / "teacher_cache" / "key.json").read_text()) == {"run": "test", "images": 24, "views": 2, "dim": 16}
+
+
+def test_teacher_cache_is_kept_for_its_key_and_emptied_for_another(tmp_path):
+    cache = TeacherCache(tmp_path, {"teacher_sha256": "a"}, images=4, views=2, dim=3)
+    assert cache.prepare() == 0
+    cache.open()
+    cache.write(torch.tensor([1, 3]), torch.tensor([0, 1]), torch.ones(2, 3))
+    assert TeacherCache(tmp_path, {"teacher_sha256": "a"}, images=4, views=2, dim=3).prepare() == 2  # the same key: kept
+    other = TeacherCache(tmp_path, {"teacher_sha256": "b"}, images=4, views=2, dim=3)
+    assert other.prepare() == 0
+    other.open()
+    assert not other.hits(torch.arange(4), torch.zeros(4, dtype=torch.long)).any() and not other.filled.any()
+
+
+def test_two_process_ddp_ranks_read_each_others_cached_views(tmp_path, tiny_args, teacher_file):
+    """64 images, 2 ranks of 16: each rank embeds its half of epoch 0; in epoch 1 it draws images of the other's half too,
+    and finds them all cached."""
+    data = image_folder_of(tmp_path / "data", train=32, val=8)
+    result = run_command("seed-distill", *tiny_args, "--data", str(data), "--teacher-checkpoint", str(teacher_file), "--devices", "2",
+                         "--accelerator", "cpu", "--epochs", "2", "--teacher-cache", "--cache-views", "1", "--knn-bank-size", "40",
+                         "--knn-query-size", "16", "--output", str(tmp_path / "run"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    with open(tmp_path / "run" / "logs" / "metrics.csv") as handle:
+        hits = [row["cache_hits"] for row in csv.DictReader(handle) if row.get("cache_hits")]
+    assert hits == ["0.0", "0.0", "1.0", "1.0"]  # rank 0's log
+    assert np.load(tmp_path / "run" / "teacher_cache" / "filled.npy").all()

@@ -17,7 +17,8 @@ from seed.config import DistillConfig, make_config, resolve
 from seed.engine import build_trainer, fit, make_loader
 from seed.errors import SeedError
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
-from seed.meal import MEAL, TARGETS, Discriminator, FixedCrops, TargetCache, cutmix, distill, load_student_init, load_teacher
+from seed.meal import MEAL, TARGETS, Discriminator, TargetCache, cutmix, distill, load_student_init, load_teacher
+from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
 
 from .conftest import run_command

@@ -10,6 +10,7 @@ import subprocess
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import pytorch_lightning as pl
 import torch
@@ -27,7 +28,7 @@ from seed.engine import LastCheckpoint, fit, make_loader
 from seed.errors import SeedError
 from seed.sampling import EpochSampler
 
-from .conftest import BIN, run_command
+from .conftest import BIN, image_folder_of, run_command
 
 # ---- resume equals uninterrupted -------------------------------------------------------------------------------
 
@@ -125,18 +126,6 @@ def test_batches_do_not_depend_on_workers_and_resume_mid_epoch(tmp_path):
     assert [index for index, _ in sampler] == sampler.order(1)  # only the pass right after the restart is shortened
 
 
-def _image_folder(root: Path, classes: int = 2, train: int = 40, val: int = 10, size: int = 16) -> Path:
-    generator = torch.Generator().manual_seed(0)
-    for split, count in (("train", train), ("val", val)):
-        for label in range(classes):
-            folder = root / split / f"class{label}"
-            folder.mkdir(parents=True)
-            for number in range(count):
-                pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
-                Image.fromarray(pixels).save(folder / f"{number}.png")
-    return root
-
-
 def _teacher_file(path: Path) -> Path:
     torch.manual_seed(0)
     backbone = create_backbone("mbv3s", small_images=True)
@@ -169,13 +158,15 @@ def _kill_after_writes(command: list[str], last: Path, writes: int) -> int:
     return load_file(last)["global_step"]
 
 
-@pytest.mark.parametrize("stage", ["pretrain", "distill"])
+@pytest.mark.parametrize("stage", ["pretrain", "distill", "distill-cached"])
 def test_sigkill_mid_epoch_then_same_command_is_bit_identical(stage, tmp_path):
     """80 images, batch 16: 5 steps an epoch, last.ckpt every 3 steps and at epoch ends (3, 5, 6, 9, 10, 12).
     Killed with SIGKILL just after the step-6 checkpoint (epoch 1, one batch in) and started again with the same
     command, the run ends with the same weights, optimiser state, LR schedule, global step and queue (contents
-    and pointer) as one that was never stopped, bit for bit; its metrics.csv holds the same loss at every step."""
-    data = _image_folder(tmp_path / "data")
+    and pointer) as one that was never stopped, bit for bit; its metrics.csv holds the same loss at every step.
+    With --teacher-cache of 2 views the kill leaves the cache half filled (view 1 is being embedded in epoch 1),
+    possibly with rows written after the checkpoint: the resumed run keeps them and reads view 0 back in epoch 2."""
+    data = image_folder_of(tmp_path / "data")
     common = ["--data", str(data), "--image-size", "16", "--batch-size", "16", "--num-workers", "0", "--knn-bank-size", "40",
               "--knn-query-size", "20", "--knn-k", "5", "--knn-every", "0", "--max-steps", "12", "--checkpoint-every", "3", "--seed", "7"]
     if stage == "pretrain":
@@ -183,21 +174,28 @@ def test_sigkill_mid_epoch_then_same_command_is_bit_identical(stage, tmp_path):
     else:
         teacher = _teacher_file(tmp_path / "teacher.pt")
         script, args = "seed-distill", [*common, "--student", "mbv3s", "--teacher-checkpoint", str(teacher), "--queue-size", "40"]  # K % batch != 0
+        args += ["--teacher-cache", "--cache-views", "2"] if stage == "distill-cached" else []
     whole, broken = tmp_path / "whole", tmp_path / "broken"
     result = run_command(script, *args, "--output", str(whole))
     assert result.returncode == 0, result.stderr[-3000:]
     killed_at = _kill_after_writes([str(BIN / script), *args, "--output", str(broken)], broken / "last.ckpt", writes=3)
     assert killed_at in (6, 9), killed_at  # mid-epoch: epoch 1 runs steps 6-10
+    if stage == "distill-cached":
+        filled = np.load(broken / "teacher_cache" / "filled.npy")
+        assert filled[:, 0].all() and 0 < filled[:, 1].sum() < 80  # view 0 whole, view 1 part of the way
     again = run_command(script, *args, "--output", str(broken))
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {broken / 'last.ckpt'}" in again.stdout
+    if stage == "distill-cached":
+        assert f"{int(filled.sum())} of 80 images x 2 views embedded" in again.stdout  # the cache it had, kept
+        assert _logged(whole, "cache_hits") == {**dict.fromkeys(range(10), "0.0"), **dict.fromkeys(range(10, 12), "1.0")}
 
     expected, got = load_file(whole / "last.ckpt"), load_file(broken / "last.ckpt")
     assert got["global_step"] == expected["global_step"] == 12
     assert got["epoch"] == expected["epoch"] == 2
     for part in ("state_dict", "optimizer_states", "lr_schedulers", "memory_banks", "callbacks"):
         _assert_identical(got[part], expected[part], part)
-    if stage == "distill":  # SEED's FIFO wraps around (MoCo's lightly bank restarts at 0 instead); both are compared above
+    if stage != "pretrain":  # SEED's FIFO wraps around (MoCo's lightly bank restarts at 0 instead); both are compared above
         assert int(got["memory_banks"]["queue"]["ptr"]) == 12 * 16 % 40
     exported = "teacher.pt" if stage == "pretrain" else "student.pt"
     _assert_identical(load_file(broken / exported)["state_dict"], load_file(whole / exported)["state_dict"], exported)
@@ -219,10 +217,15 @@ def _assert_identical(got, expected, where: str) -> None:
         assert got == expected, where
 
 
+def _logged(run: Path, name: str) -> dict[int, str]:
+    """The value of ``name`` logged at each training step (0-based), as written in metrics.csv."""
+    with open(run / "logs" / "metrics.csv") as handle:
+        return {int(row["step"]): row[name] for row in csv.DictReader(handle) if row.get(name)}
+
+
 def _losses(run: Path) -> dict[int, str]:
     """The logged training loss of each step (0-based), as written."""
-    with open(run / "logs" / "metrics.csv") as handle:
-        return {int(row["step"]): row["loss"] for row in csv.DictReader(handle) if row.get("loss")}
+    return _logged(run, "loss")
 
 
 # ---- atomic checkpoints ------------------------------------------------------------------------------------------
@@ -327,7 +330,7 @@ def test_no_unsafe_load_in_the_code():
 
 def _bad_folder(root: Path, good: int = 12) -> Path:
     """An ImageFolder whose class 'a' also holds the six odd files of the issue."""
-    _image_folder(root, train=good, val=4, size=12)
+    image_folder_of(root, train=good, val=4, size=12)
     folder = root / "train" / "class0"
     Image.new("RGB", (12, 12), (200, 10, 10)).save(folder / "whole.jpg")
     cut = (folder / "whole.jpg").read_bytes()
@@ -384,7 +387,7 @@ def test_training_skips_unreadable_files_and_lists_them_once(tmp_path, capsys):
 
 
 def _mismatched(root: Path) -> Path:
-    _image_folder(root, train=3, val=2, size=8)
+    image_folder_of(root, train=3, val=2, size=8)
     (root / "val" / "class1").rename(root / "val" / "other")
     return root
 
