@@ -10,7 +10,10 @@ about the same minutes on 2 cores; the table shows the minutes measured):
 
 1. the student trained with SimCLR alone (the teacher's recipe);
 2. the student distilled with SEED from the reference teacher;
-3. the student distilled with SEED from the weaker teacher.
+3. the student distilled with SEED from the weaker teacher;
+4. the student distilled with SEED from the reference teacher through ``--teacher-cache
+   --cache-views 1`` (issue 15's accuracy cost: each image's one fixed view, embedded in
+   the first epoch, read back from the fp16 cache after it; same steps).
 
 Every network, random init of each architecture (3 seeds) and the teachers included, is scored
 by ``seed-eval compare``'s protocol (downstream/compare.py): the whole train split as kNN bank and
@@ -80,6 +83,7 @@ def main() -> None:
     parser.add_argument("--students", default="r18,mbv3s", help="student architectures (configs/bench/quality_<arch>_{simclr,seed}.yaml)")
     parser.add_argument("--weak-epoch", type=int, default=5, help="the weaker teacher: the reference run after this many epochs")
     parser.add_argument("--weak-students", default="r18", help="students that are also distilled from the weaker teacher")
+    parser.add_argument("--cache-students", default="r18", help="students that are also distilled through --teacher-cache --cache-views 1")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per student (not a result)")
     parser.add_argument("--teacher-config", help="train the teacher here with this config (kept epoch checkpoints) instead of "
                                                  "reading the reference teacher of `make teacher` (the GPU run: configs/bench/gpu/teacher_r50.yaml)")
@@ -89,7 +93,7 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     students = [s for s in args.students.split(",") if s]
-    weak_students = [s for s in args.weak_students.split(",") if s]
+    only = {"seed_weak": [s for s in args.weak_students.split(",") if s], "seed_cached": [s for s in args.cache_students.split(",") if s]}
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     teacher_dir = reference_teacher_dir()
@@ -99,20 +103,22 @@ def main() -> None:
             teacher_dir.with_suffix(".log"), args.threads)
     teacher_files, teacher_config = teachers(args.weak_epoch, teacher_dir)
     teacher_label = load_encoder(teacher_files["strong"], use_head=False)[0].arch
-    variants = {  # row key -> (label, command, config, teacher, exported file)
-        "alone": ("{arch} SimCLR alone", "seed-pretrain", "quality_{arch}_simclr.yaml", None, "teacher.pt"),
-        "seed": ("{arch} SEED from the reference teacher", "seed-distill", "quality_{arch}_seed.yaml", "strong", "student.pt"),
-        "seed_weak": (f"{{arch}} SEED from the teacher at epoch {args.weak_epoch}", "seed-distill", "quality_{arch}_seed.yaml", "weak", "student.pt"),
+    variants = {  # row key -> (label, command, config, teacher, exported file, extra flags)
+        "alone": ("{arch} SimCLR alone", "seed-pretrain", "quality_{arch}_simclr.yaml", None, "teacher.pt", []),
+        "seed": ("{arch} SEED from the reference teacher", "seed-distill", "quality_{arch}_seed.yaml", "strong", "student.pt", []),
+        "seed_weak": (f"{{arch}} SEED from the teacher at epoch {args.weak_epoch}", "seed-distill", "quality_{arch}_seed.yaml", "weak", "student.pt", []),
+        "seed_cached": ("{arch} SEED from the reference teacher, --teacher-cache --cache-views 1", "seed-distill", "quality_{arch}_seed.yaml",
+                        "strong", "student.pt", ["--teacher-cache", "--cache-views", "1"]),
     }
     files: dict[tuple[str, str], list[str]] = {}
     minutes: dict[tuple[str, str], list[float]] = {}
     for arch in students:
         for seed in seeds:
-            for key, (_, command, config, teacher, exported) in variants.items():
-                if key == "seed_weak" and arch not in weak_students:
+            for key, (_, command, config, teacher, exported, flags) in variants.items():
+                if key in only and arch not in only[key]:
                     continue
                 folder, recipe_file = RUNS / arch / f"seed{seed}" / key, Path(args.configs) / config.format(arch=arch)
-                extra = ["--teacher-checkpoint", str(teacher_files[teacher])] if teacher else []
+                extra = [*(["--teacher-checkpoint", str(teacher_files[teacher])] if teacher else []), *flags]
                 argv = [command, "--config", str(recipe_file), "--seed", str(seed), "--output", str(folder),
                         "--resume", "never", *extra, *(QUICK if args.quick else [])]
                 marker = folder.with_suffix(".done")  # a finished run's command and recipe: a rerun of the benchmark keeps that run
@@ -130,7 +136,7 @@ def main() -> None:
     recipes = {labels["strong"]: args.teacher_config or f"`{MAKE_TEACHER}`", labels["weak"]: "its kept checkpoint"}
     entries = [(labels[key], str(path)) for key, path in teacher_files.items()]
     for (arch, key), paths in files.items():
-        label, _, config_name, _, _ = variants[key]
+        label, _, config_name, *_ = variants[key]
         entries += [(label.format(arch=arch), path) for path in paths]
         steps = yaml.safe_load((Path(args.configs) / config_name.format(arch=arch)).read_text()).get("max_steps")
         recipes[label.format(arch=arch)] = (f"{f'{steps} steps, ' if steps else ''}{mean_std(minutes[arch, key])[0]:.1f} train min, "
@@ -154,6 +160,10 @@ def main() -> None:
         if name["seed_weak"] in by_label:
             weak_row = by_label[name["seed_weak"]]
             parts.append(f"stronger vs weaker teacher: kNN {gain(name['seed'], weak_row)}, linear {gain(name['seed'], weak_row, 'linear')}")
+        if name["seed_cached"] in by_label:
+            exact = by_label[name["seed"]]
+            parts.append(f"--teacher-cache vs the exact step: kNN {gain(name['seed_cached'], exact)}, "
+                         f"linear {gain(name['seed_cached'], exact, 'linear')}")
         notes.append(f"{arch}: {'; '.join(parts)}.")
     table = []
     for row in rows:
