@@ -1,6 +1,6 @@
 """Data loading: images/s of our train loader with N workers against the model step's, to show which bounds training.
 
-The loader is the real one: ``seed.engine.make_loader`` over ``seed.data.load_dataset``
+The loader is the real one: ``seed.loaders.make_loader`` over ``seed.data.load_dataset``
 with ``seed-distill``'s transform (one MoCo v2 view, ``seed.distill.train_transform``)
 and ``seed-pretrain --method mocov2``'s (two MoCo v2 views), on Fashion-MNIST at
 32px as in the demo, and on synthetic JPEG photos written to a temporary
@@ -37,8 +37,8 @@ from bench.speed import interleaved, mocov2_step, ours_step, parse_speed_args, r
 from seed.config import DistillConfig, make_config
 from seed.data import load_dataset, view_transform
 from seed.distill import train_transform
-from seed.engine import default_workers, make_loader
 from seed.errors import SeedError
+from seed.loaders import default_workers, make_loader
 
 LOADERS = {"1 view (seed-distill)": "seed", "2 views (seed-pretrain mocov2)": "mocov2"}
 
@@ -187,7 +187,7 @@ def main() -> None:
     shared = (f" The CPU was shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} "
               "cores); with 2 cores, more than 2 workers can only compete with each other." if not gpu else "")
     description = (
-        "Images/s of our training loader (`seed.engine.make_loader` over `seed.data.load_dataset`, shuffled, with the run's transform: "
+        "Images/s of our training loader (`seed.loaders.make_loader` over `seed.data.load_dataset`, shuffled, with the run's transform: "
         "`seed-distill`'s one MoCo v2 view, or `seed-pretrain --method mocov2`'s two) against the model step on the same batch: "
         f"our SEED step ({args.teacher} → {args.student}, K = {args.queue_size}, `seed-distill`'s teacher settings) for the one-view loader, "
         f"the student's MoCo v2 step for the two-view one. Loader rates are steady state (timed over {args.batches} batches after each "

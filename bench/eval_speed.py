@@ -37,7 +37,7 @@ from downstream.common import EvalConfig, open_checkpoint
 from downstream.features import cached_features, open_split
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model
-from seed.engine import default_workers
+from seed.loaders import default_workers
 
 #: Images extracted per size: enough batches of 256 for a steady rate within seconds on a CPU.
 IMAGES = {32: 10240, 64: 5120, 96: 2560, 128: 1536, 160: 1024, 224: 512}

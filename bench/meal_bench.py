@@ -133,7 +133,7 @@ def supervised_control(init_file: str, steps: int, lr: float, batch_size: int) -
     from seed.checkpoints import load_classifier
     from seed.config import DistillConfig, make_config
     from seed.data import load_dataset
-    from seed.engine import make_loader
+    from seed.loaders import make_loader
     from seed.meal import top1, train_transform, val_loader
 
     torch.manual_seed(0)

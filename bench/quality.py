@@ -38,7 +38,7 @@ from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, tr
 from downstream.compare import METRICS, CompareConfig, Row, compare
 from seed.checkpoints import export_model, load_encoder
 from seed.config import PretrainConfig, load_config
-from seed.engine import monitor_loaders
+from seed.loaders import monitor_loaders
 from seed.module import precise_bn
 
 CONFIGS = ROOT / "configs" / "bench"

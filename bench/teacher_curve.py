@@ -25,7 +25,7 @@ from downstream.common import Checkpoint, state_digest
 from downstream.compare import KNN_KS, METRICS, CompareConfig, Protocol, open_file, random_init_file, small_image_stem
 from seed.checkpoints import load_backbone
 from seed.config import PretrainConfig, load_config
-from seed.engine import monitor_loaders
+from seed.loaders import monitor_loaders
 from seed.module import precise_bn
 
 

@@ -59,8 +59,9 @@ from downstream.detection_data import DetectionData, DetectionDataset, Record, c
 from seed.checkpoints import atomic_save, load_file
 from seed.cli import run_cli
 from seed.config import CommonConfig, load_config, save_config
-from seed.engine import default_workers, run_folder
+from seed.engine import run_folder
 from seed.errors import SeedError
+from seed.loaders import default_workers
 
 PROG = "seed-eval detection"
 LAST = "last.pt"

@@ -24,8 +24,8 @@ from downstream.common import Checkpoint
 from seed.checkpoints import atomic_save, load_file
 from seed.config import CommonConfig
 from seed.data import BUILTIN, check_classes, dataset_for, eval_transform
-from seed.engine import default_workers
 from seed.errors import SeedError
+from seed.loaders import default_workers
 
 #: Bump when the cached content changes meaning, so old files are not reused.
 CACHE_VERSION = 1

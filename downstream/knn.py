@@ -11,8 +11,9 @@ Search runs on faiss (``IndexFlatIP``, exact; ``--index ivf`` for the
 approximate inverted-file index on very large banks), on the GPU when faiss
 has GPU support and CUDA is there. Queries go in chunks, so memory holds the
 bank plus a chunk's k neighbours, never a queries x bank similarity matrix.
-:func:`torch_search` is the same search in plain torch (chunked over queries
-and bank) for cross-checks and machines without faiss.
+``seed.knn.torch_search`` is the same search in plain torch (chunked over queries
+and bank) for cross-checks and machines without faiss; ``seed.knn.vote`` is the one
+vote, shared with the training monitor.
 """
 
 import math
@@ -30,6 +31,7 @@ from downstream.common import EvalConfig, eval_folder, open_checkpoint, option, 
 from downstream.features import train_val_features
 from seed.config import load_config
 from seed.errors import SeedError
+from seed.knn import torch_search, vote
 
 QUERY_CHUNK = 4096
 
@@ -96,39 +98,6 @@ def faiss_search(bank: Tensor, queries: Tensor, k: int, chunk: int = QUERY_CHUNK
     for start in range(0, len(queries), chunk):
         similarities, indices = built.search(_unit(queries[start:start + chunk]), k)
         yield torch.from_numpy(similarities), torch.from_numpy(indices)
-
-
-def torch_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024, bank_chunk: int = 65536) -> Iterator[tuple[Tensor, Tensor]]:
-    """:func:`faiss_search` in plain torch: per query chunk, a running top-k over bank chunks.
-
-    Memory: one query chunk x bank chunk block of similarities; bank rows are normalised block by block.
-    """
-    for start in range(0, len(queries), chunk):
-        query = F.normalize(queries[start:start + chunk].float(), dim=1)
-        best_sims = torch.empty(len(query), 0, device=query.device)
-        best_idx = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
-        for offset in range(0, len(bank), bank_chunk):
-            sims = query @ F.normalize(bank[offset:offset + bank_chunk].float(), dim=1).T
-            top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
-            merged_sims = torch.cat([best_sims, top_sims], dim=1)
-            merged_idx = torch.cat([best_idx, top_idx + offset], dim=1)
-            best_sims, order = merged_sims.topk(min(k, merged_sims.shape[1]), dim=1)
-            best_idx = merged_idx.gather(1, order)
-        yield best_sims, best_idx
-
-
-def vote(similarities: Tensor, indices: Tensor, bank_labels: Tensor, num_classes: int, k: int, temperature: float | None) -> Tensor:
-    """Class scores (Q, C) from each query's nearest neighbours (sorted best first), of which the first ``k`` vote.
-
-    ``temperature`` given: neighbour i weighs exp(s_i / temperature) (InstDisc eq. 5); ``None``: each weighs 1.
-    faiss marks missing neighbours (an IVF search that found fewer than k) with index -1; they do not vote.
-    """
-    similarities, indices = similarities[:, :k].double(), indices[:, :k]
-    found = indices >= 0
-    weights = torch.exp(similarities / temperature) if temperature is not None else torch.ones_like(similarities)
-    weights = torch.where(found, weights, torch.zeros_like(weights))
-    labels = bank_labels.to(indices.device)[indices.clamp(min=0)]
-    return torch.zeros(len(indices), num_classes, dtype=torch.float64, device=indices.device).scatter_add_(1, labels, weights)
 
 
 def variants(ks: list[int], temperature: float) -> list[tuple[str, int, float | None]]:

@@ -35,8 +35,9 @@ from downstream.features import Features, cached_features, eval_device, open_spl
 from seed.checkpoints import atomic_save
 from seed.config import load_config
 from seed.data import check_classes, dataset_for
-from seed.engine import check_batch, fit, make_loader
+from seed.engine import fit
 from seed.errors import SeedError
+from seed.loaders import check_batch, make_loader
 
 #: Learning rate of the fast probe on standardised features (one value fits every backbone).
 FAST_LR = 0.1

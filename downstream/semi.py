@@ -49,8 +49,8 @@ from downstream.linear import (
 )
 from seed.config import load_config
 from seed.data import check_classes, dataset_for
-from seed.engine import default_workers
 from seed.errors import SeedError
+from seed.loaders import default_workers
 
 SPLIT = "split.txt"
 #: SimCLR's fine-tuning (Chen et al., ICML 2020, appendix B.5; cosine decay as in its code's learning_rate_schedule).

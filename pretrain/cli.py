@@ -13,9 +13,10 @@ from seed.checkpoints import export_model
 from seed.cli import run_cli
 from seed.config import PretrainConfig, load_config, resolve
 from seed.data import dataset_for, view_transform
-from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
+from seed.engine import data_name, fit, run_folder
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table, random_inits
+from seed.loaders import check_batch, make_loader, monitor_loaders
 
 METHODS = {"mocov2": MoCoV2, "simclr": SimCLR, "supervised": Supervised}
 

@@ -31,9 +31,10 @@ from seed.backbones import feature_dim
 from seed.checkpoints import export_model, file_sha256, load_encoder, read_checkpoint
 from seed.config import DistillConfig, resolve
 from seed.data import dataset_for, seed_view_transform, small_crop_transforms
-from seed.engine import check_batch, data_name, fit, make_loader, monitor_loaders, run_folder
+from seed.engine import data_name, fit, run_folder
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table, random_inits
+from seed.loaders import check_batch, make_loader, monitor_loaders
 from seed.losses import seed_loss
 from seed.module import TrainModule
 from seed.queue import TeacherQueue

@@ -1,22 +1,23 @@
 """A small kNN classifier on frozen features: the online monitor of every stage.
 
 It answers "is the network learning?" on a few thousand images in seconds.
-``seed-eval knn`` (downstream/) is the full protocol with faiss.
+``seed-eval knn`` (downstream/) is the full protocol, with faiss; both vote with
+:func:`vote` (lightly's ``knn_predict`` gives the same classes: tested).
 """
 
 import json
 import statistics
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from lightly.utils.benchmarking import knn_predict
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
 from seed.backbones import create_backbone
-from seed.engine import monitor_loaders
+from seed.loaders import monitor_loaders
 
 
 @torch.no_grad()
@@ -32,16 +33,49 @@ def extract_features(backbone: nn.Module, loader: DataLoader, device: torch.devi
     return torch.cat(features), torch.cat(labels)
 
 
+def torch_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024, bank_chunk: int = 65536) -> Iterator[tuple[Tensor, Tensor]]:
+    """``downstream.knn.faiss_search`` in plain torch: per query chunk, a running top-k over bank chunks.
+
+    Memory: one query chunk x bank chunk block of similarities; bank rows are normalised block by block.
+    """
+    for start in range(0, len(queries), chunk):
+        query = F.normalize(queries[start:start + chunk].float(), dim=1)
+        best_sims = torch.empty(len(query), 0, device=query.device)
+        best_idx = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
+        for offset in range(0, len(bank), bank_chunk):
+            sims = query @ F.normalize(bank[offset:offset + bank_chunk].float(), dim=1).T
+            top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
+            merged_sims = torch.cat([best_sims, top_sims], dim=1)
+            merged_idx = torch.cat([best_idx, top_idx + offset], dim=1)
+            best_sims, order = merged_sims.topk(min(k, merged_sims.shape[1]), dim=1)
+            best_idx = merged_idx.gather(1, order)
+        yield best_sims, best_idx
+
+
+def vote(similarities: Tensor, indices: Tensor, bank_labels: Tensor, num_classes: int, k: int, temperature: float | None) -> Tensor:
+    """Class scores (Q, C) from each query's nearest neighbours (sorted best first), of which the first ``k`` vote.
+
+    ``temperature`` given: neighbour i weighs exp(s_i / temperature) (InstDisc eq. 5); ``None``: each weighs 1.
+    faiss marks missing neighbours (an IVF search that found fewer than k) with index -1; they do not vote.
+    """
+    similarities, indices = similarities[:, :k].double(), indices[:, :k]
+    found = indices >= 0
+    weights = torch.exp(similarities / temperature) if temperature is not None else torch.ones_like(similarities)
+    weights = torch.where(found, weights, torch.zeros_like(weights))
+    labels = bank_labels.to(indices.device)[indices.clamp(min=0)]
+    return torch.zeros(len(indices), num_classes, dtype=torch.float64, device=indices.device).scatter_add_(1, labels, weights)
+
+
 def knn_top1(
     bank: Tensor, bank_labels: Tensor, queries: Tensor, query_labels: Tensor, num_classes: int, k: int = 200, temperature: float = 0.07
 ) -> float:
-    """Top-1 accuracy (%) of the weighted kNN vote exp(s/t) (Wu et al. 2018, InstDisc)."""
+    """Top-1 accuracy (%) of the weighted kNN vote exp(s/t) (Wu et al. 2018, InstDisc): ``seed-eval knn``'s vote and search."""
     k = min(k, len(bank))
-    correct = 0
-    for start in range(0, len(queries), 1024):
-        chunk = queries[start:start + 1024]
-        predicted = knn_predict(chunk, bank.T, bank_labels, num_classes, knn_k=k, knn_t=temperature)[:, 0]
-        correct += int((predicted == query_labels[start:start + 1024]).sum())
+    correct = start = 0
+    for similarities, indices in torch_search(bank, queries, k):
+        predicted = vote(similarities, indices, bank_labels, num_classes, k, temperature).argmax(dim=1)
+        correct += int((predicted == query_labels[start:start + len(indices)].to(predicted.device)).sum())
+        start += len(indices)
     return 100.0 * correct / max(len(queries), 1)
 
 

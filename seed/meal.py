@@ -33,8 +33,9 @@ from seed.backbones import available
 from seed.checkpoints import atomic_save, export_model, load_classifier, load_file
 from seed.config import CommonConfig, DistillConfig, resolve
 from seed.data import check_classes, dataset_for, eval_transform
-from seed.engine import check_batch, data_name, fit, make_loader, run_folder
+from seed.engine import data_name, fit, run_folder
 from seed.errors import SeedError
+from seed.loaders import check_batch, make_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
 from seed.sampling import FixedCrops

@@ -14,7 +14,8 @@ from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_backbone, load_file
 from seed.config import DistillConfig, make_config, resolve
 from seed.distill import SEED, default_augmentation
-from seed.engine import build_trainer, fit, make_loader
+from seed.engine import build_trainer, fit
+from seed.loaders import make_loader
 from seed.losses import seed_loss
 from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher

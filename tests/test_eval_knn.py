@@ -7,6 +7,7 @@ from lightly.utils.benchmarking import knn_predict
 
 from downstream.knn import faiss_search, knn_metrics, parse_ks, predict, torch_search, vote
 from seed.errors import SeedError
+from seed.knn import knn_top1
 
 
 def random_set(n: int, dim: int = 32, classes: int = 10, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -37,6 +38,14 @@ def test_matches_lightly_knn_predict():
     ours = predict(bank, bank_labels, queries, 10, k=50, temperature=0.07)
     theirs = knn_predict(F.normalize(queries, dim=1), F.normalize(bank, dim=1).T, bank_labels, 10, knn_k=50, knn_t=0.07)[:, 0]
     assert torch.equal(ours, theirs)
+
+
+def test_the_training_monitor_votes_as_seed_eval_knn():
+    """One vote: the monitor's top-1 is seed-eval knn's weighted k=200 top-1 on the same features (and lightly's, above)."""
+    bank, bank_labels = random_set(1500)
+    queries, query_labels = random_set(300, seed=4)
+    expected = knn_metrics(bank, bank_labels, queries, query_labels, 10, ks=(200,), temperature=0.07)["top1_k200"]
+    assert knn_top1(bank, bank_labels, queries, query_labels, 10, k=200) == expected
 
 
 def test_torch_search_is_exact_across_bank_chunks():

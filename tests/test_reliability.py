@@ -20,12 +20,14 @@ from torch.utils.data import DataLoader, Dataset
 
 from pretrain.cli import main as pretrain_main
 from seed.backbones import create_backbone
+from seed.callbacks import LastCheckpoint
 from seed.checkpoints import export_model, load_file
 from seed.cli import distill_main
 from seed.config import DistillConfig, TrainConfig, make_config
 from seed.data import load_dataset, view_transform
-from seed.engine import LastCheckpoint, fit, make_loader
+from seed.engine import fit
 from seed.errors import SeedError
+from seed.loaders import make_loader
 from seed.sampling import EpochSampler
 
 from .conftest import BIN, image_folder_of, run_command
