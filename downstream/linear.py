@@ -25,14 +25,13 @@ from pathlib import Path
 import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-import torchvision.transforms as T
-from lightly.transforms.utils import IMAGENET_NORMALIZE
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
 from downstream.common import Checkpoint, EvalConfig, eval_folder, open_checkpoint, option, print_table, write_results
 from downstream.features import Features, cached_features, eval_device, open_split
 from seed.checkpoints import atomic_save
+from seed.classification import accuracy, top1_meter, train_transform
 from seed.config import load_config
 from seed.data import check_classes, dataset_for
 from seed.engine import fit
@@ -93,20 +92,6 @@ def parse_milestones(text: str | None, epochs: int) -> list[int]:
         return sorted(int(part) for part in str(text).split(",") if part.strip())
     except ValueError:
         raise SeedError(f"--milestones {text}: give epochs separated by commas, e.g. 60,80") from None
-
-
-def train_transform(image_size: int) -> T.Compose:
-    """RandomResizedCrop + horizontal flip, ImageNet normalisation: the linear protocol's training augmentation."""
-    normalize = T.Normalize(mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"])
-    return T.Compose([T.RandomResizedCrop(image_size), T.RandomHorizontalFlip(), T.ToTensor(), normalize])
-
-
-def accuracy(logits: Tensor, labels: Tensor) -> dict[str, float]:
-    """Top-1 and top-5 (when there are at least 5 classes) accuracy in %."""
-    tops = [t for t in (1, 5) if t <= logits.shape[1]]
-    predicted = logits.topk(max(tops), dim=1).indices
-    hits = predicted == labels[:, None]
-    return {f"top{t}": 100.0 * float(hits[:, :t].any(dim=1).float().mean()) for t in tops}
 
 
 @torch.no_grad()
@@ -196,7 +181,7 @@ class LinearClassifier(pl.LightningModule):
         self.backbone_lr = backbone_lr if backbone_lr is not None else lr
         self.nesterov, self.cosine = nesterov, cosine
         self.backbone.requires_grad_(finetune)
-        self._val: list[Tensor] = []
+        self.val_top1 = top1_meter(num_classes)
         self.train()
 
     def train(self, mode: bool = True) -> "LinearClassifier":
@@ -223,13 +208,11 @@ class LinearClassifier(pl.LightningModule):
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         images, labels = batch
-        predicted = self(images).argmax(dim=1)
-        self._val.append(torch.stack([(predicted == labels).sum(), torch.tensor(len(labels), device=labels.device)]))
+        self.val_top1.update(self(images), labels)
 
     def on_validation_epoch_end(self) -> None:
-        counts = self.all_gather(torch.stack(self._val).sum(dim=0)).reshape(-1, 2).sum(dim=0)
-        self._val.clear()
-        self.log("val_top1", 100.0 * counts[0].float() / counts[1].clamp(min=1), prog_bar=True, rank_zero_only=True)
+        self.log("val_top1", 100.0 * self.val_top1.compute(), prog_bar=True, rank_zero_only=True)
+        self.val_top1.reset()
 
     def configure_optimizers(self) -> dict:
         groups = [{"params": self.head.parameters(), "lr": self.lr}]
@@ -277,7 +260,7 @@ def linear_probe(config: ProbeConfig, checkpoint: Checkpoint, run_dir: Path, fas
     else:
         lr = config.lr if config.lr is not None else default_lr(checkpoint.arch)
         pl.seed_everything(config.seed, workers=True, verbose=False)
-        augmented = dataset_for(config, "train", train_transform(config.image_size))
+        augmented = dataset_for(config, "train", train_transform(config.image_size, min_scale=0.08))  # RandomResizedCrop at every size
         module = LinearClassifier(checkpoint.backbone, num_classes, lr, config.momentum, config.weight_decay, milestones)
         trainer = train_classifier(module, augmented, val_set, config, run_dir)
         if not trainer.is_global_zero:

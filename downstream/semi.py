@@ -45,8 +45,8 @@ from downstream.linear import (
     report,
     save_head,
     train_classifier,
-    train_transform,
 )
+from seed.classification import train_transform
 from seed.config import load_config
 from seed.data import check_classes, dataset_for
 from seed.errors import SeedError
@@ -176,7 +176,7 @@ def evaluate(config: SemiConfig) -> dict | None:
         config, differs = resolve_finetune(config, fraction)
         recipe = SIMCLR_FINETUNE if not differs else f"own fine-tuning recipe: {SIMCLR_FINETUNE}, except {', '.join(differs)}"
         pl.seed_everything(config.seed, workers=True, verbose=False)
-        augmented = dataset_for(config, "train", train_transform(config.image_size))
+        augmented = dataset_for(config, "train", train_transform(config.image_size, min_scale=0.08))  # RandomResizedCrop at every size
         module = LinearClassifier(checkpoint.backbone, num_classes, config.lr, config.momentum, config.weight_decay, [],
                                   finetune=True, backbone_lr=config.backbone_lr, nesterov=True, cosine=True)
         trainer = train_classifier(module, Subset(augmented, indices.tolist()), val_set, config, run_dir)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from seed.classification import print_top1, top1, top1_meter, train_transform, val_loader
 from seed.config import PretrainConfig
-from seed.meal import print_top1, top1, train_transform, val_loader
 from seed.module import TrainModule
 
 
@@ -27,7 +27,7 @@ class Supervised(TrainModule):
     def __init__(self, config: PretrainConfig, num_classes: int) -> None:
         super().__init__(config, config.arch, num_classes)
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
-        self._val = torch.zeros(2, dtype=torch.long)
+        self.val_top1 = top1_meter(num_classes)
 
     @staticmethod
     def train_transform(config: PretrainConfig) -> Any:
@@ -52,13 +52,12 @@ class Supervised(TrainModule):
         super().validation_step(batch, batch_idx, dataloader_idx)
         if dataloader_idx == 1:
             images, labels = batch
-            self._val += torch.tensor([int((self(images).argmax(1) == labels).sum()), len(labels)])
+            self.val_top1.update(self(images), labels)
 
     def on_validation_epoch_end(self) -> None:
         super().on_validation_epoch_end()
-        correct, total = self.all_gather(self._val.to(self.device)).reshape(-1, 2).sum(0)
-        self.log("val_top1", 100.0 * correct / total.clamp_min(1), prog_bar=True, rank_zero_only=True)
-        self._val.zero_()
+        self.log("val_top1", 100.0 * self.val_top1.compute(), prog_bar=True, rank_zero_only=True)
+        self.val_top1.reset()
 
 
 def report(module: Supervised, config: PretrainConfig, run_dir: Path) -> None:

@@ -15,7 +15,6 @@ under a fixed set of crops, so that later epochs run no teacher (as FKD does).
 """
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -23,16 +22,15 @@ from typing import Any
 
 import pytorch_lightning as pl
 import torch
-import torchvision.transforms as T
 from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.utils.lars import LARS
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Subset
 
 from seed.backbones import available
 from seed.checkpoints import atomic_save, export_model, load_classifier, load_file
-from seed.config import CommonConfig, DistillConfig, resolve
-from seed.data import check_classes, dataset_for, eval_transform
+from seed.classification import cutmix, print_top1, top1, top1_meter, train_transform, val_loader
+from seed.config import DistillConfig, resolve
+from seed.data import check_classes, dataset_for
 from seed.engine import data_name, fit, run_folder
 from seed.errors import SeedError
 from seed.loaders import check_batch, make_loader
@@ -150,7 +148,7 @@ class MEAL(TrainModule):
         self.discriminator = Discriminator(num_classes) if config.discriminator != "off" else None
         self.cache = TargetCache(num_images, config.cache_crops, num_classes, config.cache_top_k) if config.cache_teacher_logits else None
         self.strict_loading = False  # the teachers are rebuilt from their own files, not stored in ours
-        self._val = torch.zeros(2, dtype=torch.long)
+        self.val_top1 = top1_meter(num_classes)
         self._targets_saved = False
 
     def forward(self, images: Tensor) -> Tensor:
@@ -224,12 +222,11 @@ class MEAL(TrainModule):
     # Online monitor: the student classifier's top-1 on a val subset (every --knn-every epochs).
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch
-        self._val += torch.tensor([int((self(images).argmax(1) == labels).sum()), len(labels)])
+        self.val_top1.update(self(images), labels)
 
     def on_validation_epoch_end(self) -> None:
-        correct, total = self.all_gather(self._val.to(self.device)).reshape(-1, 2).sum(0)
-        self.log("val_top1", 100.0 * correct / total.clamp_min(1), prog_bar=True, rank_zero_only=True)
-        self._val.zero_()
+        self.log("val_top1", 100.0 * self.val_top1.compute(), prog_bar=True, rank_zero_only=True)
+        self.val_top1.reset()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
@@ -256,32 +253,6 @@ class MEAL(TrainModule):
         path = Path(self.trainer.ckpt_path).parent / TARGETS
         if path.is_file() and self.cache.load(load_file(path), self.cache_key()):
             self._targets_saved = path.resolve() == (Path(self.trainer.default_root_dir) / TARGETS).resolve()
-
-
-def cutmix(images: Tensor, alpha: float) -> Tensor:
-    """CutMix (Yun et al. 2019): a box of each image replaced by the same box of another image of the batch.
-
-    The area kept is drawn from Beta(alpha, alpha). Labels are not mixed: the
-    teachers see the mixed images, so their soft target follows the mix.
-    """
-    height, width = images.shape[-2:]
-    kept = float(torch.distributions.Beta(alpha, alpha).sample())
-    cut = math.sqrt(1 - kept)
-    box_h, box_w = int(height * cut), int(width * cut)
-    top, left = int(torch.randint(height - box_h + 1, ())), int(torch.randint(width - box_w + 1, ()))
-    mixed = images.clone()
-    mixed[..., top:top + box_h, left:left + box_w] = images[torch.randperm(len(images), device=images.device), ..., top:top + box_h, left:left + box_w]
-    return mixed
-
-
-def train_transform(image_size: int, min_scale: float | None = None) -> T.Compose:
-    """The supervised recipe: RandomResizedCrop (scale >= 0.08) + flip; small data: pad-and-crop + flip (the CIFAR recipe)."""
-    normalize = T.Normalize(mean=IMAGENET_NORMALIZE["mean"], std=IMAGENET_NORMALIZE["std"])
-    if image_size < 96 and min_scale is None:
-        crop = [T.Resize((image_size, image_size)), T.RandomCrop(image_size, padding=image_size // 8)]
-    else:
-        crop = [T.RandomResizedCrop(image_size, scale=(min_scale or 0.08, 1.0))]
-    return T.Compose([*crop, T.RandomHorizontalFlip(), T.ToTensor(), normalize])
 
 
 def milestones(config: DistillConfig) -> list[int]:
@@ -422,51 +393,6 @@ def load_teachers(config: DistillConfig) -> tuple[list[FrozenTeacher], list[str]
         lines.append(f"teacher {number}: {teacher.arch} from {source} ({found}, {teacher.embed_dim} classes)")
     return teachers, lines
 
-
-# ---- evaluation --------------------------------------------------------------------------------------------------
-
-@torch.no_grad()
-def top1(students: dict[str, nn.Module], teachers: dict[str, nn.Module], loader: DataLoader, device: str = "cpu") -> dict[str, float]:
-    """Top-1 (%) of each student and teacher and of the teachers' ensemble (mean softmax), one pass over ``loader``."""
-    models = {**students, **teachers}
-    modes = {name: model.training for name, model in models.items()}
-    for model in models.values():
-        model.to(device).eval()
-    correct = dict.fromkeys([*models, "ensemble (mean softmax)"] if len(teachers) > 1 else models, 0)
-    total = 0
-    for images, labels in loader:
-        images, labels = images.to(device), labels.to(device)
-        outputs = {name: model(images).float() for name, model in models.items()}
-        if len(teachers) > 1:
-            outputs["ensemble (mean softmax)"] = ensemble_target(torch.stack([outputs[name] for name in teachers]))
-        for name, output in outputs.items():
-            correct[name] += int((output.argmax(1) == labels).sum())
-        total += len(labels)
-    for name, model in models.items():
-        model.train(modes[name])
-    return {name: 100.0 * value / max(total, 1) for name, value in correct.items()}
-
-
-def print_top1(scores: dict[str, float], images: int, path: Path | None = None) -> None:
-    """The table of top-1 scores; kept as ``top1.json`` when ``path`` is given."""
-    if path is not None:
-        path.write_text(json.dumps({"metric": "top1", "val_images": images, "scores": scores}, indent=2))
-    width = max(len(name) for name in scores) + 2
-    print(f"\nval top-1 ({images} images)\n{'model':<{width}}{'top-1 %':>8}")
-    for name, value in scores.items():
-        print(f"{name:<{width}}{value:>8.2f}")
-
-
-def val_loader(config: CommonConfig, size: int | None = None) -> DataLoader:
-    """The val split with the eval transform: whole, or a seeded subset of ``size`` images (the online monitor's)."""
-    dataset = dataset_for(config, "val", eval_transform(config.image_size))
-    if size is not None and size < len(dataset):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
-        dataset = Subset(dataset, order[:size].tolist())
-    return make_loader(dataset, config, shuffle=False, batch_size=max(config.batch_size, 256))
-
-
-# ---- the run --------------------------------------------------------------------------------------------------
 
 def timm_student_file(name: str) -> str:
     """timm's pretrained classifier ``name`` saved as a state dict in torch.hub's cache, to start a student of ours from.

@@ -13,12 +13,13 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_classifier, load_file
+from seed.classification import cutmix
 from seed.config import DistillConfig, make_config, resolve
 from seed.engine import build_trainer, fit
 from seed.errors import SeedError
 from seed.loaders import make_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
-from seed.meal import MEAL, TARGETS, Discriminator, TargetCache, cutmix, distill, load_student_init, load_teacher
+from seed.meal import MEAL, TARGETS, Discriminator, TargetCache, distill, load_student_init, load_teacher
 from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
 
