@@ -15,19 +15,13 @@ import torch
 from torch import nn
 
 from seed.checkpoints import file_sha256, load_encoder
-from seed.config import CommonConfig
+from seed.config import CommonConfig, option
 from seed.engine import data_name, run_folder
 from seed.errors import SeedError
 
 #: Checkpoints ``seed-eval`` falls back to, in order, when ``--checkpoint`` is omitted.
 DEMO_CHECKPOINTS = ("runs/demo/distill/student.pt", "runs/demo/pretrain/teacher.pt")
 RESULTS = "results.json"
-
-
-def option(text: str, default: Any = None, choices: tuple[str, ...] = (), or_file: bool = False) -> Any:
-    """A config field with its ``--help`` text (every field is a flag); a value outside ``choices`` (when given; or_file: nor an existing
-    file) stops at parse time (``seed.config.check_choices``)."""
-    return dataclasses.field(default=default, metadata={"help": text, "choices": choices, "or_file": or_file})
 
 
 @dataclass

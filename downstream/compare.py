@@ -26,13 +26,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from downstream.common import DEMO_CHECKPOINTS, Checkpoint, file_sha256, option
+from downstream.common import DEMO_CHECKPOINTS, Checkpoint, file_sha256
 from downstream.features import Features, cache_dir, cached_features, eval_device, open_split
 from downstream.knn import knn_metrics
 from downstream.linear import FAST_LR, ProbeConfig, evaluate_head, fit_linear, parse_milestones
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_encoder
-from seed.config import load_config
+from seed.config import load_config, option
 from seed.data import check_classes
 from seed.engine import data_name, run_folder
 from seed.errors import SeedError

@@ -36,7 +36,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -58,7 +58,7 @@ from downstream.common import open_checkpoint, write_results
 from downstream.detection_data import DetectionData, DetectionDataset, Record, collate, read_detection_data
 from seed.checkpoints import atomic_save, load_file
 from seed.cli import run_cli
-from seed.config import CommonConfig, load_config, save_config
+from seed.config import CommonConfig, load_config, option, save_config
 from seed.engine import run_folder
 from seed.errors import SeedError
 from seed.loaders import default_workers
@@ -74,44 +74,32 @@ DETECTRON2_DEPTH = {"r18": 18, "r34": 34, "r50": 50, "r101": 101, "r152": 152}
 VOC_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
 
-def _help(text: str, default: Any = None) -> Any:
-    return dataclasses.field(default=default, metadata={"help": text})
-
-
 @dataclasses.dataclass
 class DetectionConfig(CommonConfig):
     """``seed-eval detection``; defaults are MoCo's VOC / COCO detection configs."""
 
-    checkpoint: str | None = _help("student (or any supported) checkpoint whose backbone is transferred")
-    arch: str | None = _help("backbone architecture (default: the one recorded in our checkpoints)")
-    dataset: str = _help("voc (VOC07+12 trainval -> VOC07 test) or coco (train2017 -> val2017)", "voc")
-    data: str | None = _help("VOCdevkit folder (VOC2007/, VOC2012/) for voc; folder with annotations/, train2017/, val2017/ for coco")
-    engine: str = _help("auto (detectron2 when it imports, else torchvision), detectron2 or torchvision", "auto")
-    head: str = _help("c4 (res5 in the RoI head, MoCo's R50-C4) or fpn (torchvision engine, ResNets)", "c4")
-    masks: bool | None = _help("Mask R-CNN instead of Faster R-CNN (default: on for coco)")
-    max_iter: int | None = _help("training iterations (default: 24000 voc, 90000 coco); lr steps scale with it")
-    lr: float = _help("base learning rate for --batch-size images", 0.02)
-    momentum: float = _help("SGD momentum", 0.9)
-    weight_decay: float = _help("weight decay (none on norm layers, as detectron2)", 1e-4)
-    warmup_iters: int = _help("iterations of linear warm-up from lr/1000", 100)
-    image_size: int = _help("shorter image side at test; training samples MoCo's sizes scaled to it", 800)
-    batch_size: int = _help("images per iteration over all devices (detectron2's IMS_PER_BATCH)", 16)
-    roi_per_image: int = _help("sampled RoIs per training image in the box head", 512)
-    max_eval_images: int | None = _help("score only the first N test images (smoke runs)")
-    checkpoint_every: int = _help("write last.pt (torchvision engine) every N iterations", 2000)
-    resume: str = _help("auto (continue from the run folder's last.pt) or never", "auto")
+    checkpoint: str | None = option("student (or any supported) checkpoint whose backbone is transferred")
+    arch: str | None = option("backbone architecture (default: the one recorded in our checkpoints)")
+    dataset: Literal["voc", "coco"] = option("voc (VOC07+12 trainval -> VOC07 test) or coco (train2017 -> val2017)", "voc")
+    data: str | None = option("VOCdevkit folder (VOC2007/, VOC2012/) for voc; folder with annotations/, train2017/, val2017/ for coco")
+    engine: Literal["auto", "detectron2", "torchvision"] = option("auto (detectron2 when it imports, else torchvision), detectron2 or torchvision", "auto")
+    head: Literal["c4", "fpn"] = option("c4 (res5 in the RoI head, MoCo's R50-C4) or fpn (torchvision engine, ResNets)", "c4")
+    masks: bool | None = option("Mask R-CNN instead of Faster R-CNN (default: on for coco)")
+    max_iter: int | None = option("training iterations (default: 24000 voc, 90000 coco); lr steps scale with it")
+    lr: float = option("base learning rate for --batch-size images", 0.02)
+    momentum: float = option("SGD momentum", 0.9)
+    weight_decay: float = option("weight decay (none on norm layers, as detectron2)", 1e-4)
+    warmup_iters: int = option("iterations of linear warm-up from lr/1000", 100)
+    image_size: int = option("shorter image side at test; training samples MoCo's sizes scaled to it", 800)
+    batch_size: int = option("images per iteration over all devices (detectron2's IMS_PER_BATCH)", 16)
+    roi_per_image: int = option("sampled RoIs per training image in the box head", 512)
+    max_eval_images: int | None = option("score only the first N test images (smoke runs)")
+    checkpoint_every: int = option("write last.pt (torchvision engine) every N iterations", 2000)
+    resume: Literal["auto", "never"] = option("auto (continue from the run folder's last.pt) or never", "auto")
 
 
 def resolve_config(config: DetectionConfig) -> DetectionConfig:
-    """Check the flags and fill the dataset's recipe defaults."""
-    if config.dataset not in RECIPES:
-        raise SeedError(f"unknown --dataset '{config.dataset}'; choose voc or coco")
-    if config.engine not in ("auto", "detectron2", "torchvision"):
-        raise SeedError(f"unknown --engine '{config.engine}'; choose auto, detectron2 or torchvision")
-    if config.head not in ("c4", "fpn"):
-        raise SeedError(f"unknown --head '{config.head}'; choose c4 or fpn")
-    if config.resume not in ("auto", "never"):
-        raise SeedError(f"--resume {config.resume}: choose auto or never")
+    """Check the flags (the enumerated ones are checked when the config is built) and fill the dataset's recipe defaults."""
     if not config.checkpoint:
         raise SeedError("pass --checkpoint PATH: the student (or teacher) whose backbone is evaluated")
     for name in ("image_size", "batch_size", "roi_per_image"):

@@ -20,16 +20,16 @@ import math
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from downstream.common import EvalConfig, eval_folder, open_checkpoint, option, print_table, write_results
+from downstream.common import EvalConfig, eval_folder, open_checkpoint, print_table, write_results
 from downstream.features import train_val_features
-from seed.config import load_config
+from seed.config import load_config, option
 from seed.errors import SeedError
 from seed.knn import torch_search, vote
 
@@ -42,10 +42,10 @@ class KnnConfig(EvalConfig):
 
     k: str = option("neighbours, comma-separated; each is reported, the first is the headline number", "200,20")
     temperature: float = option("tau of the weighted vote exp(similarity / tau)", 0.07)
-    index: str = option("flat (exact inner-product search) or ivf (approximate, for banks of millions)", "flat", ("flat", "ivf"))
+    index: Literal["flat", "ivf"] = option("flat (exact inner-product search) or ivf (approximate, for banks of millions)", "flat")
     nlist: int | None = option("IVF cells (default: 4 x sqrt(bank size), at most bank size / 39)")
     nprobe: int = option("IVF cells visited per query", 32)
-    backend: str = option("faiss or torch (brute force, chunked; the cross-check)", "faiss", ("faiss", "torch"))
+    backend: Literal["faiss", "torch"] = option("faiss or torch (brute force, chunked; the cross-check)", "faiss")
 
 
 ADD_CHUNK = 65536

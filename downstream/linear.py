@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from downstream.common import Checkpoint, EvalConfig, eval_folder, open_checkpoint, option, print_table, write_results
+from downstream.common import Checkpoint, EvalConfig, eval_folder, open_checkpoint, print_table, write_results
 from downstream.features import Features, cached_features, eval_device, open_split
 from seed.checkpoints import atomic_save
 from seed.classification import accuracy, top1_meter, train_transform
-from seed.config import load_config
+from seed.config import EngineConfig, load_config, option
 from seed.data import check_classes, dataset_for
 from seed.engine import fit
 from seed.errors import SeedError
@@ -60,21 +60,13 @@ class ProbeConfig(EvalConfig):
 
 
 @dataclass
-class EngineProbeConfig(ProbeConfig):
-    """Probes that can train through the engine on images: its validation, checkpoint and resume flags."""
+class EngineProbeConfig(ProbeConfig, EngineConfig):
+    """Probes that can train through the engine on images: its checkpoint and resume flags, and validation."""
 
     val_every: int = option("also measure val top-1 every N epochs while training on images (0: only at the end)", 0)
-    checkpoint_every: int = option("also write last.ckpt every N optimiser steps", 500)
-    resume: str = option("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto", ("auto", "never"), or_file=True)
 
-    # The engine's names for the validation schedule.
-    @property
-    def knn_every(self) -> int:
-        return self.val_every
-
-    @property
-    def knn_every_steps(self) -> None:
-        return None
+    def validation_every(self) -> tuple[int, int | None]:
+        return self.val_every, None
 
 
 @dataclass

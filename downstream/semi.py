@@ -32,7 +32,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset, Subset
 
-from downstream.common import eval_folder, open_checkpoint, option, write_results
+from downstream.common import eval_folder, open_checkpoint, write_results
 from downstream.features import cached_features, eval_device, extract, open_split
 from downstream.linear import (
     FAST_LR,
@@ -47,7 +47,7 @@ from downstream.linear import (
     train_classifier,
 )
 from seed.classification import train_transform
-from seed.config import load_config
+from seed.config import load_config, option
 from seed.data import check_classes, dataset_for
 from seed.errors import SeedError
 from seed.loaders import default_workers

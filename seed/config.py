@@ -13,26 +13,36 @@ import difflib
 import types
 import typing
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import yaml
 
 from seed.errors import SeedError
 
 #: Lightning's precisions (lightning_fabric's ``_PRECISION_INPUT``) and ours, ``auto``.
-PRECISIONS = ("auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64")
+Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"]
+#: ``--resume``: these words, or the path of a checkpoint (``or_file``).
+Resume = Literal["auto", "never"]
 
 
-def _help(text: str, default: Any = None, choices: tuple[str, ...] = (), or_file: bool = False) -> Any:
-    """A config field with its ``--help`` text; a value outside ``choices`` (when given; or_file: nor an existing file) stops at parse time."""
-    return dataclasses.field(default=default, metadata={"help": text, "choices": choices, "or_file": or_file})
+def option(text: str, default: Any = None, or_file: bool = False) -> Any:
+    """A config field (every field is a flag) with its ``--help`` text. A field typed ``Literal[...]`` takes only
+    those values (``or_file``: or the path of an existing file), checked whenever a config is built."""
+    return dataclasses.field(default=default, metadata={"help": text, "or_file": or_file})
+
+
+def choices_of(annotation: Any) -> tuple[str, ...]:
+    """The values a ``Literal[...]`` (or ``Literal[...] | None``) annotation allows; () for other types."""
+    kind = _base_type(annotation, keep_literal=True)
+    return typing.get_args(kind) if typing.get_origin(kind) is Literal else ()
 
 
 def check_choices(config: Any) -> None:
-    """Every enumerated field (one with ``choices`` in its metadata) holds one of them: ``--optimizer adam`` must not
-    train with the default. Runs whenever a config is built, so flags, YAML files and ``dataclasses.replace`` alike."""
+    """Every enumerated field (typed ``Literal``) holds one of its values: ``--optimizer adam`` must not train
+    with the default. Runs whenever a config is built, so flags, YAML files and ``dataclasses.replace`` alike."""
+    hints = typing.get_type_hints(type(config))
     for field in dataclasses.fields(config):
-        choices, value = field.metadata.get("choices"), getattr(config, field.name)
+        choices, value = choices_of(hints[field.name]), getattr(config, field.name)
         if not choices or value is None or value in choices or (field.metadata.get("or_file") and Path(str(value)).is_file()):
             continue
         listed = ", ".join(choices) + (", or the path of an existing file" if field.metadata.get("or_file") else "")
@@ -43,22 +53,22 @@ def check_choices(config: Any) -> None:
 class CommonConfig:
     """Flags shared by ``seed-pretrain``, ``seed-distill`` and ``seed-eval``."""
 
-    config: str | None = _help("YAML file of settings; flags given on the command line override it")
-    data: str = _help("fashion-mnist (default, offline), digits, cifar10, cifar100, stl10, or an ImageFolder path with train/ and val/", "fashion-mnist")
-    data_root: str | None = _help("folder holding cifar10/cifar100/stl10 (torchvision layout)")
-    download: bool = _help("let torchvision download the dataset when it is missing (needs internet)", False)
-    image_size: int = _help("input resolution in pixels", 32)
-    batch_size: int = _help("images per optimiser step and device", 256)
-    epochs: int = _help("training epochs", 200)
-    max_steps: int | None = _help("stop after this many optimiser steps (smoke runs)")
-    output: str | None = _help("run folder; default runs/<stage>/<name>")
-    seed: int = _help("random seed for data order, augmentation and initialisation", 0)
-    devices: int = _help("devices per node (GPUs, or CPU processes with --accelerator cpu)", 1)
-    num_nodes: int = _help("machines (torchrun/SLURM set the rest)", 1)
-    accelerator: str = _help("auto, cpu or gpu (cuda and mps too)", "auto", ("auto", "cpu", "gpu", "cuda", "mps"))
-    precision: str = _help("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision", "auto", PRECISIONS)
-    num_workers: int | None = _help("data-loading processes per device (default: up to 8, never more than the CPU cores)")
-    strict_data: bool = _help("stop at the first image that cannot be read instead of skipping it (skipped files are listed in the run's skipped.txt)",
+    config: str | None = option("YAML file of settings; flags given on the command line override it")
+    data: str = option("fashion-mnist (default, offline), digits, cifar10, cifar100, stl10, or an ImageFolder path with train/ and val/", "fashion-mnist")
+    data_root: str | None = option("folder holding cifar10/cifar100/stl10 (torchvision layout)")
+    download: bool = option("let torchvision download the dataset when it is missing (needs internet)", False)
+    image_size: int = option("input resolution in pixels", 32)
+    batch_size: int = option("images per optimiser step and device", 256)
+    epochs: int = option("training epochs", 200)
+    max_steps: int | None = option("stop after this many optimiser steps (smoke runs)")
+    output: str | None = option("run folder; default runs/<stage>/<name>")
+    seed: int = option("random seed for data order, augmentation and initialisation", 0)
+    devices: int = option("devices per node (GPUs, or CPU processes with --accelerator cpu)", 1)
+    num_nodes: int = option("machines (torchrun/SLURM set the rest)", 1)
+    accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = option("auto, cpu or gpu (cuda and mps too)", "auto")
+    precision: Precision = option("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision", "auto")
+    num_workers: int | None = option("data-loading processes per device (default: up to 8, never more than the CPU cores)")
+    strict_data: bool = option("stop at the first image that cannot be read instead of skipping it (skipped files are listed in the run's skipped.txt)",
                               False)
 
     def __post_init__(self) -> None:
@@ -66,45 +76,59 @@ class CommonConfig:
 
 
 @dataclasses.dataclass
-class TrainConfig(CommonConfig):
-    """Flags of every training stage (optimiser, checkpoints, monitoring)."""
+class EngineConfig(CommonConfig):
+    """Flags of everything that trains through the engine (``seed.engine.fit``): checkpoints, resume, determinism."""
 
-    arch: str = _help("backbone, one of seed.backbones.available()", "r18")
-    embed_dim: int = _help("output dimension of the projection head", 128)
-    temperature: float | None = _help("contrastive temperature (default: the method's)")
-    small_images: bool | None = _help("3x3 stem without max-pool for small inputs (default: on when --image-size <= 64)")
-    optimizer: str | None = _help("sgd or lars (default: the method's)", choices=("sgd", "lars"))
-    lr: float | None = _help("learning rate; default base_lr x batch_size x devices x nodes / 256")
-    base_lr: float | None = _help("learning rate per 256 images (default: the method's)")
-    momentum: float = _help("SGD momentum", 0.9)
-    weight_decay: float | None = _help("weight decay (default: the method's)")
-    warmup_epochs: float | None = _help("epochs of linear warm-up before the cosine schedule (default: the method's)")
-    crop_min_scale: float | None = _help("smallest random crop, as a fraction of the image (default: the augmentation recipe's)")
-    checkpoint_every: int = _help("also write last.ckpt every N optimiser steps", 500)
-    keep_checkpoints: bool = _help("also keep a copy of each epoch's last.ckpt as checkpoints/epoch-E.ckpt (learning curves)", False)
-    deterministic: bool = _help("deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical GPU runs and resumes, "
+    checkpoint_every: int = option("also write last.ckpt every N optimiser steps", 500)
+    keep_checkpoints: bool = option("also keep a copy of each epoch's last.ckpt as checkpoints/epoch-E.ckpt (learning curves)", False)
+    deterministic: bool = option("deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical GPU runs and resumes, "
                                 "slower; CPU runs are already", False)
-    resume: str = _help("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto", ("auto", "never"), or_file=True)
-    knn_every: int = _help("kNN top-1 monitor every N epochs (0: off)", 1)
-    knn_every_steps: int | None = _help("run the kNN monitor every N steps instead of per epoch")
-    knn_bank_size: int = _help("train images in the monitor's kNN bank", 5000)
-    knn_query_size: int = _help("val images the monitor classifies", 1000)
-    knn_k: int = _help("neighbours of the monitor's kNN vote", 200)
-    precise_bn_images: int = _help("recompute BatchNorm statistics over this many train images (eval transform) before each kNN monitor "
+    resume: Resume = option("auto (continue from the run folder's last.ckpt when present), never, or a checkpoint path", "auto", or_file=True)
+
+    def validation_every(self) -> tuple[int, int | None]:
+        """How often the engine validates: (every N epochs, or every N steps when that is set); (0, None) never."""
+        return 0, None
+
+
+@dataclasses.dataclass
+class TrainConfig(EngineConfig):
+    """Flags of every training stage (optimiser, monitoring)."""
+
+    arch: str = option("backbone, one of seed.backbones.available()", "r18")
+    embed_dim: int = option("output dimension of the projection head", 128)
+    temperature: float | None = option("contrastive temperature (default: the method's)")
+    small_images: bool | None = option("3x3 stem without max-pool for small inputs (default: on when --image-size <= 64)")
+    optimizer: Literal["sgd", "lars"] | None = option("sgd or lars (default: the method's)")
+    lr: float | None = option("learning rate; default base_lr x batch_size x devices x nodes / 256")
+    base_lr: float | None = option("learning rate per 256 images (default: the method's)")
+    momentum: float = option("SGD momentum", 0.9)
+    weight_decay: float | None = option("weight decay (default: the method's)")
+    warmup_epochs: float | None = option("epochs of linear warm-up before the cosine schedule (default: the method's)")
+    crop_min_scale: float | None = option("smallest random crop, as a fraction of the image (default: the augmentation recipe's)")
+    knn_every: int = option("kNN top-1 monitor every N epochs (0: off)", 1)
+    knn_every_steps: int | None = option("run the kNN monitor every N steps instead of per epoch")
+    knn_bank_size: int = option("train images in the monitor's kNN bank", 5000)
+    knn_query_size: int = option("val images the monitor classifies", 1000)
+    knn_k: int = option("neighbours of the monitor's kNN vote", 200)
+    precise_bn_images: int = option("recompute BatchNorm statistics over this many train images (eval transform) before each kNN monitor "
                                    "and before the export (PreciseBN; 0: keep the running averages of training)", 1024)
+
+    def validation_every(self) -> tuple[int, int | None]:
+        """The kNN monitor's schedule."""
+        return self.knn_every, self.knn_every_steps
 
 
 @dataclasses.dataclass
 class PretrainConfig(TrainConfig):
     """``seed-pretrain``: a self-supervised teacher."""
 
-    method: str = _help("mocov2, simclr, or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2", ("mocov2", "simclr", "supervised"))
-    queue_size: int = _help("MoCo queue length K", 65536)
-    moco_momentum: float = _help("momentum of MoCo's key encoder", 0.999)
-    moco_momentum_cosine: bool = _help("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
-    moco_head_bn: bool = _help("BatchNorm in MoCo's projection head, as SimCLR's and MoCo v3's heads have (the MoCo v2 paper has none); "
+    method: Literal["mocov2", "simclr", "supervised"] = option("mocov2, simclr, or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2")
+    queue_size: int = option("MoCo queue length K", 65536)
+    moco_momentum: float = option("momentum of MoCo's key encoder", 0.999)
+    moco_momentum_cosine: bool = option("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
+    moco_head_bn: bool = option("BatchNorm in MoCo's projection head, as SimCLR's and MoCo v3's heads have (the MoCo v2 paper has none); "
                                "short runs need it to leave chance level", False)
-    bn_splits: int | None = _help("MoCo on one device: the key encoder's BatchNorm normalises this many shuffled groups separately, "
+    bn_splits: int | None = option("MoCo on one device: the key encoder's BatchNorm normalises this many shuffled groups separately, "
                                   "as shuffle-BN across GPUs does (default: 8 on one device, 1 under DDP, where real shuffle-BN runs)")
 
 
@@ -112,42 +136,44 @@ class PretrainConfig(TrainConfig):
 class DistillConfig(TrainConfig):
     """``seed-distill``: a small student learns from a frozen teacher."""
 
-    mode: str = _help("seed (self-supervised, SEED) or meal (labelled ensemble, MEAL V2)", "seed", ("seed", "meal"))
-    student: str = _help("student backbone, one of seed.backbones.available()", "r18")
-    teacher: str | None = _help("teacher backbone (default: the one recorded in our checkpoints)")
-    teacher_checkpoint: str | None = _help("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED or torchvision files "
+    mode: Literal["seed", "meal"] = option("seed (self-supervised, SEED) or meal (labelled ensemble, MEAL V2)", "seed")
+    student: str = option("student backbone, one of seed.backbones.available()", "r18")
+    teacher: str | None = option("teacher backbone (default: the one recorded in our checkpoints)")
+    teacher_checkpoint: str | None = option("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED or torchvision files "
                                               "(default: the demo teacher, runs/demo/pretrain/teacher.pt)")
-    teacher_head: bool | None = _help("use the teacher's projection head (default: when the checkpoint has one, as SEED does)")
-    queue_size: int = _help("SEED queue length K (teacher embeddings)", 65536)
-    tau_s: float = _help("student temperature", 0.2)
-    tau_t: float = _help("teacher temperature (1e-4: near one-hot, the official code's)", 1e-4)
-    small_crops: int = _help("SwAV-style extra small crops per image, with their own queue (0: off; the paper's variant uses 6)", 0)
-    augmentation: str | None = _help("SEED's view recipe: mocov2, mocov1 or swav (default: the official code's for the teacher's method: "
-                                     "swav for SwAV teachers, mocov1 for SimCLR ones, else mocov2)", choices=("mocov2", "mocov1", "swav"))
-    teacher_fold_bn: bool = _help("fold the teacher's BatchNorm into its convolutions (same outputs, faster)", True)
-    channels_last: bool | None = _help("run the teacher in channels_last memory format (default: on GPU)")
-    teachers: str | None = _help("MEAL V2: comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
+    teacher_head: bool | None = option("use the teacher's projection head (default: when the checkpoint has one, as SEED does)")
+    queue_size: int = option("SEED queue length K (teacher embeddings)", 65536)
+    tau_s: float = option("student temperature", 0.2)
+    tau_t: float = option("teacher temperature (1e-4: near one-hot, the official code's)", 1e-4)
+    small_crops: int = option("SwAV-style extra small crops per image, with their own queue (0: off; the paper's variant uses 6)", 0)
+    augmentation: Literal["mocov2", "mocov1", "swav"] | None = option(
+        "SEED's view recipe: mocov2, mocov1 or swav (default: the official code's for the teacher's method: "
+        "swav for SwAV teachers, mocov1 for SimCLR ones, else mocov2)")
+    teacher_fold_bn: bool = option("fold the teacher's BatchNorm into its convolutions (same outputs, faster)", True)
+    channels_last: bool | None = option("run the teacher in channels_last memory format (default: on GPU)")
+    teachers: str | None = option("MEAL V2: comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
                                  "default: the architectures recorded in --teacher-checkpoints")
-    teacher_checkpoints: str | None = _help("MEAL V2: comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
+    teacher_checkpoints: str | None = option("MEAL V2: comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
                                             "an empty entry takes torchvision's or timm's ImageNet weights (default: the demo's teachers, runs/demo/meal/)")
-    student_init: str | None = _help("MEAL V2: the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
+    student_init: str | None = option("MEAL V2: the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
                                      "'torchvision' for its ImageNet V1 weights, or timm:NAME for timm's pretrained ones (the public code's r50: "
                                      "timm:resnet50.ram_in1k); default: the demo's with the demo's teachers, else random")
-    kd_temperature: float = _help("MEAL V2: softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0)
-    discriminator: str = _help("MEAL V2: joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
-                               "minimax (gradient reversal into the student), or off", "joint", ("joint", "minimax", "off"))
-    discriminator_weight: float = _help("MEAL V2: weight of the discriminator loss added to the KD loss", 1.0)
-    lr_schedule: str | None = _help("MEAL V2: step or cosine (default: the method's; MEAL V2: step)", choices=("step", "cosine"))
-    lr_milestones: str | None = _help("step schedule: comma-separated epochs (counted from 0) at which the lr is multiplied by 0.1 (MEAL V2: 101)")
-    cutmix: bool = _help("MEAL V2: CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
-    cutmix_alpha: float = _help("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0)
-    cache_teacher_logits: bool = _help("MEAL V2: keep the ensemble target of every image under --cache-crops fixed crops, "
+    kd_temperature: float = option("MEAL V2: softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0)
+    discriminator: Literal["joint", "minimax", "off"] = option(
+        "MEAL V2: joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
+        "minimax (gradient reversal into the student), or off", "joint")
+    discriminator_weight: float = option("MEAL V2: weight of the discriminator loss added to the KD loss", 1.0)
+    lr_schedule: Literal["step", "cosine"] | None = option("MEAL V2: step or cosine (default: the method's; MEAL V2: step)")
+    lr_milestones: str | None = option("step schedule: comma-separated epochs (counted from 0) at which the lr is multiplied by 0.1 (MEAL V2: 101)")
+    cutmix: bool = option("MEAL V2: CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
+    cutmix_alpha: float = option("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0)
+    cache_teacher_logits: bool = option("MEAL V2: keep the ensemble target of every image under --cache-crops fixed crops, "
                                        "so epochs after the first --cache-crops skip the teachers (as FKD does)", False)
-    cache_crops: int = _help("fixed augmentations per image when caching; epoch e uses crop e mod N", 4)
-    cache_top_k: int = _help("classes kept per cached target, the rest of the probability spread evenly (FKD keeps top-k)", 10)
-    teacher_cache: bool = _help("SEED, beyond the paper: the teacher embeds each image under --cache-views fixed views once, kept in fp16 "
+    cache_crops: int = option("fixed augmentations per image when caching; epoch e uses crop e mod N", 4)
+    cache_top_k: int = option("classes kept per cached target, the rest of the probability spread evenly (FKD keeps top-k)", 10)
+    teacher_cache: bool = option("SEED, beyond the paper: the teacher embeds each image under --cache-views fixed views once, kept in fp16 "
                                 "in <run>/teacher_cache/, so epochs after the first --cache-views run no teacher", False)
-    cache_views: int = _help("SEED --teacher-cache: fixed views per image, epoch e shows view e mod N "
+    cache_views: int = option("SEED --teacher-cache: fixed views per image, epoch e shows view e mod N "
                              "(disk: images x N x embedding dim x 2 bytes; ImageNet, N = 10: 3.3 GB)", 10)
 
 
@@ -155,10 +181,12 @@ def _flag(name: str) -> str:
     return "--" + name.replace("_", "-")
 
 
-def _base_type(annotation: Any) -> type:
-    """``int | None`` -> ``int``; plain types pass through."""
+def _base_type(annotation: Any, keep_literal: bool = False) -> Any:
+    """``int | None`` -> ``int``; ``Literal["a", "b"]`` -> ``str`` (the type of its values) unless ``keep_literal``."""
     if typing.get_origin(annotation) in (Union, types.UnionType):
-        return next(a for a in typing.get_args(annotation) if a is not type(None))
+        annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+    if typing.get_origin(annotation) is Literal and not keep_literal:
+        return type(typing.get_args(annotation)[0])
     return annotation
 
 
@@ -192,7 +220,7 @@ def build_parser(config_class: type, prog: str, description: str) -> argparse.Ar
         if kind is bool:
             parser.add_argument(_flag(field.name), action=argparse.BooleanOptionalAction, help=help_text)
         else:
-            choices = field.metadata.get("choices")
+            choices = choices_of(hints[field.name])
             metavar = "{" + ",".join([*choices, *(["PATH"] if field.metadata.get("or_file") else [])]) + "}" if choices else field.name.upper()
             parser.add_argument(_flag(field.name), type=kind, help=help_text, metavar=metavar)
     return parser

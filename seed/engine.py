@@ -25,7 +25,7 @@ from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
 from seed.callbacks import LAST, FiniteLoss, LastCheckpoint, ResumedCSVLogger, SeedSteps, SkippedFiles, Throughput, checkpoint_step
-from seed.config import CommonConfig, TrainConfig, save_config
+from seed.config import CommonConfig, EngineConfig, save_config
 from seed.data import SKIPPED, image_folders
 from seed.errors import SeedError
 from seed.sampling import EpochSampler
@@ -45,7 +45,7 @@ def run_folder(config: CommonConfig, stage: str, name: str) -> Path:
     return Path(config.output or Path("runs") / stage / name)
 
 
-def resume_path(config: TrainConfig, run_dir: Path) -> str | None:
+def resume_path(config: EngineConfig, run_dir: Path) -> str | None:
     """The checkpoint to continue from, following ``--resume auto|never|PATH``."""
     if config.resume == "never":
         return None
@@ -67,13 +67,13 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")  # ResumedCSVLogger keeps them
 
 
-def build_trainer(config: TrainConfig, run_dir: Path, val_every_steps: int | None = None, callbacks: Sequence[Callback] = (),
-                  resumed_at: int | None = None) -> pl.Trainer:
-    """The Trainer every stage uses, built from the common config fields; ``resumed_at``: the step of the checkpoint it resumes."""
+def build_trainer(config: EngineConfig, run_dir: Path, callbacks: Sequence[Callback] = (), resumed_at: int | None = None) -> pl.Trainer:
+    """The Trainer every stage uses, built from the engine's config fields; ``resumed_at``: the step of the checkpoint it resumes."""
     _quiet_lightning()
     multi = config.devices > 1 or config.num_nodes > 1
-    validate = config.knn_every > 0 or bool(val_every_steps)
-    checkpoint = LastCheckpoint(run_dir, config.checkpoint_every, getattr(config, "keep_checkpoints", False))
+    every_epochs, val_every_steps = config.validation_every()
+    validate = every_epochs > 0 or bool(val_every_steps)
+    checkpoint = LastCheckpoint(run_dir, config.checkpoint_every, config.keep_checkpoints)
     return pl.Trainer(
         accelerator=config.accelerator,
         devices=config.devices,
@@ -86,11 +86,11 @@ def build_trainer(config: TrainConfig, run_dir: Path, val_every_steps: int | Non
         logger=[ResumedCSVLogger(run_dir, resumed_at), TensorBoardLogger(run_dir, name="logs", version="")],
         callbacks=[SeedSteps(config.seed), FiniteLoss(checkpoint), SkippedFiles(run_dir), checkpoint, Throughput(), TQDMProgressBar(refresh_rate=1),
                    *callbacks],
-        deterministic=True if getattr(config, "deterministic", False) else None,  # None: leave torch's setting alone
+        deterministic=True if config.deterministic else None,  # None: leave torch's setting alone
         enable_checkpointing=False,
         num_sanity_val_steps=0,
         limit_val_batches=1.0 if validate else 0,
-        check_val_every_n_epoch=None if val_every_steps else max(config.knn_every, 1),
+        check_val_every_n_epoch=None if val_every_steps else max(every_epochs, 1),
         val_check_interval=val_every_steps,
         log_every_n_steps=1,
         enable_model_summary=False,
@@ -101,7 +101,7 @@ def fit(
     module: pl.LightningModule,
     train_loader: DataLoader,
     val_loaders: list[DataLoader] | None,
-    config: TrainConfig,
+    config: EngineConfig,
     run_dir: Path,
 ) -> pl.Trainer:
     """Train ``module`` in ``run_dir``: resolved config, logs, ``last.ckpt``; resume when asked.
@@ -112,7 +112,7 @@ def fit(
     ckpt = resume_path(config, run_dir)
     resumed_at = checkpoint_step(ckpt) if ckpt else None
     run_dir.mkdir(parents=True, exist_ok=True)
-    trainer = build_trainer(config, run_dir, config.knn_every_steps, resumed_at=resumed_at)
+    trainer = build_trainer(config, run_dir, resumed_at=resumed_at)
     for callback in trainer.callbacks:
         if isinstance(callback, LastCheckpoint) and isinstance(train_loader.sampler, EpochSampler):
             callback.sampler = train_loader.sampler

@@ -123,6 +123,31 @@ def test_choices_hold_for_yaml_files_and_replace_too(tmp_path, capsys):
     assert "{sgd,lars}" in build_parser(DistillConfig, "t", "").format_help()  # --help lists them
 
 
+def test_every_enumerated_option_of_every_command_is_a_checked_literal(tmp_path):
+    """The choices live in the type (``Literal``), one ``option`` helper for all commands: seed-eval's protocols and
+    detection included, whose flags used to be checked by hand or not at all."""
+    import typing
+
+    from downstream.detection import DetectionConfig
+    from downstream.knn import KnnConfig
+    from downstream.linear import LinearConfig
+    from seed.config import DistillConfig, choices_of
+
+    expected = {(DistillConfig, "mode"): ("seed", "meal"), (DistillConfig, "augmentation"): ("mocov2", "mocov1", "swav"),
+                (PretrainConfig, "method"): ("mocov2", "simclr", "supervised"), (KnnConfig, "index"): ("flat", "ivf"),
+                (KnnConfig, "backend"): ("faiss", "torch"), (LinearConfig, "resume"): ("auto", "never"),
+                (DetectionConfig, "engine"): ("auto", "detectron2", "torchvision"), (DetectionConfig, "head"): ("c4", "fpn")}
+    for (kind, name), values in expected.items():
+        assert choices_of(typing.get_type_hints(kind)[name]) == values, name
+    for kind in (DistillConfig, PretrainConfig, KnnConfig, LinearConfig, DetectionConfig):
+        assert all(set(field.metadata) <= {"help", "or_file"} for field in dataclasses.fields(kind))  # no second way to list choices
+    with pytest.raises(SeedError, match="unknown --head 'c5'; choose one of: c4, fpn"):
+        make_config(DetectionConfig, {"head": "c5"})
+    with pytest.raises(SeedError, match="unknown --backend 'numpy'; choose one of: faiss, torch"):
+        make_config(KnnConfig, {"backend": "numpy"})
+    assert make_config(LinearConfig, {"val_every": 2}).validation_every() == (2, None)  # the engine asks the config, no stand-in fields
+
+
 
 def test_the_console_script_says_it_in_one_line(tmp_path):
     from .conftest import run_command
