@@ -1,7 +1,7 @@
 """Detection transfer on synthetic VOC data: a SEED student backbone vs the same architecture at random init.
 
 The detection data are coloured rectangles and ellipses on noise in the real
-VOCdevkit layout (``downstream.detection_data.write_synthetic``), so the whole
+VOCdevkit layout (``downstream.detection.data.write_synthetic``), so the whole
 ``seed-eval detection`` path runs: VOC XML reader, torchvision Faster R-CNN,
 pycocotools AP and the VOC07 11-point AP50.
 
@@ -29,8 +29,9 @@ import torch
 from PIL import Image
 
 from bench.common import mean_std, write_result
-from downstream.detection import DetectionConfig, detect
-from downstream.detection_data import read_voc, write_synthetic
+from downstream.detection.config import DetectionConfig
+from downstream.detection.data import read_voc, write_synthetic
+from downstream.detection.run import detect
 from pretrain.cli import main as pretrain_main
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_backbone

@@ -128,7 +128,7 @@ def test_every_enumerated_option_of_every_command_is_a_checked_literal(tmp_path)
     detection included, whose flags used to be checked by hand or not at all."""
     import typing
 
-    from downstream.detection import DetectionConfig
+    from downstream.detection.config import DetectionConfig
     from downstream.knn import KnnConfig
     from downstream.linear import LinearConfig
     from seed.config import DistillConfig, choices_of

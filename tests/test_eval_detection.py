@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 import torch
 
-from downstream import detection, report
+from downstream import report
 from downstream.common import Checkpoint, EvalConfig, file_sha256, write_results
-from downstream.detection_data import (
+from downstream.detection import config as flags
+from downstream.detection import d2, models, run, train
+from downstream.detection import metrics as scores
+from downstream.detection.data import (
     SYNTHETIC,
     VOC_CLASSES,
     DetectionDataset,
@@ -41,10 +44,10 @@ def student(tmp_path_factory) -> Path:
 
 
 def run_main(args: list[str], capsys) -> tuple[int, str, str]:
-    """``downstream.detection.main`` in-process: (exit code, stdout, stderr)."""
+    """``downstream.run.main`` in-process: (exit code, stdout, stderr)."""
     code = 0
     try:
-        detection.main(args)
+        run.main(args)
     except SystemExit as stop:
         code = int(stop.code)
     captured = capsys.readouterr()
@@ -141,10 +144,10 @@ def test_voc07_ap_on_a_hand_checked_example():
              2: (np.array([[0, 0, 10, 10]], dtype=float), np.array([False]))}
     detections = [(1, 0.9, np.array([0, 0, 10, 10.])), (1, 0.8, np.array([0, 0, 10, 10.])), (1, 0.7, np.array([20, 20, 30, 30.])),
                   (2, 0.6, np.array([50, 50, 60, 60.])), (2, 0.5, np.array([1, 0, 11, 10.]))]
-    assert detection.voc_class_ap(detections, truth, 0.5) == pytest.approx(8.5 / 11)
-    assert detection.voc_class_ap(detections, truth, 0.85) == pytest.approx(6 / 11)  # C is missed: recall stays .5
-    assert detection.voc_class_ap([], truth, 0.5) == 0.0
-    assert detection.voc_class_ap(detections, {1: (np.zeros((1, 4)), np.array([True]))}) is None  # only difficult: no AP
+    assert scores.voc_class_ap(detections, truth, 0.5) == pytest.approx(8.5 / 11)
+    assert scores.voc_class_ap(detections, truth, 0.85) == pytest.approx(6 / 11)  # C is missed: recall stays .5
+    assert scores.voc_class_ap([], truth, 0.5) == 0.0
+    assert scores.voc_class_ap(detections, {1: (np.zeros((1, 4)), np.array([True]))}) is None  # only difficult: no AP
 
     class Record:  # what voc_metrics reads of a record
         def __init__(self, image_id, boxes, labels, difficult):
@@ -157,25 +160,25 @@ def test_voc07_ap_on_a_hand_checked_example():
     by_image[1].append((np.array([5, 5, 9, 9.]), 0.3, 2))  # class 2: one perfect detection, AP 1
     predictions = [{"image_id": i, "boxes": np.array([b for b, _, _ in d]), "scores": np.array([s for _, s, _ in d]),
                     "labels": np.array([lab for _, _, lab in d])} for i, d in by_image.items()]
-    metrics = detection.voc_metrics(predictions, records, num_classes=20)  # classes without objects do not count
+    metrics = scores.voc_metrics(predictions, records, num_classes=20)  # classes without objects do not count
     assert metrics["VOC07_AP50"] == pytest.approx(100 * (8.5 / 11 + 1) / 2)
 
 
 def test_voc07_ap_interpolates_at_eleven_recall_points():
     recall, precision = np.array([0.2, 0.4, 0.4, 0.8]), np.array([1.0, 0.5, 0.75, 0.4])
     # t = 0, .1, .2 -> 1; t = .3, .4 -> .75; t = .5 ... .8 -> .4; t = .9, 1 -> 0
-    assert detection.voc07_ap(recall, precision) == pytest.approx((3 * 1 + 2 * 0.75 + 4 * 0.4) / 11)
+    assert scores.voc07_ap(recall, precision) == pytest.approx((3 * 1 + 2 * 0.75 + 4 * 0.4) / 11)
 
 
 def test_learning_rate_schedule_is_detectron2s():
     steps = [18000, 22000]
-    assert detection.lr_factor(0, steps, 100) == pytest.approx(0.001)
-    assert detection.lr_factor(50, steps, 100) == pytest.approx(0.001 * 0.5 + 0.5)
-    assert [detection.lr_factor(i, steps, 100) for i in (100, 17999, 18000, 22000)] == pytest.approx([1, 1, 0.1, 0.01])
-    config = detection.resolve_config(detection.DetectionConfig(checkpoint="x"))
-    plan = detection.schedule(config)
+    assert train.lr_factor(0, steps, 100) == pytest.approx(0.001)
+    assert train.lr_factor(50, steps, 100) == pytest.approx(0.001 * 0.5 + 0.5)
+    assert [train.lr_factor(i, steps, 100) for i in (100, 17999, 18000, 22000)] == pytest.approx([1, 1, 0.1, 0.01])
+    config = flags.resolve_config(flags.DetectionConfig(checkpoint="x"))
+    plan = flags.schedule(config)
     assert (plan["max_iter"], plan["steps"], plan["train_sizes"][0], plan["test_size"]) == (24000, [18000, 22000], 480, 800)
-    coco = detection.schedule(detection.resolve_config(detection.DetectionConfig(checkpoint="x", dataset="coco", max_iter=900)))
+    coco = flags.schedule(flags.resolve_config(flags.DetectionConfig(checkpoint="x", dataset="coco", max_iter=900)))
     assert coco["steps"] == [600, 800] and coco["train_sizes"][0] == 640
 
 
@@ -183,7 +186,7 @@ def test_learning_rate_schedule_is_detectron2s():
 
 
 def test_detectron2_conversion_follows_mocos_names():
-    r18 = detection.to_detectron2(create_backbone("r18").state_dict())
+    r18 = d2.to_detectron2(create_backbone("r18").state_dict())
     assert {"stem.conv1.weight", "stem.conv1.norm.weight", "stem.conv1.norm.bias", "stem.conv1.norm.running_mean", "stem.conv1.norm.running_var",
             "res2.0.conv1.weight", "res2.0.conv1.norm.weight", "res2.1.conv2.norm.running_var", "res3.0.shortcut.weight",
             "res3.0.shortcut.norm.running_mean", "res5.1.conv2.weight"} <= set(r18)
@@ -193,7 +196,7 @@ def test_detectron2_conversion_follows_mocos_names():
     assert r18["res2.0.conv1.weight"].shape == (64, 64, 3, 3) and isinstance(r18["res2.0.conv1.weight"], np.ndarray)
 
     state = create_backbone("r50").state_dict()
-    r50 = detection.to_detectron2(state)
+    r50 = d2.to_detectron2(state)
     assert {"res2.0.conv3.norm.weight", "res2.0.shortcut.weight", "res2.0.shortcut.norm.running_var", "res4.5.conv2.weight",
             "res5.2.conv3.norm.bias"} <= set(r50)
     np.testing.assert_array_equal(r50["res5.0.shortcut.norm.running_mean"], state["layer4.0.downsample.1.running_mean"].numpy())
@@ -201,21 +204,21 @@ def test_detectron2_conversion_follows_mocos_names():
 
 
 def test_detectron2_conversion_and_config_for_small_resnets(tmp_path):
-    path = detection.write_detectron2_weights(create_backbone("r34").state_dict(), tmp_path / "r34.pkl")
+    path = d2.write_detectron2_weights(create_backbone("r34").state_dict(), tmp_path / "r34.pkl")
     import pickle
 
     with open(path, "rb") as handle:
         content = pickle.load(handle)
     assert content["__author__"] == "seed" and content["matching_heuristics"] is True and "res5.2.conv2.norm.weight" in content["model"]
-    config = detection.resolve_config(detection.DetectionConfig(checkpoint="x", dataset="voc"))
-    overrides = detection.detectron2_overrides(config, detection.schedule(config), 34, 20, str(path), ("train", "test"), str(tmp_path), "cpu")
+    config = flags.resolve_config(flags.DetectionConfig(checkpoint="x", dataset="voc"))
+    overrides = d2.detectron2_overrides(config, flags.schedule(config), 34, 20, str(path), ("train", "test"), str(tmp_path), "cpu")
     values = dict(zip(overrides[::2], overrides[1::2], strict=True))
     assert values["MODEL.RESNETS.DEPTH"] == 34 and values["MODEL.RESNETS.RES2_OUT_CHANNELS"] == 64
     assert values["MODEL.RESNETS.NORM"] == "SyncBN" and values["MODEL.RESNETS.STRIDE_IN_1X1"] is False
     assert (values["SOLVER.MAX_ITER"], values["SOLVER.STEPS"], values["SOLVER.BASE_LR"], values["SOLVER.IMS_PER_BATCH"]) == (24000, (18000, 22000), 0.02, 16)
     assert values["MODEL.ROI_HEADS.NUM_CLASSES"] == 20 and values["MODEL.MASK_ON"] is False and values["INPUT.MIN_SIZE_TEST"] == 800
     with pytest.raises(Exception, match="not a ResNet parameter"):
-        detection.to_detectron2(create_backbone("mbv3s").state_dict())
+        d2.to_detectron2(create_backbone("mbv3s").state_dict())
 
 
 @pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (optional extra, not on PyPI): its real training run is not tested here")
@@ -270,7 +273,7 @@ def test_torchvision_voc_fpn_run_writes_results(synthetic, student, tmp_path, ca
 def test_report_shows_undefined_detection_metrics_as_n_a(student, tmp_path, capsys):
     """A COCO run whose test images hold no object has no AP (null); a detection file of the old layout is still read."""
     checkpoint = Checkpoint(student, "f" * 64, "r18", "ours", create_backbone("r18"))
-    config = detection.DetectionConfig(checkpoint=str(student), dataset="coco", data="coco-dir")
+    config = flags.DetectionConfig(checkpoint=str(student), dataset="coco", data="coco-dir")
     written = write_results(tmp_path / "coco", "detection", {"AP": float("nan"), "AP50": None, "AP75": 12.5}, "AP", config, checkpoint, {}, 1.0)
     assert written["metrics"] == {"AP": None, "AP50": None, "AP75": 12.5}
     assert json.loads((tmp_path / "coco" / "results.json").read_text())["metrics"]["AP"] is None
@@ -321,27 +324,27 @@ def test_metrics_of_perfect_predictions_are_100_and_of_one_miss_the_hand_compute
     test = data.test
     assert [(r.image_id, r.labels.tolist(), r.difficult.tolist()) for r in test] == [
         (12, [15, 15, 12], [False] * 3), (13, [12, 12], [True, False]), (14, [15], [False]), (15, [15] * 3, [False] * 3)]
-    metrics = detection.evaluate_predictions(perfect(test), data, test, masks=False)
+    metrics = scores.evaluate_predictions(perfect(test), data, test, masks=False)
     assert metrics == {"AP": 100.0, "AP50": 100.0, "AP75": 100.0, "VOC07_AP50": 100.0, "VOC07_AP75": 100.0, "VOC07_AP": 100.0}
 
     missed = perfect(test)
     first = missed[0]
     keep = first["labels"] != 12
     missed[0] = {"image_id": first["image_id"], "boxes": first["boxes"][keep], "scores": first["scores"][keep], "labels": first["labels"][keep]}
-    metrics = detection.evaluate_predictions(missed, data, test, masks=False)
+    metrics = scores.evaluate_predictions(missed, data, test, masks=False)
     voc, coco = 100 * (1 + 6 / 11) / 2, 100 * (1 + 51 / 101) / 2
     assert metrics == pytest.approx({"AP": coco, "AP50": coco, "AP75": coco, "VOC07_AP50": voc, "VOC07_AP75": voc, "VOC07_AP": voc}, abs=1e-9)
     assert round(voc, 2) == 77.27 and round(coco, 2) == 75.25
 
 
 def test_detector_on_a_non_resnet_uses_its_last_feature_map():
-    plan = detection.schedule(detection.resolve_config(detection.DetectionConfig(checkpoint="x", image_size=64, max_iter=1)))
-    model = detection.build_detector(create_backbone("mbv3s"), 4, "c4", False, plan, roi_per_image=8)
+    plan = flags.schedule(flags.resolve_config(flags.DetectionConfig(checkpoint="x", image_size=64, max_iter=1)))
+    model = models.build_detector(create_backbone("mbv3s"), 4, "c4", False, plan, roi_per_image=8)
     image = torch.rand(3, 64, 64)
     losses = model([image], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])}])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     sum(losses.values()).backward()
-    c4 = detection.build_detector(create_backbone("r18"), 4, "c4", True, plan)
+    c4 = models.build_detector(create_backbone("r18"), 4, "c4", True, plan)
     assert c4.roi_heads.mask_head is c4.roi_heads.box_head[0]  # Mask R-CNN C4 shares res5 between box and mask heads
     assert c4.backbone.out_channels == 256 and not hasattr(c4.backbone, "layer4")
 
@@ -368,7 +371,7 @@ def test_bad_input_is_a_one_line_error(case, synthetic, student, tmp_path, capsy
 @pytest.mark.parametrize("name", ["detection_voc_c4", "detection_coco_c4_1x", "detection_voc_smoke"])
 def test_recipe_files_are_valid_configs(name):
     path = Path(__file__).parents[1] / "configs" / "eval" / f"{name}.yaml"
-    config = detection.resolve_config(make_config(detection.DetectionConfig, {"config": str(path), "checkpoint": "x"}))
+    config = flags.resolve_config(make_config(flags.DetectionConfig, {"config": str(path), "checkpoint": "x"}))
     if name == "detection_voc_c4":  # MoCo's numbers are the defaults too
-        assert config == detection.resolve_config(detection.DetectionConfig(checkpoint="x", config=str(path)))
+        assert config == flags.resolve_config(flags.DetectionConfig(checkpoint="x", config=str(path)))
     assert config.masks is (name == "detection_coco_c4_1x")

@@ -1,0 +1,92 @@
+"""``seed-eval detection``'s flags and MoCo's VOC / COCO recipes (iterations, lr steps, train sizes)."""
+
+import dataclasses
+import importlib.util
+from typing import Any, Literal
+
+from seed.config import CommonConfig, option
+from seed.errors import SeedError
+
+PROG = "seed-eval detection"
+
+
+LAST = "last.pt"
+#: MoCo's detection recipes: iterations, lr steps as fractions of them, training shorter sides (test: the last).
+
+
+RECIPES = {
+    "voc": {"max_iter": 24000, "steps": (18000 / 24000, 22000 / 24000), "train_sizes": tuple(range(480, 801, 32)), "masks": False},
+    "coco": {"max_iter": 90000, "steps": (60000 / 90000, 80000 / 90000), "train_sizes": tuple(range(640, 801, 32)), "masks": True},
+}
+DETECTRON2_DEPTH = {"r18": 18, "r34": 34, "r50": 50, "r101": 101, "r152": 152}
+
+
+VOC_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
+
+
+@dataclasses.dataclass
+class DetectionConfig(CommonConfig):
+    """``seed-eval detection``; defaults are MoCo's VOC / COCO detection configs."""
+
+    checkpoint: str | None = option("student (or any supported) checkpoint whose backbone is transferred")
+    arch: str | None = option("backbone architecture (default: the one recorded in our checkpoints)")
+    dataset: Literal["voc", "coco"] = option("voc (VOC07+12 trainval -> VOC07 test) or coco (train2017 -> val2017)", "voc")
+    data: str | None = option("VOCdevkit folder (VOC2007/, VOC2012/) for voc; folder with annotations/, train2017/, val2017/ for coco")
+    engine: Literal["auto", "detectron2", "torchvision"] = option("auto (detectron2 when it imports, else torchvision), detectron2 or torchvision", "auto")
+    head: Literal["c4", "fpn"] = option("c4 (res5 in the RoI head, MoCo's R50-C4) or fpn (torchvision engine, ResNets)", "c4")
+    masks: bool | None = option("Mask R-CNN instead of Faster R-CNN (default: on for coco)")
+    max_iter: int | None = option("training iterations (default: 24000 voc, 90000 coco); lr steps scale with it")
+    lr: float = option("base learning rate for --batch-size images", 0.02)
+    momentum: float = option("SGD momentum", 0.9)
+    weight_decay: float = option("weight decay (none on norm layers, as detectron2)", 1e-4)
+    warmup_iters: int = option("iterations of linear warm-up from lr/1000", 100)
+    image_size: int = option("shorter image side at test; training samples MoCo's sizes scaled to it", 800)
+    batch_size: int = option("images per iteration over all devices (detectron2's IMS_PER_BATCH)", 16)
+    roi_per_image: int = option("sampled RoIs per training image in the box head", 512)
+    max_eval_images: int | None = option("score only the first N test images (smoke runs)")
+    checkpoint_every: int = option("write last.pt (torchvision engine) every N iterations", 2000)
+    resume: Literal["auto", "never"] = option("auto (continue from the run folder's last.pt) or never", "auto")
+
+
+def resolve_config(config: DetectionConfig) -> DetectionConfig:
+    """Check the flags (the enumerated ones are checked when the config is built) and fill the dataset's recipe defaults."""
+    if not config.checkpoint:
+        raise SeedError("pass --checkpoint PATH: the student (or teacher) whose backbone is evaluated")
+    for name in ("image_size", "batch_size", "roi_per_image"):
+        if getattr(config, name) < 1:
+            raise SeedError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(config, name)}")
+    recipe = RECIPES[config.dataset]
+    masks = recipe["masks"] if config.masks is None else config.masks
+    if masks and config.dataset == "voc":
+        raise SeedError("VOC has no instance masks; drop --masks")
+    max_iter = recipe["max_iter"] if config.max_iter is None else config.max_iter
+    if max_iter < 1:
+        raise SeedError(f"--max-iter must be at least 1, got {max_iter}")
+    return dataclasses.replace(config, masks=masks, max_iter=max_iter)
+
+
+def select_engine(engine: str) -> str:
+    """``auto`` is detectron2 when it can be imported, torchvision otherwise."""
+    available = importlib.util.find_spec("detectron2") is not None
+    if engine == "detectron2" and not available:
+        raise SeedError("--engine detectron2: detectron2 is not installed (it is not on PyPI: pip install "
+                        "'git+https://github.com/facebookresearch/detectron2.git'); or use --engine torchvision")
+    if engine == "auto":
+        return "detectron2" if available else "torchvision"
+    return engine
+
+
+def schedule(config: DetectionConfig) -> dict[str, Any]:
+    """Iterations, lr steps and image sizes of the run, scaled from the recipe to ``--max-iter`` and ``--image-size``."""
+    recipe = RECIPES[config.dataset]
+    scale = config.image_size / 800
+    sizes = sorted({max(1, round(s * scale)) for s in recipe["train_sizes"]})
+    return {
+        "max_iter": config.max_iter,
+        "steps": [round(f * config.max_iter) for f in recipe["steps"]],
+        "warmup_iters": min(config.warmup_iters, config.max_iter),
+        "train_sizes": sizes,
+        "test_size": config.image_size,
+        "max_size": max(config.image_size, round(1333 * scale)),
+    }
+
