@@ -25,8 +25,9 @@ from downstream.detection.data import (
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model
 from seed.config import make_config
+from seed.errors import SeedError
 
-HAS_DETECTRON2 = importlib.util.find_spec("detectron2") is not None
+HAS_DETECTRON2 = flags.detectron2_state() == "ready"
 
 
 
@@ -221,7 +222,19 @@ def test_detectron2_conversion_and_config_for_small_resnets(tmp_path):
         d2.to_detectron2(create_backbone("mbv3s").state_dict())
 
 
-@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 is not installed (optional extra, not on PyPI): its real training run is not tested here")
+def test_a_detectron2_without_its_compiled_ops_is_never_picked(monkeypatch):
+    """PyPI's detectron2-cdo 0.5 installs without detectron2._C (its archive holds no C++ sources) and its models then fail
+    to import: auto falls back to torchvision, and --engine detectron2 says why in one line."""
+    found = {"detectron2": object(), "detectron2._C": None}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *args: found.get(name))
+    assert flags.detectron2_state() == "no-ops" and flags.select_engine("auto") == "torchvision"
+    with pytest.raises(SeedError, match="this detectron2 has no compiled ops"):
+        flags.select_engine("detectron2")
+    found["detectron2._C"] = object()
+    assert flags.select_engine("auto") == "detectron2"
+
+
+@pytest.mark.skipif(not HAS_DETECTRON2, reason="detectron2 with its compiled ops is not installed (not on PyPI; detectron2-cdo 0.5 lacks them)")
 def test_detectron2_engine_trains_and_scores(synthetic, student, tmp_path, capsys):
     code, printed, err = run_main(["--checkpoint", str(student), "--data", str(synthetic[0]), "--engine", "detectron2", "--accelerator", "cpu",
                           "--image-size", "64", "--max-iter", "2", "--batch-size", "2", "--num-workers", "0", "--output", str(tmp_path)], capsys)
@@ -230,10 +243,11 @@ def test_detectron2_engine_trains_and_scores(synthetic, student, tmp_path, capsy
     assert results["settings"]["engine"] == "detectron2" and 0 <= results["metrics"]["VOC07_AP50"] <= 100
 
 
-@pytest.mark.skipif(HAS_DETECTRON2, reason="detectron2 is installed")
+@pytest.mark.skipif(HAS_DETECTRON2, reason="detectron2 is installed with its compiled ops")
 def test_detectron2_engine_without_detectron2_is_a_one_line_error(synthetic, student, capsys):
     code, printed, err = run_main(["--checkpoint", str(student), "--data", str(synthetic[0]), "--engine", "detectron2"], capsys)
-    assert code == 2 and err.count("\n") == 1 and "detectron2 is not installed" in err and "--engine torchvision" in err
+    said = "detectron2 is not installed" if flags.detectron2_state() == "missing" else "this detectron2 has no compiled ops"
+    assert code == 2 and err.count("\n") == 1 and said in err and "--engine torchvision" in err
 
 
 # ---------------------------------------------------------------- torchvision engine

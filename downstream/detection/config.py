@@ -65,14 +65,26 @@ def resolve_config(config: DetectionConfig) -> DetectionConfig:
     return dataclasses.replace(config, masks=masks, max_iter=max_iter)
 
 
+def detectron2_state() -> str:
+    """``ready``, ``missing``, or ``no-ops``: installed without its compiled ops (``detectron2._C``), which its
+    models import (PyPI's detectron2-cdo 0.5 is such a package: its source archive holds no C++ sources)."""
+    if importlib.util.find_spec("detectron2") is None:
+        return "missing"
+    return "ready" if importlib.util.find_spec("detectron2._C") is not None else "no-ops"
+
+
 def select_engine(engine: str) -> str:
-    """``auto`` is detectron2 when it can be imported, torchvision otherwise."""
-    available = importlib.util.find_spec("detectron2") is not None
-    if engine == "detectron2" and not available:
+    """``auto`` is detectron2 when it is installed with its compiled ops, torchvision otherwise."""
+    state = detectron2_state()
+    if engine == "detectron2" and state == "missing":
         raise SeedError("--engine detectron2: detectron2 is not installed (it is not on PyPI: pip install "
                         "'git+https://github.com/facebookresearch/detectron2.git'); or use --engine torchvision")
+    if engine == "detectron2" and state == "no-ops":
+        raise SeedError("--engine detectron2: this detectron2 has no compiled ops (detectron2._C; PyPI's detectron2-cdo 0.5 ships "
+                        "without their sources); build it from source (pip install 'git+https://github.com/facebookresearch/detectron2.git') "
+                        "or use --engine torchvision")
     if engine == "auto":
-        return "detectron2" if available else "torchvision"
+        return "detectron2" if state == "ready" else "torchvision"
     return engine
 
 
