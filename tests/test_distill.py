@@ -12,6 +12,7 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_backbone, load_file
+from seed.cli import distill_main
 from seed.config import DistillConfig, make_config, resolve
 from seed.distill import SEED, default_augmentation
 from seed.engine import build_trainer, fit
@@ -203,10 +204,6 @@ def test_two_process_ddp_gathers_into_one_queue(tmp_path, tiny_args, teacher_fil
         (["--teacher-checkpoint", "/no/such.pth"], "checkpoint /no/such.pth does not exist"),
         (["--teacher", "r50"], "lacks 'layer1.0.conv3.weight' of a r50 backbone"),
         (["--mode", "kd"], "unknown --mode 'kd'"),
-        (["--teacher-cache", "--small-crops", "2"], "--teacher-cache keeps fixed views, --small-crops draws new patches every step"),
-        (["--teacher-cache", "--cache-views", "0"], "--cache-views must be at least 1"),
-        (["--cache-teacher-logits"], "--cache-teacher-logits is MEAL V2's (--mode meal); SEED's cache is --teacher-cache"),
-        (["--mode", "meal", "--teacher-cache"], "--teacher-cache is SEED's (--mode seed)"),
     ],
 )
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, tiny_args, teacher_file):
@@ -301,3 +298,18 @@ def test_two_process_ddp_ranks_read_each_others_cached_views(tmp_path, tiny_args
         hits = [row["cache_hits"] for row in csv.DictReader(handle) if row.get("cache_hits")]
     assert hits == ["0.0", "0.0", "1.0", "1.0"]  # rank 0's log
     assert np.load(tmp_path / "run" / "teacher_cache" / "filled.npy").all()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--teacher-cache", "--small-crops", "2"], "--teacher-cache keeps fixed views, --small-crops draws new patches every step"),
+    (["--teacher-cache", "--cache-views", "0"], "--cache-views must be at least 1"),
+    (["--cache-teacher-logits"], "--cache-teacher-logits is MEAL V2's (--mode meal); SEED's cache is --teacher-cache"),
+    (["--mode", "meal", "--teacher-cache"], "--teacher-cache is SEED's (--mode seed)"),
+])
+def test_cache_options_that_cannot_work_stop_in_one_line_before_anything_runs(args, message, tmp_path, tiny_args, capsys):
+    """In-process (the console script's one-line exit 2 is shown by test_bad_input_is_one_line_exit_2)."""
+    with pytest.raises(SystemExit) as stop:
+        distill_main([*tiny_args, *args, "--output", str(tmp_path / "out")])
+    err = capsys.readouterr().err
+    assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
+    assert not (tmp_path / "out").exists()
