@@ -187,16 +187,27 @@ class ResumedCSVLogger(CSVLogger):
 
     Lightning's CSV logger deletes an existing ``metrics.csv`` when it starts;
     the rows of the steps the resumed run will not redo are read first and
-    written back, so the file holds the whole run.
+    written back, so the file holds the whole run. Lightning logs a step's row
+    just after a mid-epoch checkpoint of that step: a kill in between loses
+    the row, and ``missing_steps`` names it.
     """
 
     def __init__(self, run_dir: Path, resumed_at: int | None) -> None:
         super().__init__(run_dir, name="logs", version="")
         path = Path(self.log_dir) / "metrics.csv"
         self._kept: list[dict[str, str]] = []
+        self.missing_steps: list[int] = []
         if resumed_at is not None and path.is_file():
             with open(path, newline="") as handle:
                 self._kept = [row for row in csv.DictReader(handle) if row.get("step") and int(float(row["step"])) < resumed_at]
+            logged = {int(float(row["step"])) for row in self._kept}
+            self.missing_steps = [step for step in range(resumed_at) if step not in logged]
+
+    def gap_note(self) -> str:
+        """One line naming the steps that have no row."""
+        missing = self.missing_steps
+        steps = ", ".join(map(str, missing)) if len(missing) <= 3 else f"{missing[0]} and {len(missing) - 1} more up to {missing[-1]}"
+        return f"note: {Path(self.log_dir) / 'metrics.csv'} has no row for step {steps} (the run was stopped between a checkpoint and its log line)"
 
     @property
     @rank_zero_experiment

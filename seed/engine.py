@@ -123,6 +123,9 @@ def fit(
         save_config(config, run_dir / "config.yaml")
         if ckpt:
             print(f"resuming from {ckpt}")
+            for logger in trainer.loggers:
+                if isinstance(logger, ResumedCSVLogger) and logger.missing_steps:
+                    print(logger.gap_note())
         if config.max_steps is not None and config.max_steps > config.epochs * len(train_loader):
             print(f"note: --epochs {config.epochs} is {config.epochs * len(train_loader)} steps, so the run ends before --max-steps {config.max_steps}; "
                   "raise --epochs to reach it")

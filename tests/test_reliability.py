@@ -20,7 +20,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pretrain.cli import main as pretrain_main
 from seed.backbones import create_backbone
-from seed.callbacks import LastCheckpoint
+from seed.callbacks import LastCheckpoint, ResumedCSVLogger
 from seed.checkpoints import export_model, load_file
 from seed.cli import distill_main
 from seed.config import DistillConfig, TrainConfig, make_config
@@ -153,6 +153,12 @@ def _kill_after_writes(command: list[str], last: Path, writes: int) -> int:
             if now is not None and now != stamp:
                 seen, stamp = seen + 1, now
             time.sleep(0.005)
+        # Lightning logs a step's row just after that step's checkpoint; a kill in between loses the row (and says so on
+        # resume, see test_a_kill_between_a_checkpoint_and_its_log_row_is_reported). Here the row is waited for.
+        step = load_file(last)["global_step"]
+        while not _has_row(last.parent, step - 1):
+            assert process.poll() is None and time.monotonic() < deadline, "no log row came"
+            time.sleep(0.005)
         time.sleep(0.1)  # into the next step, whose work is lost
     finally:
         os.kill(process.pid, signal.SIGKILL)
@@ -202,6 +208,27 @@ def test_sigkill_mid_epoch_then_same_command_is_bit_identical(stage, tmp_path):
     exported = "teacher.pt" if stage == "pretrain" else "student.pt"
     _assert_identical(load_file(broken / exported)["state_dict"], load_file(whole / exported)["state_dict"], exported)
     assert _losses(broken) == _losses(whole) and len(_losses(whole)) == 12  # the same loss at every step, before and after the kill
+
+
+def _has_row(run: Path, step: int) -> bool:
+    """Whether metrics.csv holds the loss of ``step`` yet (the file may be half written while it is read)."""
+    try:
+        return step in _losses(run)
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def test_a_kill_between_a_checkpoint_and_its_log_row_is_reported(tmp_path):
+    """The row of the checkpoint's last step never reached metrics.csv: the rows before it are kept and the gap is named."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    (logs / "metrics.csv").write_text("epoch,loss,step\n" + "".join(f"0,{step / 10},{step}\n" for step in (0, 1, 2, 3, 4, 6)))
+    logger = ResumedCSVLogger(tmp_path, resumed_at=6)
+    assert logger.missing_steps == [5]
+    assert logger.gap_note() == f"note: {logs / 'metrics.csv'} has no row for step 5 (the run was stopped between a checkpoint and its log line)"
+    logger.experiment.save()
+    assert _losses(tmp_path) == {0: "0.0", 1: "0.1", 2: "0.2", 3: "0.3", 4: "0.4"}  # step 6 is redone by the resumed run
+    assert ResumedCSVLogger(tmp_path, resumed_at=5).missing_steps == []
 
 
 def _assert_identical(got, expected, where: str) -> None:
