@@ -47,9 +47,10 @@ demo: setup data
 teacher: setup data
 	$(BIN)/seed-pretrain --config configs/teacher/reference.yaml --output $(TEACHER_DIR)
 
+# One pytest worker per core (each test runs its torch on one thread), at most 8.
 test: setup data
 	$(BIN)/ruff check .
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses 8
 
 lint: setup
 	$(BIN)/ruff check .

@@ -74,6 +74,41 @@ def extract(backbone: nn.Module, dataset: Dataset, batch_size: int, num_workers:
     return Features(torch.cat(features), torch.cat(labels), list(classes))
 
 
+class DecodedSplit(Dataset):
+    """A split's images after the evaluation transform, decoded on first use and then held in memory.
+
+    ``seed-eval compare`` extracts features of several networks from the same images: decoding them once
+    spares each further network a pass of image decoding and resizing (a fifth of the extraction time of a
+    ResNet-18 at 32 px on a CPU).
+    """
+
+    def __init__(self, dataset: Dataset, batch_size: int, num_workers: int, desc: str) -> None:
+        self.dataset, self.batch_size, self.num_workers, self.desc = dataset, batch_size, num_workers, desc
+        self.classes = dataset.dataset.classes if isinstance(dataset, Subset) else dataset.classes
+        self._images: Tensor | None = None
+        self._labels: Tensor | None = None
+
+    @staticmethod
+    def size_bytes(dataset: Dataset) -> int:
+        """The memory ``dataset`` takes decoded (float32, judged from its first image)."""
+        return len(dataset) * dataset[0][0].numel() * 4
+
+    def _decode(self) -> tuple[Tensor, Tensor]:
+        if self._images is None:
+            loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
+            batches = list(tqdm(loader, desc=f"decoding {self.desc}", unit="batch", mininterval=1.0, dynamic_ncols=True))
+            self._images = torch.cat([images for images, _ in batches])
+            self._labels = torch.cat([torch.as_tensor(labels, dtype=torch.long) for _, labels in batches])
+        return self._images, self._labels
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int) -> tuple[Tensor, int]:
+        images, labels = self._decode()
+        return images[index], int(labels[index])
+
+
 def _fingerprint(dataset: Dataset) -> str:
     """What identifies the images of a split cheaply: an ImageFolder's file list, else its labels."""
     samples = getattr(dataset, "samples", None)
@@ -110,8 +145,12 @@ def open_split(config: CommonConfig, split: str) -> Dataset:
     return dataset
 
 
-def cached_features(checkpoint: Checkpoint, config: CommonConfig, split: str, dataset: Dataset, indices: Tensor | None = None) -> Features:
-    """Features of ``dataset`` (a split opened by :func:`open_split`), or of its ``indices`` only, from the cache or extracted and cached."""
+def cached_features(checkpoint: Checkpoint, config: CommonConfig, split: str, dataset: Dataset, indices: Tensor | None = None,
+                    decoded: DecodedSplit | None = None) -> Features:
+    """Features of ``dataset`` (a split opened by :func:`open_split`), or of its ``indices`` only, from the cache or extracted and cached.
+
+    ``decoded``: the same split already decoded (:class:`DecodedSplit`), read instead of ``dataset`` when the whole split is extracted.
+    """
     if indices is not None and (cache_dir() / f"{feature_key(checkpoint.sha256, config.data, split, config.image_size, dataset)}.pt").is_file():
         return cached_features(checkpoint, config, split, dataset).subset(indices)  # the whole split is cached already
     path = cache_dir() / f"{feature_key(checkpoint.sha256, config.data, split, config.image_size, dataset, indices)}.pt"
@@ -123,8 +162,9 @@ def cached_features(checkpoint: Checkpoint, config: CommonConfig, split: str, da
         except Exception:  # a damaged cache file, whatever the error, is extracted again
             path.unlink(missing_ok=True)
     checkpoint.check_unchanged()  # never cache features of a backbone trained in place under the file's hash
-    images = dataset if indices is None else Subset(dataset, indices.tolist())
-    found = extract(checkpoint.backbone, images, config.batch_size, default_workers(config), eval_device(config), desc=f"{split} features")
+    images = (decoded or dataset) if indices is None else Subset(dataset, indices.tolist())
+    workers = 0 if isinstance(images, DecodedSplit) else default_workers(config)  # in memory already: no image to decode
+    found = extract(checkpoint.backbone, images, config.batch_size, workers, eval_device(config), desc=f"{split} features")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"features": found.features, "labels": found.labels, "classes": found.classes}, path)
     print(f"{split} features: {tuple(found.features.shape)} extracted, cached at {path}")

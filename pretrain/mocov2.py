@@ -73,6 +73,13 @@ def bn_splits(config: PretrainConfig) -> int:
     return next(n for n in range(max(wanted, 1), 0, -1) if config.batch_size % n == 0 and (config.batch_size // n >= 2 or n == 1))
 
 
+class SplitBatchNorm2d(SplitBatchNorm):
+    """``SplitBatchNorm`` that also takes channels_last maps (lightly's views the input as NCHW-contiguous)."""
+
+    def forward(self, input: Tensor) -> Tensor:
+        return super().forward(input.contiguous())
+
+
 class SplitBatchNorm1d(SplitBatchNorm):
     """``SplitBatchNorm`` for the (N, C) features of a projection head."""
 
@@ -84,7 +91,7 @@ def split_batchnorm(module: nn.Module, splits: int) -> None:
     """Replace every BatchNorm below ``module`` by a split one with the same weights and statistics."""
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm1d | nn.BatchNorm2d):
-            kind = SplitBatchNorm1d if isinstance(child, nn.BatchNorm1d) else SplitBatchNorm
+            kind = SplitBatchNorm1d if isinstance(child, nn.BatchNorm1d) else SplitBatchNorm2d
             split = kind(child.num_features, splits, eps=child.eps, momentum=child.momentum)
             with torch.no_grad():
                 split.weight.copy_(child.weight)

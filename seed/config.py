@@ -110,6 +110,8 @@ class TrainConfig(EngineConfig):
     knn_bank_size: int = option("train images in the monitor's kNN bank", 5000)
     knn_query_size: int = option("val images the monitor classifies", 1000)
     knn_k: int = option("neighbours of the monitor's kNN vote", 200)
+    channels_last: bool | None = option("convolutions in channels_last (NHWC) memory format, for the trained network and any frozen teacher; "
+                                        "a 2-core CPU trains r18 1.2x and mbv3s 2x faster with it (default: on GPU)")
     precise_bn_images: int = option("recompute BatchNorm statistics over this many train images (eval transform) before each kNN monitor "
                                    "and before the export (PreciseBN; 0: keep the running averages of training)", 1024)
 
@@ -150,7 +152,6 @@ class DistillConfig(TrainConfig):
         "SEED's view recipe: mocov2, mocov1 or swav (default: the official code's for the teacher's method: "
         "swav for SwAV teachers, mocov1 for SimCLR ones, else mocov2)")
     teacher_fold_bn: bool = option("fold the teacher's BatchNorm into its convolutions (same outputs, faster)", True)
-    channels_last: bool | None = option("run the teacher in channels_last memory format (default: on GPU)")
     teachers: str | None = option("MEAL V2: comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
                                  "default: the architectures recorded in --teacher-checkpoints")
     teacher_checkpoints: str | None = option("MEAL V2: comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "

@@ -31,7 +31,7 @@ from seed.backbones import feature_dim
 from seed.checkpoints import export_model, file_sha256, load_encoder, read_checkpoint
 from seed.config import DistillConfig, resolve
 from seed.data import dataset_for, seed_view_transform, small_crop_transforms
-from seed.engine import data_name, fit, run_folder
+from seed.engine import data_name, fit, run_folder, use_channels_last
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table, random_inits
 from seed.loaders import check_batch, make_loader, monitor_loaders
@@ -195,8 +195,7 @@ def train_transform(config: DistillConfig) -> Any:
 
 def build_teacher(config: DistillConfig, checkpoint: str) -> tuple[FrozenTeacher, str]:
     backbone, head, found = load_encoder(checkpoint, config.teacher, config.teacher_head)
-    channels_last = config.channels_last if config.channels_last is not None else torch.cuda.is_available()
-    return FrozenTeacher(backbone, head, fold_bn=config.teacher_fold_bn, channels_last=channels_last), found
+    return FrozenTeacher(backbone, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config)), found
 
 
 def teacher_cache(config: DistillConfig, checkpoint: str, teacher: FrozenTeacher, run_dir: Path, images: int) -> TeacherCache:

@@ -40,6 +40,14 @@ def resolve_precision(config: CommonConfig) -> str:
     return "32-true"
 
 
+def use_channels_last(config: CommonConfig) -> bool:
+    """``--channels-last``, by default on GPUs: convolutions in NHWC (faster there and on CPUs: docs/BENCHMARKS.md)."""
+    chosen = getattr(config, "channels_last", None)
+    if chosen is not None:
+        return bool(chosen)
+    return config.accelerator in ("auto", "gpu", "cuda") and torch.cuda.is_available()
+
+
 def run_folder(config: CommonConfig, stage: str, name: str) -> Path:
     """The run folder: ``--output`` or ``runs/<stage>/<name>`` (same command, same folder, so it resumes)."""
     return Path(config.output or Path("runs") / stage / name)
@@ -129,6 +137,8 @@ def fit(
         if config.max_steps is not None and config.max_steps > config.epochs * len(train_loader):
             print(f"note: --epochs {config.epochs} is {config.epochs * len(train_loader)} steps, so the run ends before --max-steps {config.max_steps}; "
                   "raise --epochs to reach it")
+    if use_channels_last(config):
+        module.to(memory_format=torch.channels_last)  # 4-D weights NHWC; each convolution then runs NHWC whatever its input's layout
     trainer.fit(module, train_loader, val_loaders, ckpt_path=ckpt, weights_only=True)
     return trainer
 

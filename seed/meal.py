@@ -31,7 +31,7 @@ from seed.checkpoints import atomic_save, export_model, load_classifier, load_fi
 from seed.classification import cutmix, print_top1, top1, top1_meter, train_transform, val_loader
 from seed.config import DistillConfig, resolve
 from seed.data import check_classes, dataset_for
-from seed.engine import data_name, fit, run_folder
+from seed.engine import data_name, fit, run_folder, use_channels_last
 from seed.errors import SeedError
 from seed.loaders import check_batch, make_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
@@ -376,8 +376,7 @@ def load_teacher(arch: str | None, checkpoint: str | None, config: DistillConfig
         model, head, found = timm_classifier(arch.removeprefix("timm:"), checkpoint), None, "timm"
     else:
         model, head, found, _ = load_classifier(checkpoint or torchvision_file(arch), arch)
-    channels_last = config.channels_last if config.channels_last is not None else torch.cuda.is_available()
-    return FrozenTeacher(model, head, fold_bn=config.teacher_fold_bn, channels_last=channels_last, normalize=False), found
+    return FrozenTeacher(model, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config), normalize=False), found
 
 
 def load_teachers(config: DistillConfig) -> tuple[list[FrozenTeacher], list[str]]:

@@ -29,9 +29,9 @@ def test_every_row_gets_the_same_bank_queries_and_recipe(tmp_path, monkeypatch):
     calls = []
     real = compare.cached_features
 
-    def spy(checkpoint, config, split, dataset, indices=None):
-        calls.append((checkpoint.sha256, split, id(dataset), indices))
-        return real(checkpoint, config, split, dataset, indices)
+    def spy(checkpoint, config, split, dataset, indices=None, decoded=None):
+        calls.append((checkpoint.sha256, split, id(dataset), indices, id(decoded)))
+        return real(checkpoint, config, split, dataset, indices, decoded)
 
     monkeypatch.setattr(compare, "cached_features", spy)
     entries = [("a", network(tmp_path / "a0.pt", 0)), ("a", network(tmp_path / "a1.pt", 1)), ("b", network(tmp_path / "b.pt", 2))]
@@ -39,10 +39,10 @@ def test_every_row_gets_the_same_bank_queries_and_recipe(tmp_path, monkeypatch):
     assert [r.label for r in rows] == ["r18 random init", "a", "b"]
     assert [len(r.scores) for r in rows] == [2, 2, 1]
     assert len(calls) == 2 * 5  # train and val for each of the 5 files
-    train_sets = {dataset for _, split, dataset, _ in calls if split == "train"}
-    val_sets = {dataset for _, split, dataset, _ in calls if split == "val"}
-    assert len(train_sets) == 1 and len(val_sets) == 1 and train_sets != val_sets
-    assert all(indices is None for *_, indices in calls)  # whole splits, never a subset
+    train_sets = {(dataset, decoded) for _, split, dataset, _, decoded in calls if split == "train"}
+    val_sets = {(dataset, decoded) for _, split, dataset, _, decoded in calls if split == "val"}
+    assert len(train_sets) == 1 and len(val_sets) == 1 and train_sets != val_sets  # one split and one decoded copy of it for all rows
+    assert all(indices is None and decoded != id(None) for *_, indices, decoded in calls)  # whole splits, never a subset
     assert settings["bank"] == "train split, 1437 images" and settings["queries"] == "val split, 360 images"
     for row in rows:
         for metric, (mean, std) in row.summary().items():

@@ -6,7 +6,7 @@ from PIL import Image
 from torch import nn
 
 from downstream.common import Checkpoint, EvalConfig
-from downstream.features import cache_dir, cached_features, open_split, train_val_features
+from downstream.features import DecodedSplit, cache_dir, cached_features, open_split, train_val_features
 from seed.data import check_classes
 from seed.errors import SeedError
 
@@ -51,6 +51,25 @@ def test_second_extraction_hits_the_cache(cache):
     other = checkpoint("b" * 64)
     train_val_features(other, config)
     assert other.backbone.calls == 4 and len(list(cache.glob("*.pt"))) == 4
+
+
+def test_a_split_decoded_once_gives_every_network_the_same_features(cache, monkeypatch):
+    """Several networks read one decoded copy (one decoding pass in all) and get exactly the features the split gives."""
+    config = EvalConfig(data="digits", image_size=8, num_workers=0, batch_size=512)
+    dataset = open_split(config, "train")
+    reads, get = [], type(dataset).__getitem__
+    monkeypatch.setattr(type(dataset), "__getitem__", lambda self, i: reads.append(i) or get(self, i))
+    decoded = DecodedSplit(dataset, 256, 0, "train")
+    assert len(decoded) == len(dataset) and not reads  # nothing decoded until a network needs it
+    cached_features(checkpoint("d" * 64), config, "train", dataset)  # the reference: cached, then not needed again
+    reads.clear()
+    assert cached_features(checkpoint("d" * 64), config, "train", dataset, decoded=decoded).features.shape == (1437, 3) and not reads
+    first = cached_features(checkpoint("e" * 64), config, "train", dataset, decoded=decoded)
+    second = cached_features(checkpoint("f" * 64), config, "train", dataset, decoded=decoded)
+    assert len(reads) == len(dataset)  # one pass for both networks
+    reference = cached_features(checkpoint("d" * 64), config, "train", dataset)
+    assert torch.equal(first.features, reference.features) and torch.equal(second.labels, reference.labels)
+    assert first.classes == reference.classes and DecodedSplit.size_bytes(dataset) == 1437 * 3 * 8 * 8 * 4
 
 
 def test_subset_features_and_other_image_size(cache):

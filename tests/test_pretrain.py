@@ -7,7 +7,7 @@ from torch.utils.data import DataLoader, Dataset
 from pretrain.cli import METHODS
 from seed.checkpoints import load_backbone, load_file
 from seed.config import PretrainConfig, make_config, resolve
-from seed.engine import build_trainer
+from seed.engine import build_trainer, fit
 
 from .conftest import run_command
 
@@ -55,6 +55,26 @@ def test_training_lowers_the_contrastive_loss(method, tmp_path):
     assert after < 0.7 * before, (before, after)
     for bank in module._memory_banks().values():
         assert int(bank.bank_ptr) == (4 * 8 * 32) % 64  # the queue took every key in
+
+
+def test_channels_last_trains_the_same_network_in_nhwc(tmp_path):
+    """--channels-last changes the memory layout only: the same steps give the same weights (to float rounding),
+    held NHWC in the query and the momentum encoder alike, and exported weights load into any layout."""
+    trained = {}
+    for channels_last in (False, True):
+        pl.seed_everything(0, verbose=False)
+        config = make_config(PretrainConfig, {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 32, "max_steps": 3,
+                                              "queue_size": 64, "knn_every": 0, "base_lr": 0.05, "channels_last": channels_last})
+        module = METHODS["mocov2"](resolve(config, METHODS["mocov2"].DEFAULTS), num_classes=10)
+        fit(module, DataLoader(FixedViews(96), batch_size=32), None, module.config, tmp_path / str(channels_last))
+        trained[channels_last] = module
+    convolutions = [p for p in trained[True].parameters() if p.dim() == 4]
+    assert len(convolutions) == 2 * 20 and all(p.is_contiguous(memory_format=torch.channels_last) for p in convolutions)
+    assert not trained[False].backbone.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    for (name, a), b in zip(trained[False].state_dict().items(), trained[True].state_dict().values(), strict=True):
+        if a.is_floating_point():
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5, msg=name)
+    assert load_file(tmp_path / "True" / "last.ckpt")["global_step"] == 3
 
 
 def test_pretrain_cli_writes_run_folder_and_resumes(tmp_path, tiny_args):
