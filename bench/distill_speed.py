@@ -10,7 +10,8 @@ each reports medians (``bench/speed.py``). Rows, from the official code's step:
 3. then one teacher optimisation more per row: ``inference_mode``
    (``FrozenTeacher``), channels_last, BatchNorm folded, and on a GPU bf16 autocast
    over the step (Lightning's ``bf16-mixed``, what ``seed-distill`` uses there);
-4. on a CPU, ``seed-distill``'s own CPU setting (BN folded, no channels_last);
+4. on a CPU, ``seed-distill``'s own CPU setting (BN folded, no channels_last), then
+   with ``--channels-last`` (student and teacher in NHWC, as ``seed.engine.fit`` sets it);
 5. ``seed-distill --teacher-cache`` in a cached epoch: that step with the teacher's
    embeddings read back from the memory-mapped cache, no teacher forward.
 
@@ -59,8 +60,10 @@ SAME_TEACHER = "ours, the official teacher (queue read in place)"
 MOCO = "student alone: MoCo v2 step (2 views, momentum encoder)"
 CACHED = "seed-distill --teacher-cache, a cached epoch (embeddings read back, no teacher)"
 CPU_DEFAULT = "seed-distill on CPU: inference_mode + BN folded (no channels_last)"
+CHANNELS_LAST = "seed-distill --channels-last on CPU: student and teacher NHWC"
 SHORT = {OFFICIAL: "official", SAME_TEACHER: "ours, no_grad teacher", "+ inference_mode": "+ inference_mode", "+ channels_last": "+ channels_last",
-         "+ BN folded": "+ BN folded", "+ bf16 autocast (seed-distill on GPU)": "+ bf16", CPU_DEFAULT: "seed-distill CPU", MOCO: "MoCo v2, student alone",
+         "+ BN folded": "+ BN folded", "+ bf16 autocast (seed-distill on GPU)": "+ bf16", CPU_DEFAULT: "seed-distill CPU",
+         CHANNELS_LAST: "--channels-last", MOCO: "MoCo v2, student alone",
          CACHED: "--teacher-cache"}
 
 
@@ -80,8 +83,11 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> dict[s
     def official_teacher() -> Stopwatch:
         return Stopwatch(OfficialTeacher(copy.deepcopy(backbone), copy.deepcopy(head)).to(device), device)
 
-    def ours(teacher_module: Stopwatch, bf16: bool = False):
-        return ours_step(seed_module(student, teacher_module, args.queue_size, args.image_size).to(device), images, device, bf16)
+    def ours(teacher_module: Stopwatch, bf16: bool = False, channels_last: bool = False):
+        module = seed_module(student, teacher_module, args.queue_size, args.image_size).to(device)
+        if channels_last:  # what seed.engine.fit does with --channels-last
+            module.to(memory_format=torch.channels_last)
+        return ours_step(module, images, device, bf16)
 
     steps = {OFFICIAL: official_step(OfficialSEED(student, official_teacher(), args.queue_size).to(device), images),
              SAME_TEACHER: ours(official_teacher())}
@@ -89,6 +95,7 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> dict[s
         steps[name] = ours(teacher_variant(backbone, head, device, fold_bn, channels_last), bf16)
     if not gpu:
         steps[CPU_DEFAULT] = ours(teacher_variant(backbone, head, device, True, False))
+        steps[CHANNELS_LAST] = ours(teacher_variant(backbone, head, device, True, True), channels_last=True)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*self.log.*")  # the cache's hit rate is logged through a Trainer, absent here
         cache = TeacherCache(Path(folder), {}, len(images), 1, EMBED_DIM)
@@ -184,6 +191,10 @@ def notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, f
         found.append(f"{teacher} → {student}: the teacher is {100 * teach[ours] / step[ours]:.0f}% of our step "
                      f"({100 * teach[OFFICIAL] / step[OFFICIAL]:.0f}% of the official one): a forward without backward, so the "
                      "student's forward + backward bounds the step, and a teacher speed-up moves the step by at most that share.")
+        if not gpu:
+            found.append(f"{teacher} → {student}: `--channels-last` (student and teacher NHWC) makes our step {step[ours] / step[CHANNELS_LAST]:.2f}x "
+                         f"faster, {step[OFFICIAL] / step[CHANNELS_LAST]:.2f}x the official step's speed ({args.batch_size / step[CHANNELS_LAST]:.0f} "
+                         f"images/s); its teacher forward {teach[ours] / teach[CHANNELS_LAST]:.2f}x.")
         found.append(f"{teacher} → {student}: a SEED step costs {step[ours] / step[MOCO]:.2f}x a MoCo v2 step of the student alone.")
         bound = 1 / (1 - teach[ours] / step[ours])
         found.append(f"{teacher} → {student}: `--teacher-cache` makes a step of a cached epoch {step[ours] / step[CACHED]:.2f}x the exact "
@@ -227,7 +238,8 @@ def main() -> None:
         "each einsum, fp32); ours (`seed.distill.SEED.seed_step` + enqueue) with that same teacher; then one teacher optimisation "
         "more per row (`inference_mode` via `FrozenTeacher`, channels_last, BatchNorm folded into the convolutions"
         + (", bf16 autocast over the step as Lightning's `bf16-mixed`" if gpu else "; bf16 autocast is GPU-only") + "). "
-        + ("" if gpu else "The last row is what `seed-distill` runs on a CPU (channels_last is on by default on GPUs only). ")
+        + ("" if gpu else "“seed-distill on CPU” is what `seed-distill` runs on a CPU by default (channels_last is on by default on GPUs "
+                          "only); the row after it adds `--channels-last`, which puts the student in NHWC too. ")
         + "“× previous row” is each optimisation's own speed-up. KD overhead compares our step with the student trained alone, "
         "self-supervised: a MoCo v2 step (`pretrain/mocov2.py`'s encoders, momentum copy and lightly loss; 2 views). "
         "The `--teacher-cache` row is `seed-distill`'s step in an epoch whose views are all cached: the embeddings read back from "

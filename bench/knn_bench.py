@@ -134,8 +134,9 @@ def notes(runs: list[dict], args: argparse.Namespace) -> list[str]:
         faster = (f"the chunked torch search (matmul + topk) is {ratio:.1f}x faster than faiss-cpu's flat index" if ratio > 1.1 else
                   f"faiss-cpu's flat index is {1 / ratio:.1f}x faster than the chunked torch search" if ratio < 1 / 1.1 else
                   "faiss-cpu's flat index and the chunked torch search take about the same time")
-        found.append(f"At N = {human(largest)} on this CPU {faster} at k = {args.k}; faiss stays the default for its GPU index "
-                     "(`faiss-gpu`) and the approximate `--index ivf`; `--backend torch` selects the other.")
+        found.append(f"At N = {human(largest)} on this CPU {faster} at k = {args.k} with {args.queries} queries. `--backend auto` takes faiss "
+                     "whenever it is installed: on evaluation-sized sets (60k bank, 10k queries: `seed-eval compare`) faiss-cpu is the faster "
+                     "(docs/BENCHMARKS.md, kNN notes); `--backend torch` selects the other.")
     if all((m, n) in by for m in ("lightly", "torch") for n in sizes):
         found.append("lightly against our torch search: " + ", ".join(
             f"{by[('lightly', n)]['seconds'] / by[('torch', n)]['seconds']:.1f}x the time at N = {human(n)}" for n in sizes) + ".")

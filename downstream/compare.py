@@ -28,7 +28,7 @@ from torch import nn
 
 from downstream.common import DEMO_CHECKPOINTS, Checkpoint, file_sha256
 from downstream.features import DecodedSplit, Features, cache_dir, cached_features, eval_device, open_split
-from downstream.knn import knn_metrics
+from downstream.knn import knn_metrics, search_name
 from downstream.linear import FAST_LR, ProbeConfig, evaluate_head, fit_linear, parse_milestones
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_encoder
@@ -154,7 +154,8 @@ class Protocol:
     def settings(self) -> dict:
         c = self.config
         return {"data": c.data, "image_size": c.image_size, "bank": f"train split, {len(self.train_set)} images",
-                "queries": f"val split, {len(self.val_set)} images", "knn": {"k": list(KNN_KS), "temperature": KNN_TAU, "vote": "weighted"},
+                "queries": f"val split, {len(self.val_set)} images", "knn": {"k": list(KNN_KS), "temperature": KNN_TAU, "vote": "weighted",
+                                                                                         "search": search_name("auto", "flat")},
                 "linear": {"mode": "fast (cached features)", "epochs": c.epochs, "lr": self.lr, "milestones": self.milestones,
                            "batch_size": c.batch_size, "momentum": c.momentum, "weight_decay": c.weight_decay}}
 

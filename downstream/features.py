@@ -93,7 +93,8 @@ class DecodedSplit(Dataset):
         """The memory ``dataset`` takes decoded (float32, judged from its first image)."""
         return len(dataset) * dataset[0][0].numel() * 4
 
-    def _decode(self) -> tuple[Tensor, Tensor]:
+    def decode(self) -> tuple[Tensor, Tensor]:
+        """The images and labels, decoded now if they were not yet."""
         if self._images is None:
             loader = DataLoader(self.dataset, batch_size=self.batch_size, num_workers=self.num_workers)
             batches = list(tqdm(loader, desc=f"decoding {self.desc}", unit="batch", mininterval=1.0, dynamic_ncols=True))
@@ -105,7 +106,7 @@ class DecodedSplit(Dataset):
         return len(self.dataset)
 
     def __getitem__(self, index: int) -> tuple[Tensor, int]:
-        images, labels = self._decode()
+        images, labels = self.decode()
         return images[index], int(labels[index])
 
 
@@ -163,7 +164,10 @@ def cached_features(checkpoint: Checkpoint, config: CommonConfig, split: str, da
             path.unlink(missing_ok=True)
     checkpoint.check_unchanged()  # never cache features of a backbone trained in place under the file's hash
     images = (decoded or dataset) if indices is None else Subset(dataset, indices.tolist())
-    workers = 0 if isinstance(images, DecodedSplit) else default_workers(config)  # in memory already: no image to decode
+    workers = default_workers(config)
+    if isinstance(images, DecodedSplit):
+        images.decode()  # its own progress bar, before the extraction's
+        workers = 0  # in memory already: nothing left for loader processes to do
     found = extract(checkpoint.backbone, images, config.batch_size, workers, eval_device(config), desc=f"{split} features")
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_save({"features": found.features, "labels": found.labels, "classes": found.classes}, path)

@@ -7,15 +7,18 @@ sum_i exp(s_i / tau) [y_i = c] (k = 200, tau = 0.07). We report that vote at
 k = 200 and k = 20, and the plain majority vote (every neighbour weighs 1),
 top-1 and top-5.
 
-Search runs on faiss (``IndexFlatIP``, exact; ``--index ivf`` for the
-approximate inverted-file index on very large banks), on the GPU when faiss
-has GPU support and CUDA is there. Queries go in chunks, so memory holds the
-bank plus a chunk's k neighbours, never a queries x bank similarity matrix.
-``seed.knn.torch_search`` is the same search in plain torch (chunked over queries
-and bank) for cross-checks and machines without faiss; ``seed.knn.vote`` is the one
-vote, shared with the training monitor.
+Search (``--backend auto``) is exact: faiss's ``IndexFlatIP`` when faiss is
+installed (the ``faiss`` extra, or ``faiss-gpu`` from the ``gpu`` extra, which
+searches on the GPU when CUDA is there), else ``seed.knn.torch_search``, the
+same search in plain torch (chunked over queries and bank); faiss-cpu is the
+faster of the two on evaluation-sized sets (docs/BENCHMARKS.md). ``--index
+ivf`` is faiss's approximate inverted-file index for very large banks. Queries
+go in chunks, so memory holds the bank plus a chunk's k neighbours, never a
+queries x bank similarity matrix. ``seed.knn.vote`` is the one vote, shared
+with the training monitor.
 """
 
+import importlib.util
 import math
 import time
 from collections.abc import Iterator, Sequence
@@ -45,7 +48,8 @@ class KnnConfig(EvalConfig):
     index: Literal["flat", "ivf"] = option("flat (exact inner-product search) or ivf (approximate, for banks of millions)", "flat")
     nlist: int | None = option("IVF cells (default: 4 x sqrt(bank size), at most bank size / 39)")
     nprobe: int = option("IVF cells visited per query", 32)
-    backend: Literal["faiss", "torch"] = option("faiss or torch (brute force, chunked; the cross-check)", "faiss")
+    backend: Literal["auto", "faiss", "torch"] = option("auto (faiss when it is installed, else torch), faiss (faiss-cpu or faiss-gpu) "
+                                                       "or torch (brute force, chunked)", "auto")
 
 
 ADD_CHUNK = 65536
@@ -56,11 +60,48 @@ def _unit(x: Tensor) -> np.ndarray:
     return np.ascontiguousarray(F.normalize(x.detach().to("cpu", torch.float32), dim=1).numpy())
 
 
+def import_faiss() -> Any:
+    """faiss, or a one-line error that says how to install it."""
+    try:
+        import faiss
+    except ImportError:
+        raise SeedError("faiss is not installed: pip install faiss-cpu (or the gpu extra, faiss-gpu); "
+                        "or use --backend torch (exact, the default without a GPU)") from None
+    return faiss
+
+
+def faiss_installed() -> bool:
+    return importlib.util.find_spec("faiss") is not None
+
+
 def faiss_gpu_available() -> bool:
     """faiss built with GPU support and a CUDA device present."""
+    if not (torch.cuda.is_available() and faiss_installed()):
+        return False
     import faiss
 
-    return hasattr(faiss, "StandardGpuResources") and torch.cuda.is_available() and faiss.get_num_gpus() > 0
+    return hasattr(faiss, "StandardGpuResources") and faiss.get_num_gpus() > 0
+
+
+def nearest(bank: Tensor, queries: Tensor, k: int, backend: str = "auto", **index_options) -> Iterator[tuple[Tensor, Tensor]]:
+    """Cosine similarities and bank indices (best first) of each query's ``k`` nearest bank rows, in query chunks.
+
+    ``auto``: faiss when it is installed, else the torch search.
+    """
+    if search_name(backend, index_options.get("index", "flat")).startswith("faiss"):
+        return faiss_search(bank, queries, k, **index_options)
+    return torch_search(bank, queries, k)
+
+
+def search_name(backend: str, index: str) -> str:
+    """The search :func:`nearest` runs for ``--backend`` and ``--index`` (results.json records it)."""
+    if backend == "auto":
+        backend = "faiss" if index != "flat" or faiss_installed() else "torch"
+    if backend == "faiss":
+        return f"faiss {'IndexFlatIP' if index == 'flat' else 'IndexIVFFlat'}{' (GPU)' if faiss_gpu_available() else ''}"
+    if index != "flat":
+        raise SeedError(f"--index {index} is faiss's; use --backend faiss or auto")
+    return "torch"
 
 
 def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, nprobe: int = 32, gpu: bool | None = None) -> tuple[Any, Any]:
@@ -70,8 +111,7 @@ def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, npr
     normalised copy of the bank. Returns the index and its GPU resources
     (``None`` on the CPU), which must live as long as the index.
     """
-    import faiss
-
+    faiss = import_faiss()
     size, dim = bank.shape
     if index == "flat":
         built = faiss.IndexFlatIP(dim)
@@ -113,12 +153,12 @@ def knn_metrics(
     num_classes: int,
     ks: Sequence[int] = (200, 20),
     temperature: float = 0.07,
-    backend: str = "faiss",
+    backend: str = "auto",
     **index_options,
 ) -> dict[str, float]:
     """Top-1 and top-5 accuracy (%) of each vote of :func:`variants`, by cosine similarity."""
     ks = [min(k, len(bank)) for k in ks]
-    search = faiss_search(bank, queries, max(ks), **index_options) if backend == "faiss" else torch_search(bank, queries, max(ks))
+    search = nearest(bank, queries, max(ks), backend, **index_options)
     tops = [t for t in (1, 5) if t <= num_classes]
     correct = {(name, t): 0 for name, _, _ in variants(ks, temperature) for t in tops}
     start = 0
@@ -134,10 +174,10 @@ def knn_metrics(
 
 
 def predict(bank: Tensor, bank_labels: Tensor, queries: Tensor, num_classes: int, k: int = 200, temperature: float | None = 0.07,
-            backend: str = "faiss", **index_options) -> Tensor:
+            backend: str = "auto", **index_options) -> Tensor:
     """Top-1 class of each query under one vote, by cosine similarity (for tests and scripts)."""
     k = min(k, len(bank))
-    search = faiss_search(bank, queries, k, **index_options) if backend == "faiss" else torch_search(bank, queries, k)
+    search = nearest(bank, queries, k, backend, **index_options)
     return torch.cat([vote(s, i, bank_labels, num_classes, k, temperature).argmax(dim=1) for s, i in search])
 
 
@@ -155,17 +195,14 @@ def evaluate(config: KnnConfig) -> dict:
     """The protocol: features of train (the bank) and val (the queries), the votes, ``results.json``."""
     started = time.perf_counter()
     ks = parse_ks(config.k)
-    if config.backend not in ("faiss", "torch"):
-        raise SeedError(f"unknown --backend '{config.backend}'; choose faiss or torch")
-    if config.index not in ("flat", "ivf"):
-        raise SeedError(f"unknown --index '{config.index}'; choose flat or ivf")
     checkpoint = open_checkpoint(config)
     run_dir = eval_folder(config, "knn", checkpoint)
     train, val = train_val_features(checkpoint, config)
-    options = {"index": config.index, "nlist": config.nlist, "nprobe": config.nprobe} if config.backend == "faiss" else {}
+    options = {"index": config.index, "nlist": config.nlist, "nprobe": config.nprobe}
     metrics = knn_metrics(train.features, train.labels, val.features, val.labels, len(train.classes), ks, config.temperature, config.backend, **options)
     ks = [min(k, len(train)) for k in ks]
-    settings = {"k": ks, "temperature": config.temperature, "backend": config.backend, "index": config.index,
+    settings = {"k": ks, "temperature": config.temperature, "backend": config.backend, "search": search_name(config.backend, config.index),
+                "index": config.index,
                 "train_images": len(train), "val_images": len(val), "feature_dim": train.features.shape[1]}
     results = write_results(run_dir, "knn", metrics, f"top1_k{ks[0]}", config, checkpoint, settings, time.perf_counter() - started)
     rows = [(f"{'weighted' if tau else 'majority'} k={k}", [metrics.get(f"top{t}_{name}") for t in (1, 5)])

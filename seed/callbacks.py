@@ -232,7 +232,8 @@ class Throughput(Callback):
             self._last = time.perf_counter()
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        images = batch[0][0] if isinstance(batch[0], (list, tuple)) else batch[0]
+        views = isinstance(batch[0], (list, tuple)) and batch[0][0].dim() == 4  # else a tensor, or a list of images of any size (detection)
+        images = batch[0][0] if views else batch[0]
         now = time.perf_counter()
         elapsed, self._last = max(now - self._last, 1e-9), now
         pl_module.log("img_s", len(images) * trainer.world_size / elapsed, prog_bar=True, on_step=True, on_epoch=False)

@@ -1,4 +1,4 @@
-"""seed-eval detection: VOC/COCO readers, VOC07 metric, detectron2 conversion, torchvision runs on synthetic data."""
+"""seed-eval detection: VOC/COCO readers, VOC07 metric, detectron2 conversion, torchvision runs (through the engine) on synthetic data."""
 
 import importlib.util
 import json
@@ -22,13 +22,19 @@ from downstream.detection.data import (
     read_voc_xml,
     write_synthetic,
 )
-from seed.backbones import create_backbone
-from seed.checkpoints import export_model
+from seed.backbones import available, create_backbone
+from seed.checkpoints import export_model, load_file
 from seed.config import make_config
 from seed.errors import SeedError
+from tests.test_reliability import _assert_identical
 
 HAS_DETECTRON2 = flags.detectron2_state() == "ready"
 
+
+def non_resnets() -> list[str]:
+    """Every registry backbone without ResNet stages, found by building each on the meta device (no memory, no init)."""
+    with torch.device("meta"):
+        return [name for name in available() if not models.is_resnet(create_backbone(name))]
 
 
 @pytest.fixture(scope="module")
@@ -42,6 +48,20 @@ def student(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("detection-ckpt") / "student.pt"
     export_model(path, "r18", create_backbone("r18"), None, None, "seed", {}, False)
     return path
+
+
+@pytest.fixture(scope="module")
+def mobile_student(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("detection-mbv3s") / "student.pt"
+    export_model(path, "mbv3s", create_backbone("mbv3s"), None, None, "seed", {}, False)
+    return path
+
+
+def tiny_run(checkpoint: Path, voc: Path, out: Path, *extra: str) -> list[str]:
+    """The flags of a seconds-long torchvision run on the synthetic VOC set (12 train images: 6 iterations an epoch)."""
+    return ["--checkpoint", str(checkpoint), "--data", str(voc), "--engine", "torchvision", "--accelerator", "cpu", "--image-size", "64",
+            "--batch-size", "2", "--num-workers", "0", "--roi-per-image", "16", "--max-eval-images", "2", "--output", str(out), *extra]
 
 
 def run_main(args: list[str], capsys) -> tuple[int, str, str]:
@@ -267,7 +287,8 @@ def test_torchvision_voc_fpn_run_writes_results(synthetic, student, tmp_path, ca
     assert set(results["metrics"]) == {"AP", "AP50", "AP75", "VOC07_AP50", "VOC07_AP75", "VOC07_AP"}
     assert settings["model"] == "Faster R-CNN FPN" and settings["max_iter"] == 2
     assert settings["splits"].startswith("VOC2007 trainval + VOC2012 trainval")
-    assert (out / "config.yaml").is_file() and (out / "last.pt").is_file()
+    assert (out / "config.yaml").is_file() and load_file(out / "last.ckpt")["global_step"] == 2 and (out / "logs" / "metrics.csv").is_file()
+    assert f"run folder: {out} (results.json, config.yaml, last.ckpt, logs/)" in printed
     assert "AP50 (VOC07 11-point)" in printed and "AP (COCO, IoU .50:.95)" in printed
 
     # seed-eval report over this run beside a knn and a linear result, all written by the one writer
@@ -358,9 +379,92 @@ def test_detector_on_a_non_resnet_uses_its_last_feature_map():
     losses = model([image], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])}])
     assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
     sum(losses.values()).backward()
+    assert model.roi_heads.box_roi_pool.scales == [1 / 32]  # the true stride, not a guess from the first 64-px image (1/16)
     c4 = models.build_detector(create_backbone("r18"), 4, "c4", True, plan)
     assert c4.roi_heads.mask_head is c4.roi_heads.box_head[0]  # Mask R-CNN C4 shares res5 between box and mask heads
     assert c4.backbone.out_channels == 256 and not hasattr(c4.backbone, "layer4")
+    assert c4.roi_heads.box_roi_pool.scales == c4.roi_heads.mask_roi_pool.scales == [1 / 16]
+
+
+@pytest.mark.parametrize("arch", non_resnets())
+def test_every_non_resnet_shows_its_resolutions_to_the_fpn_without_moving_a_statistic(arch):
+    """The last block at each resolution of ``.features``: strides 2..32, or 1..16 with the small-image stem."""
+    backbone = create_backbone(arch)
+    before = {name: tensor.clone() for name, tensor in backbone.state_dict().items()}
+    levels = models.resolution_ends(backbone.features)
+    assert [level.stride for level in levels] == [2, 4, 8, 16, 32] and levels[-1].block == str(len(backbone.features) - 1)
+    assert levels[-1].channels == backbone.features[-1].out_channels
+    assert backbone.features.training and all(torch.equal(before[name], tensor) for name, tensor in backbone.state_dict().items())
+    small = models.resolution_ends(create_backbone(arch, small_images=True).features)
+    assert [level.stride for level in small] == [1, 2, 4, 8, 16]
+
+
+def test_fpn_detector_on_mbv3s_reads_strides_8_to_64_and_trains():
+    plan = flags.schedule(flags.resolve_config(flags.DetectionConfig(checkpoint="x", image_size=64, max_iter=1)))
+    torch.manual_seed(0)
+    model = models.build_detector(create_backbone("mbv3s"), 4, "fpn", False, plan, roi_per_image=8)
+    with torch.no_grad():
+        maps = model.backbone.eval()(torch.zeros(1, 3, 128, 128))
+    assert {name: (128 // value.shape[-1], value.shape[1]) for name, value in maps.items()} == {
+        "0": (8, 256), "1": (16, 256), "2": (32, 256), "pool": (64, 256)}
+    assert model.roi_heads.box_roi_pool.featmap_names == ["0", "1", "2"] and model.roi_heads.box_roi_pool.scales == [1 / 8, 1 / 16, 1 / 32]
+    model.train()
+    losses = model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])}])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+    for part in (model.backbone.body["3"], model.backbone.body["12"], model.backbone.fpn):  # the stride-8 and stride-32 blocks, the pyramid
+        assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in part.parameters())
+    masks = models.build_detector(create_backbone("mbv3s"), 4, "fpn", True, plan, roi_per_image=8)
+    assert masks.roi_heads.mask_roi_pool.featmap_names == ["0", "1", "2"]
+    assert models.detector_name(create_backbone("mbv3s"), "fpn", True) == "Mask R-CNN FPN"
+
+
+def test_torchvision_fpn_run_on_a_mobilenet_student(synthetic, mobile_student, tmp_path, capsys):
+    out = tmp_path / "run"
+    code, printed, err = run_main(tiny_run(mobile_student, synthetic[0], out, "--head", "fpn", "--max-iter", "2"), capsys)
+    assert code == 0, err
+    results = json.loads((out / "results.json").read_text())
+    assert results["checkpoint"]["arch"] == "mbv3s" and results["settings"]["model"] == "Faster R-CNN FPN" and results["settings"]["iterations"] == 2
+    assert 0 <= results["metrics"]["VOC07_AP50"] <= 100 and "note:" not in printed
+    assert load_file(out / "last.ckpt")["global_step"] == 2
+
+
+def test_a_stopped_run_resumes_from_last_ckpt_as_if_never_stopped(synthetic, mobile_student, tmp_path, capsys):
+    """2 iterations, then the same command to 4: it continues mid-epoch at iteration 2 and ends with the weights, momentum
+    and lr schedule of a run that did 4 at once, bit for bit. (mbv3s with --head c4: the last-map detector, and a note.)"""
+    whole, stopped = tmp_path / "whole", tmp_path / "stopped"
+    schedule_flags = ["--max-iter", "4", "--warmup-iters", "2"]
+    code, printed, err = run_main(tiny_run(mobile_student, synthetic[0], whole, *schedule_flags), capsys)
+    assert code == 0, err
+    assert "note: mbv3s has no res5 to put in the RoI head (--head c4): it detects on its last feature map (Faster R-CNN last-map)" in printed
+    code, printed, err = run_main(tiny_run(mobile_student, synthetic[0], stopped, *schedule_flags, "--max-steps", "2"), capsys)
+    assert code == 0, err
+    assert load_file(stopped / "last.ckpt")["global_step"] == 2
+    code, printed, err = run_main(tiny_run(mobile_student, synthetic[0], stopped, *schedule_flags, "--max-steps", "4"), capsys)
+    assert code == 0, err
+    assert f"resuming from {stopped / 'last.ckpt'}" in printed
+    assert json.loads((stopped / "results.json").read_text())["settings"]["iterations"] == 4
+    expected, got = load_file(whole / "last.ckpt"), load_file(stopped / "last.ckpt")
+    assert got["global_step"] == expected["global_step"] == 4
+    for part in ("state_dict", "optimizer_states", "lr_schedulers", "callbacks"):
+        _assert_identical(got[part], expected[part], part)
+
+
+def test_a_nan_loss_stops_the_run_with_the_engines_one_line_error(synthetic, mobile_student, tmp_path, capsys, monkeypatch):
+    finite = train.DetectionModule.training_step
+    monkeypatch.setattr(train.DetectionModule, "training_step",
+                        lambda self, batch, batch_idx: finite(self, batch, batch_idx) * (float("nan") if self.global_step == 1 else 1.0))
+    out = tmp_path / "run"
+    code, printed, err = run_main(tiny_run(mobile_student, synthetic[0], out, "--max-iter", "4", "--checkpoint-every", "1"), capsys)
+    assert code == 2
+    assert err.strip().splitlines()[-1] == f"seed-eval detection: error: loss became nan at step 2; last good checkpoint: {out / 'last.ckpt'} (step 1)"
+    assert load_file(out / "last.ckpt")["global_step"] == 1 and not (out / "results.json").exists()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_a_gpu_asked_for_without_one_is_a_one_line_error(synthetic, student, capsys):
+    code, printed, err = run_main(["--checkpoint", str(student), "--data", str(synthetic[0]), "--engine", "torchvision", "--accelerator", "gpu"], capsys)
+    assert code == 2 and err == "seed-eval detection: error: --accelerator gpu: no CUDA GPU is visible; use --accelerator cpu\n"
 
 
 # ---------------------------------------------------------------- user errors

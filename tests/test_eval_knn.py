@@ -5,7 +5,8 @@ import torch
 import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 
-from downstream.knn import faiss_search, knn_metrics, parse_ks, predict, torch_search, vote
+import downstream.knn as knn_module
+from downstream.knn import faiss_search, knn_metrics, parse_ks, predict, search_name, torch_search, vote
 from seed.errors import SeedError
 from seed.knn import knn_top1
 
@@ -58,6 +59,27 @@ def test_torch_search_is_exact_across_bank_chunks():
     assert torch.allclose(sims, expected_sims) and torch.equal(idx, expected_idx)
     faiss_idx = torch.cat([i for _, i in faiss_search(bank, queries, 25, chunk=16)])
     assert torch.equal(faiss_idx, expected_idx)
+
+
+def test_auto_search_is_faiss_when_installed_else_torch(monkeypatch):
+    monkeypatch.setattr(knn_module, "faiss_gpu_available", lambda: False)
+    assert search_name("auto", "flat") == search_name("faiss", "flat") == "faiss IndexFlatIP" and search_name("torch", "flat") == "torch"
+    assert search_name("auto", "ivf") == "faiss IndexIVFFlat"
+    monkeypatch.setattr(knn_module, "faiss_gpu_available", lambda: True)
+    assert search_name("auto", "flat") == "faiss IndexFlatIP (GPU)"
+    monkeypatch.setattr(knn_module, "faiss_installed", lambda: False)
+    assert search_name("auto", "flat") == "torch"
+    with pytest.raises(SeedError, match="--index ivf is faiss's"):
+        search_name("torch", "ivf")
+
+
+def test_without_faiss_its_backend_is_a_one_line_error(monkeypatch):
+    monkeypatch.setitem(__import__("sys").modules, "faiss", None)  # import faiss raises ImportError
+    monkeypatch.setattr(knn_module, "faiss_installed", lambda: False)
+    bank, labels = random_set(100)
+    assert len(predict(bank, labels, bank[:10], 10, k=5)) == 10  # auto: the torch search
+    with pytest.raises(SeedError, match="faiss is not installed: pip install faiss-cpu"):
+        predict(bank, labels, bank[:10], 10, k=5, backend="faiss")
 
 
 @pytest.mark.parametrize("backend, options", [("faiss", {}), ("torch", {}), ("faiss", {"index": "ivf", "nlist": 5, "nprobe": 5})])

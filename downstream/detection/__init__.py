@@ -15,8 +15,8 @@ Two engines run it:
   (:func:`detectron2_overrides`).
 * ``torchvision`` (always): ``torchvision.models.detection`` Faster R-CNN /
   Mask R-CNN around the same backbone, C4-style (res2-res4 as backbone, res5
-  in the RoI head) or with an FPN, trained by a plain SGD loop with the same
-  schedule.
+  in the RoI head) or with an FPN, trained with the same schedule as a
+  LightningModule by the project's one engine (``seed.engine.fit``).
 
 Both are scored the same way: pycocotools' COCOeval (AP, AP50, AP75; mask AP
 with masks) and, on VOC, the VOC2007 devkit's 11-point AP at IoU 0.5, 0.75 and
@@ -24,7 +24,7 @@ averaged over 0.5:0.95 (the numbers MoCo's tables give for VOC).
 
 The package: ``config`` (flags, recipes), ``data`` (VOC XML / COCO JSON readers, the
 synthetic sets), ``models`` (torchvision detectors), ``train`` (the torchvision engine's
-loop), ``d2`` (the detectron2 engine), ``metrics`` (VOC and COCO scores), ``run`` (the command).
+LightningModule), ``d2`` (the detectron2 engine), ``metrics`` (VOC and COCO scores), ``run`` (the command).
 """
 
 from downstream.detection.run import main

@@ -4,16 +4,12 @@ import dataclasses
 import importlib.util
 from typing import Any, Literal
 
-from seed.config import CommonConfig, option
+from seed.config import EngineConfig, option
 from seed.errors import SeedError
 
 PROG = "seed-eval detection"
 
-
-LAST = "last.pt"
 #: MoCo's detection recipes: iterations, lr steps as fractions of them, training shorter sides (test: the last).
-
-
 RECIPES = {
     "voc": {"max_iter": 24000, "steps": (18000 / 24000, 22000 / 24000), "train_sizes": tuple(range(480, 801, 32)), "masks": False},
     "coco": {"max_iter": 90000, "steps": (60000 / 90000, 80000 / 90000), "train_sizes": tuple(range(640, 801, 32)), "masks": True},
@@ -25,15 +21,21 @@ VOC_THRESHOLDS = tuple(round(0.5 + 0.05 * i, 2) for i in range(10))
 
 
 @dataclasses.dataclass
-class DetectionConfig(CommonConfig):
-    """``seed-eval detection``; defaults are MoCo's VOC / COCO detection configs."""
+class DetectionConfig(EngineConfig):
+    """``seed-eval detection``; defaults are MoCo's VOC / COCO detection configs.
+
+    The torchvision engine trains through the one engine (``seed.engine.fit``), hence its checkpoint and resume
+    flags; its length is ``--max-iter`` (or ``--max-steps``), never ``--epochs``.
+    """
 
     checkpoint: str | None = option("student (or any supported) checkpoint whose backbone is transferred")
     arch: str | None = option("backbone architecture (default: the one recorded in our checkpoints)")
     dataset: Literal["voc", "coco"] = option("voc (VOC07+12 trainval -> VOC07 test) or coco (train2017 -> val2017)", "voc")
     data: str | None = option("VOCdevkit folder (VOC2007/, VOC2012/) for voc; folder with annotations/, train2017/, val2017/ for coco")
     engine: Literal["auto", "detectron2", "torchvision"] = option("auto (detectron2 when it imports, else torchvision), detectron2 or torchvision", "auto")
-    head: Literal["c4", "fpn"] = option("c4 (res5 in the RoI head, MoCo's R50-C4) or fpn (torchvision engine, ResNets)", "c4")
+    head: Literal["c4", "fpn"] = option("c4 (res5 in the RoI head, MoCo's R50-C4; other backbones detect on their last feature map) or fpn "
+                                       "(torchvision engine: a feature pyramid on res2..res5, or on the last three resolutions of "
+                                       "MobileNetV3 / EfficientNet)", "c4")
     masks: bool | None = option("Mask R-CNN instead of Faster R-CNN (default: on for coco)")
     max_iter: int | None = option("training iterations (default: 24000 voc, 90000 coco); lr steps scale with it")
     lr: float = option("base learning rate for --batch-size images", 0.02)
@@ -44,8 +46,7 @@ class DetectionConfig(CommonConfig):
     batch_size: int = option("images per iteration over all devices (detectron2's IMS_PER_BATCH)", 16)
     roi_per_image: int = option("sampled RoIs per training image in the box head", 512)
     max_eval_images: int | None = option("score only the first N test images (smoke runs)")
-    checkpoint_every: int = option("write last.pt (torchvision engine) every N iterations", 2000)
-    resume: Literal["auto", "never"] = option("auto (continue from the run folder's last.pt) or never", "auto")
+    checkpoint_every: int = option("also write last.ckpt (torchvision engine; detectron2's own checkpoints otherwise) every N iterations", 2000)
 
 
 def resolve_config(config: DetectionConfig) -> DetectionConfig:

@@ -1,43 +1,32 @@
 """The command: read the data, open the checkpoint, train with the chosen engine, score, write ``results.json``."""
 
-import os
 import random
 import time
 from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from downstream.common import open_checkpoint, write_results
 from downstream.detection.config import PROG, DetectionConfig, resolve_config, schedule, select_engine
 from downstream.detection.d2 import run_detectron2
 from downstream.detection.data import read_detection_data
 from downstream.detection.metrics import evaluate_predictions
-from downstream.detection.models import build_detector, is_resnet
-from downstream.detection.train import predict_torchvision, train_torchvision, unwrap
+from downstream.detection.models import build_detector, detector_name, is_resnet
+from downstream.detection.train import predict_torchvision, train_torchvision
+from downstream.features import eval_device
 from seed.cli import run_cli
 from seed.config import load_config, save_config
 from seed.engine import run_folder
 from seed.errors import SeedError
 
 
-def _device(config: DetectionConfig) -> tuple[torch.device, int, int]:
-    """Device, world size and rank; several processes come from ``torchrun``."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    if world == 1 and config.devices * config.num_nodes > 1:
-        raise SeedError("the torchvision engine trains on several devices when launched by torchrun: "
-                        f"torchrun --nproc_per_node {config.devices} -m downstream.cli detection ...")
-    cuda = torch.cuda.is_available() and config.accelerator != "cpu"
+def check_engine_flags(config: DetectionConfig, engine: str) -> None:
+    """What the chosen engine cannot do stops here, in one line, before any data is read."""
+    if engine == "detectron2" and config.resume not in ("auto", "never"):
+        raise SeedError(f"--resume {config.resume}: the detectron2 engine resumes from its own run folder only; use auto or never")
     if config.accelerator in ("gpu", "cuda") and not torch.cuda.is_available():
         raise SeedError(f"--accelerator {config.accelerator}: no CUDA GPU is visible; use --accelerator cpu")
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if cuda else "gloo")
-    rank = torch.distributed.get_rank() if world > 1 else 0
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    if cuda:
-        torch.cuda.set_device(local)
-    return torch.device("cuda", local) if cuda else torch.device("cpu"), world, rank
 
 
 LABELS = {
@@ -64,6 +53,7 @@ def detect(config: DetectionConfig) -> dict[str, Any] | None:
     """Run the protocol of ``config``; returns what ``results.json`` holds (``None`` on DDP ranks other than 0)."""
     config = resolve_config(config)
     engine = select_engine(config.engine)
+    check_engine_flags(config, engine)
     plan = schedule(config)
     started = time.time()
     checkpoint = open_checkpoint(config)
@@ -74,31 +64,25 @@ def detect(config: DetectionConfig) -> dict[str, Any] | None:
     run_dir.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(config.seed)
     random.seed(config.seed)
-    model_name = f"{'Mask' if config.masks else 'Faster'} R-CNN {config.head.upper() if is_resnet(backbone) else 'last-map'}"
+    model_name = detector_name(backbone, config.head, bool(config.masks))
     if engine == "detectron2":
         save_config(config, run_dir / "config.yaml")
         metrics = run_detectron2(config, plan, backbone, data, test, run_dir)
-        iterations, rank = plan["max_iter"], 0
+        iterations = plan["max_iter"]
         train_time = time.time() - started
     else:
-        device, world, rank = _device(config)
-        random.seed(config.seed + rank)
-        if rank == 0:
-            save_config(config, run_dir / "config.yaml")
-        model = build_detector(backbone, len(data.classes) + 1, config.head, bool(config.masks), plan, config.roi_per_image).to(device)
-        if world > 1:
-            if device.type == "cuda":  # torch's SyncBatchNorm runs on GPUs only
-                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-            model = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-        iterations = train_torchvision(model, data, config, plan, run_dir, device, world, rank)
-        train_time = time.time() - started
-        if world > 1:
-            torch.distributed.barrier()
-        metrics = evaluate_predictions(predict_torchvision(unwrap(model), test, config, device), data, test, bool(config.masks)) if rank == 0 else {}
-        if world > 1:
-            torch.distributed.destroy_process_group()
-    if rank != 0:
-        return None
+        if not is_resnet(backbone) and config.head == "c4":
+            print(f"note: {checkpoint.arch} has no res5 to put in the RoI head (--head c4): it detects on its last feature map "
+                  f"({model_name}); --head fpn gives it a feature pyramid")
+        detector = build_detector(backbone, len(data.classes) + 1, config.head, bool(config.masks), plan, config.roi_per_image)
+        trainer = train_torchvision(detector, data, config, plan, run_dir)
+        if not trainer.is_global_zero:  # DDP: rank 0 alone scores the trained detector
+            return None
+        save_config(config, run_dir / "config.yaml")  # the flags as given, not the engine's copy (its epochs, max_steps, precision derived from them)
+        iterations, train_time = trainer.global_step, time.time() - started
+        device = eval_device(config)
+        predictions = predict_torchvision(trainer.lightning_module.detector.to(device), test, config, device)
+        metrics = evaluate_predictions(predictions, data, test, bool(config.masks))
     settings = {"dataset": config.dataset, "splits": data.description, "engine": engine, "model": model_name, "head": config.head,
                 "masks": config.masks, "batch_size": config.batch_size, "lr": config.lr, "momentum": config.momentum,
                 "weight_decay": config.weight_decay, "roi_per_image": config.roi_per_image, "precision": config.precision,
@@ -107,7 +91,7 @@ def detect(config: DetectionConfig) -> dict[str, Any] | None:
     primary = "VOC07_AP50" if config.dataset == "voc" else "AP"  # the headline numbers of MoCo's and SEED's tables
     results = write_results(run_dir, "detection", metrics, primary, config, checkpoint, settings, time.time() - started)
     print_table(results)
-    print(f"\nrun folder: {run_dir} (results.json, config.yaml{', last.pt' if engine == 'torchvision' else ', detectron2/'})")
+    print(f"\nrun folder: {run_dir} (results.json, config.yaml{', last.ckpt, logs/' if engine == 'torchvision' else ', detectron2/'})")
     return results
 
 

@@ -1,24 +1,27 @@
-"""The torchvision engine's training loop (MoCo's schedule: warm-up, lr steps; AMP, DDP, ``last.pt`` resume) and its predictions."""
+"""The torchvision engine: the detector as a LightningModule trained by the one engine (``seed.engine.fit``: devices,
+DDP, mixed precision, ``last.ckpt`` and resume, nan stop) on MoCo's schedule, and its predictions."""
 
 import bisect
-import contextlib
-from collections.abc import Iterator
+import dataclasses
+import math
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pytorch_lightning as pl
 import torch
 from pycocotools import mask as mask_utils
-from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, RandomSampler
+from torch import Tensor, nn
+from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from downstream.detection.config import LAST, DetectionConfig
+from downstream.detection.config import DetectionConfig
 from downstream.detection.data import DetectionData, DetectionDataset, Record, collate
 from downstream.detection.models import parameter_groups
-from seed.checkpoints import atomic_save, load_file
+from seed.engine import fit
 from seed.errors import SeedError
 from seed.loaders import default_workers
+from seed.sampling import EpochSampler, SeededSamples
 
 
 def lr_factor(iteration: int, steps: list[int], warmup_iters: int) -> float:
@@ -30,90 +33,79 @@ def lr_factor(iteration: int, steps: list[int], warmup_iters: int) -> float:
     return factor
 
 
-def _forever(loader: DataLoader) -> Iterator[tuple[list, list]]:
-    epoch = 0
-    while True:
-        if isinstance(loader.sampler, DistributedSampler):
-            loader.sampler.set_epoch(epoch)
-        yield from loader
-        epoch += 1
+class DetectionModule(pl.LightningModule):
+    """A torchvision Faster / Mask R-CNN fine-tuned as detectron2 does: SGD with no weight decay on norm layers,
+    the lr set per iteration by :func:`lr_factor`, the loss the sum of the detector's losses."""
 
+    def __init__(self, detector: nn.Module, config: DetectionConfig, plan: dict[str, Any]) -> None:
+        super().__init__()
+        self.detector = detector
+        self.lr, self.momentum, self.weight_decay = config.lr, config.momentum, config.weight_decay
+        self.lr_steps, self.warmup_iters = plan["steps"], plan["warmup_iters"]
 
-def _autocast(precision: str, device: torch.device) -> tuple[Any, bool]:
-    """The autocast context for ``--precision`` and whether a gradient scaler is needed."""
-    if precision in ("auto", "32", "32-true"):  # detectron2's configs train in fp32
-        return contextlib.nullcontext(), False
-    if precision in ("bf16-mixed", "16-mixed"):
-        dtype = torch.bfloat16 if precision == "bf16-mixed" else torch.float16
-        return torch.autocast(device.type, dtype=dtype), precision == "16-mixed" and device.type == "cuda"
-    raise SeedError(f"--precision {precision}: detection takes auto, 32, bf16-mixed or 16-mixed")
-
-
-def train_torchvision(model: nn.Module, data: DetectionData, config: DetectionConfig, plan: dict[str, Any], run_dir: Path,
-                      device: torch.device, world: int, rank: int) -> int:
-    """SGD over ``max_iter`` iterations (or ``--max-steps``) with the recipe's schedule; returns the iterations done."""
-    dataset = DetectionDataset([r for r in data.train if len(r.boxes)], train=True, masks=bool(config.masks))
-    per_device = max(1, config.batch_size // world)
-    if len(dataset) < per_device:
-        raise SeedError(f"--batch-size {config.batch_size} exceeds the {len(dataset)} annotated training images; lower --batch-size")
-    generator = torch.Generator().manual_seed(config.seed)
-    sampler = DistributedSampler(dataset, seed=config.seed) if world > 1 else RandomSampler(dataset, generator=generator)
-    workers = default_workers(config)
-    loader = DataLoader(dataset, batch_size=per_device, sampler=sampler, num_workers=workers, collate_fn=collate, drop_last=True,
-                        persistent_workers=workers > 0, pin_memory=device.type == "cuda")
-    optimizer = torch.optim.SGD(parameter_groups(model, config.weight_decay), lr=config.lr, momentum=config.momentum)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda it: lr_factor(it, plan["steps"], plan["warmup_iters"]))
-    autocast, scaled = _autocast(config.precision, device)
-    scaler = torch.amp.GradScaler(device.type, enabled=scaled)
-    start = _resume(model, optimizer, scheduler, run_dir) if config.resume == "auto" else 0
-    stop = min(plan["max_iter"], config.max_steps) if config.max_steps is not None else plan["max_iter"]
-    if start >= stop:
-        return start
-    model.train()
-    batches = _forever(loader)
-    progress = tqdm(range(start, stop), initial=start, total=stop, desc="detection", disable=rank != 0, dynamic_ncols=True)
-    for iteration in progress:
-        images, targets = next(batches)
-        images = [image.to(device, non_blocking=True) for image in images]
-        targets = [{k: v.to(device, non_blocking=True) for k, v in t.items()} for t in targets]
-        with autocast:
-            losses = model(images, targets)
+    def training_step(self, batch: tuple[list[Tensor], list[dict[str, Tensor]]], batch_idx: int) -> Tensor:
+        images, targets = batch
+        losses = self.detector(images, targets)
         loss = sum(losses.values())
-        if not torch.isfinite(loss):
-            raise SeedError(f"the detection loss became {loss.item()} at iteration {iteration}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        scaler.scale(loss).backward()
-        scaler.step(optimizer)
-        scaler.update()
-        scheduler.step()
-        progress.set_postfix(loss=f"{loss.item():.3f}", lr=f"{optimizer.param_groups[0]['lr']:.4g}")
-        done = iteration + 1
-        if rank == 0 and (done == stop or (config.checkpoint_every > 0 and done % config.checkpoint_every == 0)):
-            state = {"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "iteration": done}
-            atomic_save(state, run_dir / LAST)
-    progress.close()
-    return stop
+        self.log_dict(losses, batch_size=len(images))
+        self.log("loss", loss, prog_bar=True, batch_size=len(images))
+        return loss
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        optimizer = torch.optim.SGD(parameter_groups(self.detector, self.weight_decay), lr=self.lr, momentum=self.momentum)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda iteration: lr_factor(iteration, self.lr_steps, self.warmup_iters))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint of another detector stops here with one line, before Lightning loads its weights."""
+        shapes = {name: tuple(tensor.shape) for name, tensor in self.state_dict().items()}
+        if {name: tuple(tensor.shape) for name, tensor in checkpoint["state_dict"].items()} != shapes:
+            raise SeedError(f"{self.trainer.ckpt_path} holds a different detector (another --head, --masks, --dataset or checkpoint architecture); "
+                            "pass --resume never or another --output")
 
 
-def unwrap(model: nn.Module) -> nn.Module:
-    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
+def engine_precision(config: DetectionConfig) -> str:
+    """detectron2's configs train in fp32, so ``auto`` is 32 here (the engine's ``auto`` would be bf16 on GPUs); mixed precision when asked."""
+    on_gpu = config.accelerator != "cpu" and torch.cuda.is_available()
+    if config.precision in ("auto", "32", "32-true"):
+        return "32-true"
+    if config.precision == "bf16-mixed" or (config.precision == "16-mixed" and on_gpu):
+        return config.precision
+    if config.precision == "16-mixed":
+        raise SeedError("--precision 16-mixed needs a GPU (fp16 autocast with a gradient scaler); on the CPU use bf16-mixed or 32")
+    raise SeedError(f"--precision {config.precision}: detection takes auto, 32, bf16-mixed or 16-mixed")
 
 
-def _resume(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, run_dir: Path) -> int:
-    """Continue from the run folder's ``last.pt``; returns the iteration it stopped at (0 when there is none)."""
-    path = run_dir / LAST
-    if not path.is_file():
-        return 0
-    state = load_file(path)
-    try:
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-    except (KeyError, RuntimeError, ValueError):
-        raise SeedError(f"{path} holds a different detector (another --head, --masks, --dataset or checkpoint architecture); "
-                        "pass --resume never or another --output") from None
-    print(f"resuming from {path} (iteration {state['iteration']})")
-    return int(state["iteration"])
+def train_loader(data: DetectionData, config: DetectionConfig) -> DataLoader:
+    """The annotated training images, ``--batch-size`` per iteration over all devices. Their order and flips are functions of
+    ``(seed, epoch, index)`` and the training size of each iteration comes from the engine's per-step seed, so a resumed run
+    sees the batches an uninterrupted one does."""
+    dataset = DetectionDataset([r for r in data.train if len(r.boxes)], train=True, masks=bool(config.masks))
+    world = config.devices * config.num_nodes
+    per_device = max(1, config.batch_size // world)
+    if len(dataset) < per_device * world:
+        raise SeedError(f"--batch-size {config.batch_size} exceeds the {len(dataset)} annotated training images; lower --batch-size")
+    workers = default_workers(config)
+    return DataLoader(SeededSamples(dataset, config.seed), batch_size=per_device, sampler=EpochSampler(len(dataset), config.seed, per_device),
+                      collate_fn=collate, drop_last=True, num_workers=workers, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available())
+
+
+def train_torchvision(detector: nn.Module, data: DetectionData, config: DetectionConfig, plan: dict[str, Any], run_dir: Path) -> pl.Trainer:
+    """Fine-tune ``detector`` for the plan's iterations (fewer with ``--max-steps``) through the engine.
+
+    The engine counts epochs too: the run is given enough of them to end at its last iteration.
+    """
+    precision = engine_precision(config)
+    loader = train_loader(data, config)
+    world = config.devices * config.num_nodes
+    stop = min(plan["max_iter"], config.max_steps) if config.max_steps is not None else plan["max_iter"]
+    batches_per_epoch = math.ceil(len(loader.dataset) / world) // loader.batch_size
+    engine = dataclasses.replace(config, max_steps=stop, epochs=math.ceil(stop / batches_per_epoch), precision=precision)
+    if world > 1 and config.accelerator != "cpu" and torch.cuda.is_available():  # torch's SyncBatchNorm runs on GPUs only
+        detector = nn.SyncBatchNorm.convert_sync_batchnorm(detector)
+    module = DetectionModule(detector, config, plan)
+    module.train()  # the engine keeps the modes it finds; the checkpoint's backbone may come in eval mode
+    return fit(module, loader, None, engine, run_dir)
 
 
 def prediction(image_id: int, boxes: torch.Tensor, scores: torch.Tensor, labels: torch.Tensor, masks: torch.Tensor | None) -> dict[str, Any]:
