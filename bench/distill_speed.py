@@ -11,7 +11,8 @@ each reports medians (``bench/speed.py``). Rows, from the official code's step:
    (``FrozenTeacher``), channels_last, BatchNorm folded, and on a GPU bf16 autocast
    over the step (Lightning's ``bf16-mixed``, what ``seed-distill`` uses there);
 4. on a CPU, ``seed-distill``'s own CPU setting (BN folded, no channels_last), then
-   with ``--channels-last`` (student and teacher in NHWC, as ``seed.engine.fit`` sets it);
+   with ``--channels-last`` (student and teacher in NHWC, as ``seed.engine.fit`` sets it),
+   then also with ``--precision bf16-mixed`` where oneDNN runs bf16 on the CPU (other arithmetic);
 5. ``seed-distill --teacher-cache`` in a cached epoch: that step with the teacher's
    embeddings read back from the memory-mapped cache, no teacher forward.
 
@@ -61,9 +62,10 @@ MOCO = "student alone: MoCo v2 step (2 views, momentum encoder)"
 CACHED = "seed-distill --teacher-cache, a cached epoch (embeddings read back, no teacher)"
 CPU_DEFAULT = "seed-distill on CPU: inference_mode + BN folded (no channels_last)"
 CHANNELS_LAST = "seed-distill --channels-last on CPU: student and teacher NHWC"
+BF16_CPU = "seed-distill --channels-last --precision bf16-mixed on CPU (bf16 autocast: not the same math)"
 SHORT = {OFFICIAL: "official", SAME_TEACHER: "ours, no_grad teacher", "+ inference_mode": "+ inference_mode", "+ channels_last": "+ channels_last",
          "+ BN folded": "+ BN folded", "+ bf16 autocast (seed-distill on GPU)": "+ bf16", CPU_DEFAULT: "seed-distill CPU",
-         CHANNELS_LAST: "--channels-last", MOCO: "MoCo v2, student alone",
+         CHANNELS_LAST: "--channels-last", BF16_CPU: "+ bf16-mixed", MOCO: "MoCo v2, student alone",
          CACHED: "--teacher-cache"}
 
 
@@ -96,6 +98,8 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> dict[s
     if not gpu:
         steps[CPU_DEFAULT] = ours(teacher_variant(backbone, head, device, True, False))
         steps[CHANNELS_LAST] = ours(teacher_variant(backbone, head, device, True, True), channels_last=True)
+        if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # oneDNN runs bf16 on this CPU
+            steps[BF16_CPU] = ours(teacher_variant(backbone, head, device, True, True), bf16=True, channels_last=True)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*self.log.*")  # the cache's hit rate is logged through a Trainer, absent here
         cache = TeacherCache(Path(folder), {}, len(images), 1, EMBED_DIM)
@@ -195,6 +199,10 @@ def notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, f
             found.append(f"{teacher} → {student}: `--channels-last` (student and teacher NHWC) makes our step {step[ours] / step[CHANNELS_LAST]:.2f}x "
                          f"faster, {step[OFFICIAL] / step[CHANNELS_LAST]:.2f}x the official step's speed ({args.batch_size / step[CHANNELS_LAST]:.0f} "
                          f"images/s); its teacher forward {teach[ours] / teach[CHANNELS_LAST]:.2f}x.")
+        if BF16_CPU in step:
+            found.append(f"{teacher} → {student}: with bf16 autocast as well (`--precision bf16-mixed`, which changes the arithmetic: bf16 "
+                         f"products, fp32 weights) the step is {step[OFFICIAL] / step[BF16_CPU]:.2f}x the official fp32 step's speed "
+                         f"({args.batch_size / step[BF16_CPU]:.0f} images/s); its teacher forward {teach[OFFICIAL] / teach[BF16_CPU]:.2f}x.")
         found.append(f"{teacher} → {student}: a SEED step costs {step[ours] / step[MOCO]:.2f}x a MoCo v2 step of the student alone.")
         bound = 1 / (1 - teach[ours] / step[ours])
         found.append(f"{teacher} → {student}: `--teacher-cache` makes a step of a cached epoch {step[ours] / step[CACHED]:.2f}x the exact "

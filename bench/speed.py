@@ -69,7 +69,7 @@ def sync(device: str) -> None:
 
 def autocast(device: str, bf16: bool) -> Any:
     """bf16 autocast as Lightning's ``bf16-mixed`` precision applies it to a training step."""
-    return torch.autocast("cuda", dtype=torch.bfloat16) if bf16 else nullcontext()
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def teacher_parts(arch: str, seed: int = 0) -> tuple[nn.Module, nn.Module]:
