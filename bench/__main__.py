@@ -46,6 +46,7 @@ register("data_loading", "bench/data_loading.py", ["--threads", "1"],
 register("meal", "bench/meal_bench.py", [], default=False)
 register("eval_speed", "bench/eval_speed.py", ["--threads", "1"])
 register("detection", "bench/detection_bench.py", ["--threads", "1"])
+register("detection_fashion", "bench/detection_bench.py", ["--scenes", "fashion"], default=False)  # needs make teacher and quality's r18 student
 
 
 def record_suite(seconds: dict[str, float], failed: list[str]) -> None:

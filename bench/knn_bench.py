@@ -150,11 +150,14 @@ def profile_note(costs: dict, size: int, runs: list[dict]) -> str:
     """Where the exact search's time goes at the largest bank, against lightly's whole time."""
     product, topk = costs["fp32 product"], costs["fp32 product + top-k"] - costs["fp32 product"]
     lightly = next((r["seconds"] for r in runs if r["method"] == "lightly" and r["bank"] == size and "error" not in r), None)
+    faiss = next((r["seconds"] for r in runs if r["method"] == "faiss" and r["bank"] == size and "error" not in r), None)
     text = (f"Profile at N = {human(size)} (one process, same data): the torch search takes {costs['torch search (all of it)']:.1f} s, of which "
             f"the fp32 similarity product is {product:.1f} s, top-k {topk:.1f} s and normalising the bank {costs['normalise']:.1f} s. ")
     if lightly:
-        text += (f"lightly's `knn_predict` takes {lightly:.1f} s and computes the same product, so an exact fp32 search can be at most "
-                 f"{lightly / product:.1f}x faster than it here (the product alone is {100 * product / lightly:.0f}% of lightly's time). ")
+        text += (f"lightly's `knn_predict` takes {lightly:.1f} s and computes the same product with torch, so a search built on torch's "
+                 f"product can be at most {lightly / product:.1f}x faster than it here (the product alone is {100 * product / lightly:.0f}% of "
+                 "lightly's time)" + (f"; faiss's exact search, on its own BLAS, took {faiss:.1f} s ({lightly / faiss:.2f}x lightly's speed)"
+                                       if faiss else "") + ". ")
     return text + (f"The same product in bf16 takes {costs['bf16 product']:.1f} s ({product / costs['bf16 product']:.1f}x); a bf16 screen "
                    "re-ranked in fp32 finds the exact neighbours only when the k-th lies clear of bf16's error (about 0.01 in cosine), "
                    "which learned features' dense neighbourhoods rarely give, so it is not used.")

@@ -1,9 +1,11 @@
+import gzip
 import os
 import shutil
 import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -47,3 +49,29 @@ def image_folder_of(root: Path, classes: int = 2, train: int = 40, val: int = 10
                 pixels = (torch.rand(size, size, 3, generator=generator) * 255).to(torch.uint8).numpy()
                 Image.fromarray(pixels).save(folder / f"{number}.png")
     return root
+
+
+def write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
+    """Write ``array`` (uint8) in the IDX format: magic 2048 + ndim (2051 images, 2049 labels), then big-endian sizes."""
+    header = (2048 + array.ndim).to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
+    raw = header + array.astype(np.uint8).tobytes()
+    if compress:
+        path.with_name(path.name + ".gz").write_bytes(gzip.compress(raw))
+    else:
+        path.write_bytes(raw)
+
+
+def garment_fashion_mnist(root: Path, train: int = 40, val: int = 30) -> Path:
+    """A Fashion-MNIST stand-in under ``root/fashion-mnist`` (point $SEED_DATA at ``root``): image i is a two-tone block on
+    black, of a size and place that vary with i, so a pasted item can be told from its mirror image; label i % 10."""
+    folder = root / "fashion-mnist"
+    folder.mkdir(parents=True)
+    for prefix, count in (("train", train), ("t10k", val)):
+        images = np.zeros((count, 28, 28), dtype=np.uint8)
+        for i in range(count):
+            top, left, height, width = 2 + i % 3, 3 + i % 4, 20 + i % 5, 14 + i % 7
+            images[i, top:top + height, left:left + width // 2] = 250
+            images[i, top:top + height, left + width // 2:left + width] = 110
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+    return folder

@@ -183,3 +183,54 @@ def test_quality_table_has_random_init_teachers_and_students_under_one_protocol(
     assert (tmp_path / "runs" / "r18" / "seed0" / "seed_cached" / "teacher_cache" / "key.json").is_file()
     assert "digits 16px" in saved["description"] and "Smoke run" in saved["description"]
     assert (tmp_path / "runs" / "teacher" / "teacher-epoch001.pt").is_file()
+
+
+def test_detection_bench_on_fashion_scenes_compares_teacher_student_and_random_init(tmp_path, results, monkeypatch):
+    """bench.detection_bench --scenes fashion end to end on a Fashion-MNIST stand-in: one seed, one iteration per backbone."""
+    from bench import detection_bench
+    from seed.backbones import create_backbone
+    from seed.checkpoints import export_model
+    from tests.conftest import garment_fashion_mnist
+
+    garment_fashion_mnist(tmp_path / "data")
+    monkeypatch.setenv("SEED_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("SEED_CACHE", str(tmp_path / "cache"))
+    for name, seed in (("teacher", 1), ("student", 2)):
+        torch.manual_seed(seed)
+        export_model(tmp_path / f"{name}.pt", "r18", create_backbone("r18"), None, None, "seed", {}, False)
+    monkeypatch.setattr(sys, "argv", ["detection_bench", "--scenes", "fashion", "--teacher", str(tmp_path / "teacher.pt"), "--student",
+                                      str(tmp_path / "student.pt"), "--train-images", "4", "--test-images", "2", "--image-size", "64",
+                                      "--max-iter", "1", "--batch-size", "2", "--roi-per-image", "8", "--seeds", "0", "--threads", "1"])
+    detection_bench.main()
+    saved = json.loads((results / "detection_fashion.json").read_text())
+    assert [row[0] for row in saved["tables"][0]["rows"]] == [f"r18 teacher ({tmp_path.name}/teacher.pt)", f"r18 student ({tmp_path.name}/student.pt)",
+                                                              "r18 random init"]
+    assert set(saved["data"]["runs"]) == {"teacher", "student", "random"} and all(len(runs) == 1 for runs in saved["data"]["runs"].values())
+    assert saved["notes"][0].startswith("The teacher ") and saved["notes"][1].startswith("The student ")
+    assert "12-32px" in saved["description"] and saved["plots"][0]["file"] == "detection_fashion.png"
+
+
+def test_detection_bench_names_the_command_that_builds_a_missing_student(tmp_path, monkeypatch, capsys):
+    from bench import detection_bench
+
+    (tmp_path / "teacher").mkdir()
+    (tmp_path / "teacher" / "teacher.pt").write_bytes(b"")
+    monkeypatch.setattr(detection_bench, "reference_teacher_dir", lambda: tmp_path / "teacher")
+    monkeypatch.setattr(detection_bench, "QUALITY_STUDENT", tmp_path / "quality" / "student.pt")
+    monkeypatch.setattr(sys, "argv", ["detection_bench", "--scenes", "fashion"])
+    with pytest.raises(SystemExit) as stop:
+        detection_bench.main()
+    assert str(stop.value) == (f"no checkpoint at {tmp_path / 'quality' / 'student.pt'}: distil the quality benchmark's r18 student (about 5 min on "
+                               f"2 cores): `seed-distill --config configs/bench/quality_r18_seed.yaml --seed 0 --teacher-checkpoint "
+                               f"{tmp_path / 'teacher' / 'teacher.pt'} --output {tmp_path / 'quality'}`, or pass --student PATH")
+    monkeypatch.setattr(sys, "argv", ["detection_bench", "--scenes", "fashion", "--checkpoint", "x.pt"])
+    with pytest.raises(SystemExit) as stop:
+        detection_bench.main()
+    assert stop.value.code == 2 and "--checkpoint goes with --scenes shapes" in capsys.readouterr().err
+
+
+def test_the_detection_bench_states_what_the_student_learned_from_its_knn_table():
+    from bench.detection_bench import learned_note
+
+    note = learned_note({"teacher r18": [80.0], "student r18 random init": [50.0, 52.0, 54.0], "student r18 distilled": [70.25]})
+    assert note.endswith("teacher r18 80.0, student r18 random init 52.0 ± 2.0, student r18 distilled 70.2.")

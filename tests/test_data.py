@@ -12,17 +12,9 @@ import seed.data as data
 from seed.data import BUILTIN, eval_transform, load_dataset, seed_view_transform, single_view_transform, small_crop_transforms, view_transform
 from seed.errors import SeedError
 
+from .conftest import write_idx
+
 FASHION_FILES = ["train-images-idx3-ubyte", "train-labels-idx1-ubyte", "t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"]
-
-
-def _write_idx(path: Path, array: np.ndarray, compress: bool = True) -> None:
-    """Write ``array`` (uint8) in the IDX format: magic 2048 + ndim (2051 images, 2049 labels), then big-endian sizes."""
-    header = (2048 + array.ndim).to_bytes(4, "big") + b"".join(int(n).to_bytes(4, "big") for n in array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    if compress:
-        path.with_name(path.name + ".gz").write_bytes(gzip.compress(raw))
-    else:
-        path.write_bytes(raw)
 
 
 @pytest.fixture
@@ -32,8 +24,8 @@ def fake_fashion(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     folder.mkdir()
     for prefix, count in (("train", 6), ("t10k", 4)):
         images = np.arange(count * 28 * 28, dtype=np.int64).reshape(count, 28, 28) % 256
-        _write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
-        _write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
+        write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
+        write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
     monkeypatch.setenv("SEED_DATA", str(tmp_path))
     return folder
 
@@ -81,7 +73,7 @@ def test_corrupt_idx_names_the_file(fake_fashion: Path, content: bytes) -> None:
 
 
 def test_idx_with_wrong_magic(fake_fashion: Path) -> None:
-    _write_idx(fake_fashion / "train-images-idx3-ubyte", np.zeros(6))  # a labels file where images belong
+    write_idx(fake_fashion / "train-images-idx3-ubyte", np.zeros(6))  # a labels file where images belong
     with pytest.raises(SeedError, match="magic number 2049"):
         load_dataset("fashion-mnist", "train")
 
