@@ -245,7 +245,8 @@ def main() -> None:
         "PyTorch as jacobswan1/SEED does it (teacher in eval mode under `no_grad` with its BatchNorm, the (D, K) queue cloned for "
         "each einsum, fp32); ours (`seed.distill.SEED.seed_step` + enqueue) with that same teacher; then one teacher optimisation "
         "more per row (`inference_mode` via `FrozenTeacher`, channels_last, BatchNorm folded into the convolutions"
-        + (", bf16 autocast over the step as Lightning's `bf16-mixed`" if gpu else "; on a CPU bf16 autocast is a row of its own, after the seed-distill rows") + "). "
+        + (", bf16 autocast over the step as Lightning's `bf16-mixed`" if gpu else
+           "; on a CPU bf16 autocast is a row of its own, after the seed-distill rows") + "). "
         + ("" if gpu else "“seed-distill on CPU” is what `seed-distill` runs on a CPU by default (channels_last is on by default on GPUs "
                           "only); the row after it adds `--channels-last`, which puts the student in NHWC too. ")
         + "“× previous row” is each optimisation's own speed-up. KD overhead compares our step with the student trained alone, "
