@@ -92,7 +92,7 @@ def _cli(main, argv, capsys) -> str:
         ("seed-pretrain", ["--accelerator", "tpuu"], "unknown --accelerator 'tpuu'; choose one of: auto, cpu, gpu"),
         ("seed-pretrain", ["--resume", "nevr"], "unknown --resume 'nevr'; choose one of: auto, never, or the path of an existing file"),
         ("seed-eval", ["knn", "--index", "hnsw"], "unknown --index 'hnsw'; choose one of: flat, ivf"),
-        ("seed-eval", ["knn", "--backend", "numpy"], "unknown --backend 'numpy'; choose one of: faiss, torch"),
+        ("seed-eval", ["knn", "--backend", "numpy"], "unknown --backend 'numpy'; choose one of: auto, faiss, torch"),
         ("seed-eval", ["linear", "--resume", "nevr"], "unknown --resume 'nevr'; choose one of: auto, never, or the path"),
     ],
 )
@@ -135,7 +135,7 @@ def test_every_enumerated_option_of_every_command_is_a_checked_literal(tmp_path)
 
     expected = {(DistillConfig, "mode"): ("seed", "meal"), (DistillConfig, "augmentation"): ("mocov2", "mocov1", "swav"),
                 (PretrainConfig, "method"): ("mocov2", "simclr", "supervised"), (KnnConfig, "index"): ("flat", "ivf"),
-                (KnnConfig, "backend"): ("faiss", "torch"), (LinearConfig, "resume"): ("auto", "never"),
+                (KnnConfig, "backend"): ("auto", "faiss", "torch"), (LinearConfig, "resume"): ("auto", "never"),
                 (DetectionConfig, "engine"): ("auto", "detectron2", "torchvision"), (DetectionConfig, "head"): ("c4", "fpn")}
     for (kind, name), values in expected.items():
         assert choices_of(typing.get_type_hints(kind)[name]) == values, name
@@ -143,7 +143,7 @@ def test_every_enumerated_option_of_every_command_is_a_checked_literal(tmp_path)
         assert all(set(field.metadata) <= {"help", "or_file"} for field in dataclasses.fields(kind))  # no second way to list choices
     with pytest.raises(SeedError, match="unknown --head 'c5'; choose one of: c4, fpn"):
         make_config(DetectionConfig, {"head": "c5"})
-    with pytest.raises(SeedError, match="unknown --backend 'numpy'; choose one of: faiss, torch"):
+    with pytest.raises(SeedError, match="unknown --backend 'numpy'; choose one of: auto, faiss, torch"):
         make_config(KnnConfig, {"backend": "numpy"})
     assert make_config(LinearConfig, {"val_every": 2}).validation_every() == (2, None)  # the engine asks the config, no stand-in fields
 
