@@ -66,7 +66,7 @@ def import_faiss() -> Any:
         import faiss
     except ImportError:
         raise SeedError("faiss is not installed: pip install faiss-cpu (or the gpu extra, faiss-gpu); "
-                        "or use --backend torch (exact, the default without a GPU)") from None
+                        "or use --backend torch (exact; what auto runs without faiss)") from None
     return faiss
 
 
@@ -88,20 +88,25 @@ def nearest(bank: Tensor, queries: Tensor, k: int, backend: str = "auto", **inde
 
     ``auto``: faiss when it is installed, else the torch search.
     """
-    if search_name(backend, index_options.get("index", "flat")).startswith("faiss"):
+    if resolve_backend(backend, index_options.get("index", "flat")) == "faiss":
         return faiss_search(bank, queries, k, **index_options)
     return torch_search(bank, queries, k)
 
 
-def search_name(backend: str, index: str) -> str:
-    """The search :func:`nearest` runs for ``--backend`` and ``--index`` (results.json records it)."""
+def resolve_backend(backend: str, index: str) -> str:
+    """``faiss`` or ``torch``: what ``--backend`` means with ``--index`` here (``auto``: faiss when installed; IVF is faiss's)."""
     if backend == "auto":
         backend = "faiss" if index != "flat" or faiss_installed() else "torch"
-    if backend == "faiss":
-        return f"faiss {'IndexFlatIP' if index == 'flat' else 'IndexIVFFlat'}{' (GPU)' if faiss_gpu_available() else ''}"
-    if index != "flat":
+    if backend == "torch" and index != "flat":
         raise SeedError(f"--index {index} is faiss's; use --backend faiss or auto")
-    return "torch"
+    return backend
+
+
+def search_name(backend: str, index: str) -> str:
+    """The search :func:`nearest` runs for ``--backend`` and ``--index``, as results.json records it."""
+    if resolve_backend(backend, index) == "torch":
+        return "torch"
+    return f"faiss {'IndexFlatIP' if index == 'flat' else 'IndexIVFFlat'}{' (GPU)' if faiss_gpu_available() else ''}"
 
 
 def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, nprobe: int = 32, gpu: bool | None = None) -> tuple[Any, Any]:
