@@ -64,7 +64,8 @@ def test_fashion_mnist_reads_uncompressed_idx(fake_fashion: Path) -> None:
     assert load_dataset("fashion-mnist", "val").targets == [0, 1, 2, 3]
 
 
-@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x00")])
+@pytest.mark.parametrize("content", [b"not gzip at all", gzip.compress(b"\x00\x00\x08\x01" + (5).to_bytes(4, "big") + b"\x00", mtime=0)],
+                         ids=["not gzip", "truncated"])  # fixed ids and gzip time: every pytest-xdist worker collects the same names
 def test_corrupt_idx_names_the_file(fake_fashion: Path, content: bytes) -> None:
     (fake_fashion / "train-labels-idx1-ubyte.gz").write_bytes(content)
     with pytest.raises(SeedError, match="train-labels-idx1-ubyte.gz") as error:
