@@ -7,14 +7,14 @@ sum_i exp(s_i / tau) [y_i = c] (k = 200, tau = 0.07). We report that vote at
 k = 200 and k = 20, and the plain majority vote (every neighbour weighs 1),
 top-1 and top-5.
 
-Search (``--backend auto``) is exact: faiss's ``IndexFlatIP`` when faiss is
-installed (the ``faiss`` extra, or ``faiss-gpu`` from the ``gpu`` extra, which
-searches on the GPU when CUDA is there), else ``seed.knn.torch_search``, the
-same search in plain torch (chunked over queries and bank); faiss-cpu is the
-faster of the two on evaluation-sized sets (docs/BENCHMARKS.md). ``--index
-ivf`` is faiss's approximate inverted-file index for very large banks. Queries
-go in chunks, so memory holds the bank plus a chunk's k neighbours, never a
-queries x bank similarity matrix. ``seed.knn.vote`` is the one vote, shared
+Search (``--backend auto``) is exact: faiss when it is installed (the ``faiss``
+extra: ``faiss.knn`` against the bank chunk by chunk; or ``faiss-gpu`` from the
+``gpu`` extra, an ``IndexFlatIP`` on the GPU when CUDA is there), else
+``seed.knn.torch_search``, the same search in plain torch (chunked over queries
+and bank); faiss-cpu is the faster of the two (docs/BENCHMARKS.md). ``--index
+ivf`` is faiss's approximate inverted-file index for very large banks. The bank
+goes in chunks, so memory holds the bank plus a chunk and the k neighbours
+found so far, never a queries x bank similarity matrix. ``seed.knn.vote`` is the one vote, shared
 with the training monitor.
 """
 
@@ -34,7 +34,7 @@ from downstream.common import EvalConfig, eval_folder, open_checkpoint, print_ta
 from downstream.features import train_val_features
 from seed.config import load_config, option
 from seed.errors import SeedError
-from seed.knn import torch_search, vote
+from seed.knn import empty_top_k, merge_top_k, torch_search, vote
 
 QUERY_CHUNK = 4096
 
@@ -52,7 +52,7 @@ class KnnConfig(EvalConfig):
                                                        "or torch (brute force, chunked)", "auto")
 
 
-ADD_CHUNK = 65536
+BANK_CHUNK = 65536
 
 
 def _unit(x: Tensor) -> np.ndarray:
@@ -106,7 +106,9 @@ def search_name(backend: str, index: str) -> str:
     """The search :func:`nearest` runs for ``--backend`` and ``--index``, as results.json records it."""
     if resolve_backend(backend, index) == "torch":
         return "torch"
-    return f"faiss {'IndexFlatIP' if index == 'flat' else 'IndexIVFFlat'}{' (GPU)' if faiss_gpu_available() else ''}"
+    if faiss_gpu_available():
+        return f"faiss {'IndexFlatIP' if index == 'flat' else 'IndexIVFFlat'} (GPU)"
+    return "faiss knn (exact)" if index == "flat" else "faiss IndexIVFFlat"
 
 
 def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, nprobe: int = 32, gpu: bool | None = None) -> tuple[Any, Any]:
@@ -132,17 +134,44 @@ def build_index(bank: Tensor, index: str = "flat", nlist: int | None = None, npr
     if gpu if gpu is not None else faiss_gpu_available():
         resources = faiss.StandardGpuResources()
         built = faiss.index_cpu_to_gpu(resources, 0, built)
-    for start in range(0, size, ADD_CHUNK):
-        built.add(_unit(bank[start:start + ADD_CHUNK]))
+    for start in range(0, size, BANK_CHUNK):
+        built.add(_unit(bank[start:start + BANK_CHUNK]))
     return built, resources
 
 
 def faiss_search(bank: Tensor, queries: Tensor, k: int, chunk: int = QUERY_CHUNK, **index_options) -> Iterator[tuple[Tensor, Tensor]]:
-    """Cosine similarities and bank indices (best first) of the ``k`` nearest bank rows, per chunk of ``queries``."""
+    """Cosine similarities and bank indices (best first) of the ``k`` nearest bank rows, per chunk of ``queries``.
+
+    The exact search on the CPU is :func:`faiss_exact_search`; IVF, or any search on a GPU, goes through an index.
+    """
+    gpu = index_options.get("gpu")
+    if index_options.get("index", "flat") == "flat" and not (gpu if gpu is not None else faiss_gpu_available()):
+        yield from faiss_exact_search(bank, queries, k, chunk)
+        return
     built, _resources = build_index(bank, **index_options)  # the generator's frame keeps both alive while it searches
     for start in range(0, len(queries), chunk):
         similarities, indices = built.search(_unit(queries[start:start + chunk]), k)
         yield torch.from_numpy(similarities), torch.from_numpy(indices)
+
+
+def faiss_exact_search(bank: Tensor, queries: Tensor, k: int, chunk: int = QUERY_CHUNK,
+                       bank_chunk: int = BANK_CHUNK) -> Iterator[tuple[Tensor, Tensor]]:
+    """The exact search on the CPU without an index: ``faiss.knn`` (faiss's blocked BLAS product and top-k) of all
+    queries against each bank chunk, normalised as it comes, and a running top-k over the chunks.
+
+    Building an ``IndexFlatIP`` first copies the whole normalised bank into a growing buffer: at 1M x 512 that
+    copy is 2 GB and a quarter of the search's time (docs/BENCHMARKS.md, kNN search). Here memory holds one
+    normalised bank chunk and every query's k best so far.
+    """
+    faiss = import_faiss()
+    query = _unit(queries)
+    best = empty_top_k(len(query))
+    for offset in range(0, len(bank), bank_chunk):
+        rows = _unit(bank[offset:offset + bank_chunk])
+        sims, idx = faiss.knn(query, rows, min(k, len(rows)), metric=faiss.METRIC_INNER_PRODUCT)
+        best = merge_top_k(best, (torch.from_numpy(sims), torch.from_numpy(idx) + offset), k)
+    for start in range(0, len(query), chunk):
+        yield best[0][start:start + chunk], best[1][start:start + chunk]
 
 
 def variants(ks: list[int], temperature: float) -> list[tuple[str, int, float | None]]:

@@ -40,16 +40,24 @@ def torch_search(bank: Tensor, queries: Tensor, k: int, chunk: int = 1024, bank_
     """
     for start in range(0, len(queries), chunk):
         query = F.normalize(queries[start:start + chunk].float(), dim=1)
-        best_sims = torch.empty(len(query), 0, device=query.device)
-        best_idx = torch.empty(len(query), 0, dtype=torch.long, device=query.device)
+        best = empty_top_k(len(query), query.device)
         for offset in range(0, len(bank), bank_chunk):
             sims = query @ F.normalize(bank[offset:offset + bank_chunk].float(), dim=1).T
             top_sims, top_idx = sims.topk(min(k, sims.shape[1]), dim=1)
-            merged_sims = torch.cat([best_sims, top_sims], dim=1)
-            merged_idx = torch.cat([best_idx, top_idx + offset], dim=1)
-            best_sims, order = merged_sims.topk(min(k, merged_sims.shape[1]), dim=1)
-            best_idx = merged_idx.gather(1, order)
-        yield best_sims, best_idx
+            best = merge_top_k(best, (top_sims, top_idx + offset), k)
+        yield best
+
+
+def empty_top_k(queries: int, device: torch.device | str = "cpu") -> tuple[Tensor, Tensor]:
+    """No neighbours yet: the start of a running top-k."""
+    return torch.empty(queries, 0, device=device), torch.empty(queries, 0, dtype=torch.long, device=device)
+
+
+def merge_top_k(best: tuple[Tensor, Tensor], found: tuple[Tensor, Tensor], k: int) -> tuple[Tensor, Tensor]:
+    """The ``k`` highest of two (similarities, bank indices) lists per query, best first: a running top-k over bank chunks."""
+    sims, idx = torch.cat([best[0], found[0]], dim=1), torch.cat([best[1], found[1]], dim=1)
+    top, order = sims.topk(min(k, sims.shape[1]), dim=1)
+    return top, idx.gather(1, order)
 
 
 def vote(similarities: Tensor, indices: Tensor, bank_labels: Tensor, num_classes: int, k: int, temperature: float | None) -> Tensor:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from lightly.utils.benchmarking import knn_predict
 
 import downstream.knn as knn_module
-from downstream.knn import faiss_search, knn_metrics, parse_ks, predict, search_name, torch_search, vote
+from downstream.knn import faiss_exact_search, faiss_search, knn_metrics, parse_ks, predict, search_name, torch_search, vote
 from seed.errors import SeedError
 from seed.knn import knn_top1
 
@@ -59,11 +59,17 @@ def test_torch_search_is_exact_across_bank_chunks():
     assert torch.allclose(sims, expected_sims) and torch.equal(idx, expected_idx)
     faiss_idx = torch.cat([i for _, i in faiss_search(bank, queries, 25, chunk=16)])
     assert torch.equal(faiss_idx, expected_idx)
+    chunked = list(faiss_exact_search(bank, queries, 25, chunk=32, bank_chunk=128))
+    assert [len(s) for s, _ in chunked] == [32, 32, 6]
+    assert torch.equal(torch.cat([i for _, i in chunked]), expected_idx)
+    assert torch.allclose(torch.cat([s for s, _ in chunked]), expected_sims)
+    index_idx = torch.cat([i for _, i in faiss_search(bank, queries, 25, gpu=False, index="ivf", nlist=1, nprobe=1)])
+    assert torch.equal(index_idx, expected_idx)  # one IVF cell visited is the exact search through an index
 
 
 def test_auto_search_is_faiss_when_installed_else_torch(monkeypatch):
     monkeypatch.setattr(knn_module, "faiss_gpu_available", lambda: False)
-    assert search_name("auto", "flat") == search_name("faiss", "flat") == "faiss IndexFlatIP" and search_name("torch", "flat") == "torch"
+    assert search_name("auto", "flat") == search_name("faiss", "flat") == "faiss knn (exact)" and search_name("torch", "flat") == "torch"
     assert search_name("auto", "ivf") == "faiss IndexIVFFlat"
     monkeypatch.setattr(knn_module, "faiss_gpu_available", lambda: True)
     assert search_name("auto", "flat") == "faiss IndexFlatIP (GPU)"
