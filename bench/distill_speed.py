@@ -30,6 +30,7 @@ import copy
 import os
 import sys
 import tempfile
+import time
 import warnings
 from pathlib import Path
 
@@ -40,6 +41,7 @@ from bench.speed import (
     EMBED_DIM,
     OfficialSEED,
     OfficialTeacher,
+    StepFn,
     Stopwatch,
     fmt_ms,
     interleaved,
@@ -63,10 +65,12 @@ CACHED = "seed-distill --teacher-cache, a cached epoch (embeddings read back, no
 CPU_DEFAULT = "seed-distill on CPU: inference_mode + BN folded (no channels_last)"
 CHANNELS_LAST = "seed-distill --channels-last on CPU: student and teacher NHWC"
 BF16_CPU = "seed-distill --channels-last --precision bf16-mixed on CPU (bf16 autocast: not the same math)"
+COMPILED_STUDENT = "--channels-last + torch.compile of the student backbone (bench only; compile time apart)"
+COMPILED_BOTH = "--channels-last + torch.compile of the student and of the teacher (inductor freezing; bench only)"
 SHORT = {OFFICIAL: "official", SAME_TEACHER: "ours, no_grad teacher", "+ inference_mode": "+ inference_mode", "+ channels_last": "+ channels_last",
          "+ BN folded": "+ BN folded", "+ bf16 autocast (seed-distill on GPU)": "+ bf16", CPU_DEFAULT: "seed-distill CPU",
          CHANNELS_LAST: "--channels-last", BF16_CPU: "+ bf16-mixed", MOCO: "MoCo v2, student alone",
-         CACHED: "--teacher-cache"}
+         CACHED: "--teacher-cache", COMPILED_STUDENT: "+ compiled student", COMPILED_BOTH: "+ compiled teacher"}
 
 
 def chain(gpu: bool) -> list[tuple[str, bool, bool, bool]]:
@@ -77,7 +81,8 @@ def chain(gpu: bool) -> list[tuple[str, bool, bool, bool]]:
     return rows
 
 
-def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> dict[str, dict[str, float]]:
+def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> tuple[dict[str, dict[str, float]], dict[str, dict[str, float]]]:
+    """Each variant's median timings, and the op breakdown (:func:`profile_step`) of the official step and ours."""
     device, gpu = args.device, args.device.startswith("cuda")
     backbone, head = teacher_parts(teacher)
     images = torch.randn(args.batch_size, 3, args.image_size, args.image_size, generator=torch.Generator().manual_seed(0)).to(device)
@@ -85,11 +90,18 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> dict[s
     def official_teacher() -> Stopwatch:
         return Stopwatch(OfficialTeacher(copy.deepcopy(backbone), copy.deepcopy(head)).to(device), device)
 
-    def ours(teacher_module: Stopwatch, bf16: bool = False, channels_last: bool = False):
+    def ours(teacher_module: Stopwatch, bf16: bool = False, channels_last: bool = False, compiled: bool = False):
         module = seed_module(student, teacher_module, args.queue_size, args.image_size).to(device)
         if channels_last:  # what seed.engine.fit does with --channels-last
             module.to(memory_format=torch.channels_last)
+        if compiled:
+            module.backbone = torch.compile(module.backbone)
         return ours_step(module, images, device, bf16)
+
+    def compiled_teacher() -> Stopwatch:
+        timed = teacher_variant(backbone, head, device, True, True)
+        timed.teacher.backbone = torch.compile(timed.teacher.backbone, options={"freezing": True})  # a frozen network: weights as constants
+        return timed
 
     steps = {OFFICIAL: official_step(OfficialSEED(student, official_teacher(), args.queue_size).to(device), images),
              SAME_TEACHER: ours(official_teacher())}
@@ -100,14 +112,60 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> dict[s
         steps[CHANNELS_LAST] = ours(teacher_variant(backbone, head, device, True, True), channels_last=True)
         if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # oneDNN runs bf16 on this CPU
             steps[BF16_CPU] = ours(teacher_variant(backbone, head, device, True, True), bf16=True, channels_last=True)
+        if args.compile:
+            steps[COMPILED_STUDENT] = ours(teacher_variant(backbone, head, device, True, True), channels_last=True, compiled=True)
+            steps[COMPILED_BOTH] = ours(compiled_teacher(), channels_last=True, compiled=True)
     with tempfile.TemporaryDirectory() as folder, warnings.catch_warnings():
         warnings.filterwarnings("ignore", ".*self.log.*")  # the cache's hit rate is logged through a Trainer, absent here
         cache = TeacherCache(Path(folder), {}, len(images), 1, EMBED_DIM)
         module = seed_module(student, teacher_variant(backbone, head, device, True, gpu), args.queue_size, args.image_size).to(device)
         steps[CACHED] = ours_step(module, images, device, bf16=gpu, cache=cache)
         steps[MOCO] = mocov2_step(student, args.queue_size, args.image_size, images, device, bf16=gpu)
+        first_calls = {name: first_call_seconds(steps[name]) for name in (COMPILED_STUDENT, COMPILED_BOTH) if name in steps}
+        profiles = {name: profile_step(steps[name]) for name in (OFFICIAL, CHANNELS_LAST) if name in steps}
         print(f"{teacher} -> {student}: {len(steps)} variants x {args.rounds} rounds", flush=True)
-        return interleaved(steps, args.rounds, device, args.warmup)
+        timings = interleaved(steps, args.rounds, device, args.warmup)
+        for name, seconds in first_calls.items():
+            timings[name]["compile_s"] = seconds - timings[name]["step_s"]
+        return timings, profiles
+
+
+def first_call_seconds(step: StepFn) -> float:
+    """The first step's seconds: with torch.compile, the compilation (what a run pays once) plus a step."""
+    start = time.perf_counter()
+    step()
+    return time.perf_counter() - start
+
+
+def op_kind(name: str) -> str:
+    if "convolution_backward" in name:
+        return "convolutions, backward"
+    if "conv" in name:
+        return "convolutions, forward"
+    if name in ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm"):
+        return "matrix products"
+    return "everything else"
+
+
+def profile_step(step: StepFn, steps: int = 2) -> dict[str, float]:
+    """Seconds per step by kind of op (torch.profiler's self CPU time, so each op counts once), and the
+    floating-point operations of the convolutions per step (``FlopCounterMode``)."""
+    from torch.profiler import ProfilerActivity, profile
+    from torch.utils.flop_counter import FlopCounterMode
+
+    step()
+    with profile(activities=[ProfilerActivity.CPU]) as profiled:
+        for _ in range(steps):
+            step()
+    seconds: dict[str, float] = {}
+    for event in profiled.key_averages():
+        kind = op_kind(event.key)
+        seconds[kind] = seconds.get(kind, 0.0) + event.self_cpu_time_total / 1e6 / steps
+    with FlopCounterMode(display=False) as counter:
+        step()
+    flops = {str(op): count for op, count in counter.get_flop_counts()["Global"].items()}
+    seconds["convolution GFLOP"] = sum(count for op, count in flops.items() if "convolution" in op) / 1e9
+    return seconds
 
 
 def pair_table(teacher: str, student: str, timings: dict[str, dict[str, float]], args: argparse.Namespace) -> dict:
@@ -211,6 +269,38 @@ def notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, f
     return found
 
 
+def profile_notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, float]]], profiles: dict[str, dict[str, dict[str, float]]],
+                  args: argparse.Namespace) -> list[str]:
+    """Where the step's time goes, and what that leaves any same-arithmetic speed-up; what torch.compile gave."""
+    found = []
+    for teacher, student in pairs:
+        pair, t = f"{teacher}:{student}", results[f"{teacher}:{student}"]
+        ours, official = profiles[pair].get(CHANNELS_LAST), profiles[pair].get(OFFICIAL)
+        if ours and official:
+            kinds = ["convolutions, forward", "convolutions, backward", "matrix products", "everything else"]
+            total = sum(ours.get(kind, 0.0) for kind in kinds)
+            conv = ours["convolutions, forward"] + ours["convolutions, backward"]
+            official_total = sum(official.get(kind, 0.0) for kind in kinds)
+            official_conv = official["convolutions, forward"] + official["convolutions, backward"]
+            found.append(
+                f"{teacher} → {student}: where the `--channels-last` step's time goes (torch.profiler, self time of each op, "
+                f"{1000 * total:.0f} ms a step under the profiler): "
+                + ", ".join(f"{kind} {1000 * ours.get(kind, 0.0):.0f} ms ({100 * ours.get(kind, 0.0) / total:.0f}%)" for kind in kinds)
+                + f". The convolutions (teacher forward, student forward and backward: {ours['convolution GFLOP']:.0f} GFLOP a step) run at "
+                f"{ours['convolution GFLOP'] / conv:.0f} GFLOP/s on one thread; the official step runs the same ones at "
+                f"{official['convolution GFLOP'] / official_conv:.0f} GFLOP/s ({1000 * official_conv:.0f} of its {1000 * official_total:.0f} ms). "
+                f"Both call the same oneDNN kernels with the same work, so with the same arithmetic a step can be at most "
+                f"{official_total / conv:.2f}x the official one even if everything but the convolutions cost nothing; ours spends "
+                f"{1000 * (total - conv):.0f} ms outside them (the official step {1000 * (official_total - official_conv):.0f} ms).")
+        for name in (COMPILED_STUDENT, COMPILED_BOTH):
+            if name in t:
+                found.append(f"{teacher} → {student}: {SHORT[name]} (torch.compile, inductor): the step is "
+                             f"{t[CHANNELS_LAST]['step_s'] / t[name]['step_s']:.2f}x the eager `--channels-last` step, "
+                             f"{t[OFFICIAL]['step_s'] / t[name]['step_s']:.2f}x the official step; compiling took "
+                             f"{t[name].get('compile_s', float('nan')):.0f} s, once per run.")
+    return found
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pairs", default="r50:r18", help="teacher:student pairs, comma-separated")
@@ -219,11 +309,15 @@ def main() -> None:
     parser.add_argument("--queue-size", type=int, default=65536)
     parser.add_argument("--rounds", type=int, default=5, help="timed steps per variant (medians)")
     parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--compile", action=argparse.BooleanOptionalAction, default=True,
+                        help="on a CPU, rows with the student (and teacher) under torch.compile (about a minute of compiling)")
     args = parse_speed_args(parser)
     gpu = args.device.startswith("cuda")
     pairs = parse_pairs(args.pairs)
     load_before = os.getloadavg()
-    results = {f"{t}:{s}": measure_pair(t, s, args) for t, s in pairs}
+    measured = {f"{t}:{s}": measure_pair(t, s, args) for t, s in pairs}
+    results = {pair: timings for pair, (timings, _) in measured.items()}
+    profiles = {pair: profiled for pair, (_, profiled) in measured.items()}
     load_after = os.getloadavg()
     tables = [pair_table(t, s, results[f"{t}:{s}"], args) for t, s in pairs]
     tables.append(overhead_table(pairs, results, args))
@@ -258,8 +352,8 @@ def main() -> None:
     write_result(result_name("distill_speed", args.device), {
         "title": "Distillation step speed" + (" (GPU)" if gpu else ""), "order": 20 if not gpu else 21,
         "command": "python " + " ".join(["-m", "bench.distill_speed", *sys.argv[1:]]),
-        "description": description, "tables": tables, "plots": [plot], "notes": notes(pairs, results, args),
-        "data": {"settings": vars(args), "load_average": [load_before, load_after], "timings": results},
+        "description": description, "tables": tables, "plots": [plot], "notes": notes(pairs, results, args) + profile_notes(pairs, results, profiles, args),
+        "data": {"settings": vars(args), "load_average": [load_before, load_after], "timings": results, "profiles": profiles},
     }, device=args.device)
 
 

@@ -167,9 +167,9 @@ def profile_note(costs: dict, size: int, runs: list[dict], args: argparse.Namesp
             f"the fp32 similarity product is {product:.1f} s ({rate / product:.0f} GFLOP/s: torch's BLAS, MKL), top-k {topk:.1f} s and "
             f"normalising the bank {costs['normalise']:.1f} s. ")
     if floor:
-        text += (f"faiss's product on its own BLAS (OpenBLAS), with a top-1 that costs next to nothing, takes {floor:.1f} s "
-                 f"({rate / floor:.0f} GFLOP/s), with the top-{args.k} {costs['faiss fp32 product + top-k']:.1f} s: that product is the floor of "
-                 f"any exact fp32 search here. Building an `IndexFlatIP` first (a normalised copy of the bank) took "
+        text += (f"faiss's product on its own BLAS (OpenBLAS) takes {floor:.1f} s with a top-1 ({rate / floor:.0f} GFLOP/s) and "
+                 f"{costs['faiss fp32 product + top-k']:.1f} s with the top-{args.k}: that product is the floor of any exact fp32 search "
+                 f"here. Building an `IndexFlatIP` first (a normalised copy of the bank) took "
                  f"{costs['faiss IndexFlatIP build']:.1f} s more, which is why the search runs `faiss.knn` on bank chunks instead. ")
     if lightly:
         text += (f"lightly's `knn_predict` takes {lightly:.1f} s and computes the product with torch: a search on torch's product can be at most "
