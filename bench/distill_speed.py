@@ -289,7 +289,7 @@ def profile_notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dic
                 + f". The convolutions (teacher forward, student forward and backward: {ours['convolution GFLOP']:.0f} GFLOP a step) run at "
                 f"{ours['convolution GFLOP'] / conv:.0f} GFLOP/s on one thread; the official step runs the same ones at "
                 f"{official['convolution GFLOP'] / official_conv:.0f} GFLOP/s ({1000 * official_conv:.0f} of its {1000 * official_total:.0f} ms). "
-                f"Both call the same oneDNN kernels with the same work, so with the same arithmetic a step can be at most "
+                f"Both run the same convolutions (the same operations, through oneDNN), so with the same arithmetic a step can be at most "
                 f"{official_total / conv:.2f}x the official one even if everything but the convolutions cost nothing; ours spends "
                 f"{1000 * (total - conv):.0f} ms outside them (the official step {1000 * (official_total - official_conv):.0f} ms).")
         for name in (COMPILED_STUDENT, COMPILED_BOTH):
