@@ -1,7 +1,7 @@
 """``python -m bench``: run the benchmark suite, then render docs/BENCHMARKS.md.
 
     python -m bench                      # every CPU benchmark (`make bench`, about 3.5 hours on 2 cores, 2.5 of them quality)
-    python -m bench --gpu                # the speed benchmarks on a GPU at 224px (`make bench-gpu`)
+    python -m bench --gpu                # the speed benchmarks on a GPU at 224px (`make bench-gpu`; quality: --gpu --only quality)
     python -m bench --only knn,queue     # a subset; the page is re-rendered from all results
     python -m bench --list
 
@@ -24,22 +24,27 @@ from bench.render import render
 # A GPU run writes bench/results/<name>_gpu.json beside the CPU one.
 SUITE: dict[str, tuple[str, list[str], list[str] | None]] = {}
 OPTIONAL: set[str] = set()  # registered but too long for `make bench`: run with --only NAME
+GPU_OPTIONAL: set[str] = set()  # has a GPU variant that `make bench-gpu` leaves out: python -m bench --gpu --only NAME
 
 
-def register(name: str, script: str, cpu_args: list[str], gpu_args: list[str] | None = None, default: bool = True) -> None:
+def register(name: str, script: str, cpu_args: list[str], gpu_args: list[str] | None = None, default: bool = True,
+             gpu_default: bool = True) -> None:
     SUITE[name] = (script, cpu_args, gpu_args)
     if not default:
         OPTIONAL.add(name)
+    if gpu_args is not None and not gpu_default:
+        GPU_OPTIONAL.add(name)
 
 
-# quality needs the reference teacher (make teacher); on a GPU it trains a ResNet-50 teacher itself (about 8 min in all).
+# quality needs the reference teacher (make teacher); on a GPU it trains a ResNet-50 teacher itself (about 8 min in all), so
+# `make bench-gpu` (the speed benchmarks, within 8 min) leaves it to `python -m bench --gpu --only quality`.
 register("quality", "bench/quality.py", [], ["--teacher-config", "configs/bench/gpu/teacher_r50.yaml", "--configs", "configs/bench/gpu",
-                                             "--seeds", "0", "--weak-epoch", "4", "--name", "quality_gpu"])
+                                             "--seeds", "0", "--weak-epoch", "4", "--name", "quality_gpu"], gpu_default=False)
 register("teacher_curve", "bench/teacher_curve.py", [])
 GPU_SPEED = ["--device", "cuda", "--image-size", "224", "--batch-size", "256", "--rounds", "10"]
 register("distill_speed", "bench/distill_speed.py", ["--threads", "1", "--rounds", "8"], [*GPU_SPEED, "--pairs", "r50:r18,r50x2:mbv3l"])
 register("queue", "bench/queue_bench.py", ["--threads", "1", "--rounds", "6"], GPU_SPEED)
-register("knn", "bench/knn_bench.py", ["--threads", "1"])
+register("knn", "bench/knn_bench.py", ["--threads", "1"], ["--device", "cuda", "--sizes", "10000,100000,1000000"])
 register("knn_ivf", "bench/knn_ivf.py", ["--threads", "1"])
 register("data_loading", "bench/data_loading.py", ["--threads", "1"],
          ["--device", "cuda", "--datasets", "fashion-mnist:32:256,synthetic:224:256", "--workers", "0,4,8,16"])
@@ -83,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.list:
         for name, (script, _, gpu_args) in SUITE.items():
-            print(f"{name:16s} {script}{'' if gpu_args is None else '  (has --gpu variant)'}{'  (not in the default suite)' if name in OPTIONAL else ''}")
+            print(f"{name:16s} {script}{'' if gpu_args is None else '  (has --gpu variant)'}{'  (not in the default suite)' if name in OPTIONAL else ''}"
+                  f"{'  (not in the default --gpu suite)' if name in GPU_OPTIONAL else ''}")
         return 0
     if args.gpu:
         import torch
@@ -92,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m bench --gpu: torch {torch.__version__} sees no CUDA GPU on this machine; run it on one that has a GPU "
                   "(`make bench-gpu`), or drop --gpu", file=sys.stderr)
             return 2
-    names = [n for n in args.only.split(",") if n] or [n for n in SUITE if n not in OPTIONAL]
+    names = [n for n in args.only.split(",") if n] or [n for n in SUITE if n not in (GPU_OPTIONAL if args.gpu else OPTIONAL)]
     unknown = sorted(set(names) - SUITE.keys())
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SUITE)}")

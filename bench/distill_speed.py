@@ -43,6 +43,7 @@ from bench.speed import (
     OfficialTeacher,
     StepFn,
     Stopwatch,
+    autocast,
     fmt_ms,
     interleaved,
     mocov2_step,
@@ -61,6 +62,7 @@ from seed.teacher_cache import TeacherCache
 OFFICIAL = "official step (no_grad teacher, BN as is, queue cloned, fp32)"
 SAME_TEACHER = "ours, the official teacher (queue read in place)"
 MOCO = "student alone: MoCo v2 step (2 views, momentum encoder)"
+TEACHER_ALONE = "teacher forward alone (seed-distill's teacher on this device)"
 CACHED = "seed-distill --teacher-cache, a cached epoch (embeddings read back, no teacher)"
 CPU_DEFAULT = "seed-distill on CPU: inference_mode + BN folded (no channels_last)"
 CHANNELS_LAST = "seed-distill --channels-last on CPU: student and teacher NHWC"
@@ -70,7 +72,7 @@ COMPILED_BOTH = "--channels-last + torch.compile of the student and of the teach
 SHORT = {OFFICIAL: "official", SAME_TEACHER: "ours, no_grad teacher", "+ inference_mode": "+ inference_mode", "+ channels_last": "+ channels_last",
          "+ BN folded": "+ BN folded", "+ bf16 autocast (seed-distill on GPU)": "+ bf16", CPU_DEFAULT: "seed-distill CPU",
          CHANNELS_LAST: "--channels-last", BF16_CPU: "+ bf16-mixed", MOCO: "MoCo v2, student alone",
-         CACHED: "--teacher-cache", COMPILED_STUDENT: "+ compiled student", COMPILED_BOTH: "+ compiled teacher"}
+         CACHED: "--teacher-cache", TEACHER_ALONE: "teacher alone", COMPILED_STUDENT: "+ compiled student", COMPILED_BOTH: "+ compiled teacher"}
 
 
 def chain(gpu: bool) -> list[tuple[str, bool, bool, bool]]:
@@ -121,6 +123,7 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> tuple[
         module = seed_module(student, teacher_variant(backbone, head, device, True, gpu), args.queue_size, args.image_size).to(device)
         steps[CACHED] = ours_step(module, images, device, bf16=gpu, cache=cache)
         steps[MOCO] = mocov2_step(student, args.queue_size, args.image_size, images, device, bf16=gpu)
+        steps[TEACHER_ALONE] = teacher_alone_step(teacher_variant(backbone, head, device, True, gpu), images, device, bf16=gpu)
         first_calls = {name: first_call_seconds(steps[name]) for name in (COMPILED_STUDENT, COMPILED_BOTH) if name in steps}
         profiles = {name: profile_step(steps[name]) for name in (OFFICIAL, CHANNELS_LAST) if name in steps}
         print(f"{teacher} -> {student}: {len(steps)} variants x {args.rounds} rounds", flush=True)
@@ -128,6 +131,17 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> tuple[
         for name, seconds in first_calls.items():
             timings[name]["compile_s"] = seconds - timings[name]["step_s"]
         return timings, profiles
+
+
+def teacher_alone_step(teacher: Stopwatch, images: torch.Tensor, device: str, bf16: bool) -> StepFn:
+    """The teacher's forward with nothing else: one of the two parts whose sum a SEED step is measured against."""
+
+    def step() -> dict[str, float]:
+        with autocast(device, bf16):
+            teacher(images)
+        return {"teacher_s": teacher.seconds}
+
+    return step
 
 
 def first_call_seconds(step: StepFn) -> float:
@@ -178,7 +192,7 @@ def pair_table(teacher: str, student: str, timings: dict[str, dict[str, float]],
     rows, previous = [], None
     chained = [OFFICIAL, SAME_TEACHER, *[name for name, *_ in chain(gpu)]]
     for name, t in timings.items():
-        if name == MOCO:
+        if name in (MOCO, TEACHER_ALONE):
             continue
         teacher_cells = ([fmt_ms(t["teacher_s"]) + spread(t, "teacher_s"), f"{official['teacher_s'] / t['teacher_s']:.2f}x"]
                          if t["teacher_s"] else ["none", "—"])
@@ -235,7 +249,7 @@ def notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, f
         gains = {name: teach[without] / teach[with_it] for name, without, with_it in changes}
         margin = {name: t[without].get("teacher_s_spread", 0.0) + t[with_it].get("teacher_s_spread", 0.0) for name, without, with_it in changes}
         noise = abs(teach[SAME_TEACHER] / teach[OFFICIAL] - 1)
-        fastest = max((n for n in step if n not in (MOCO, CACHED)), key=lambda n: 1 / step[n])
+        fastest = max((n for n in step if n not in (MOCO, CACHED, TEACHER_ALONE)), key=lambda n: 1 / step[n])
         found.append(f"{teacher} → {student}: as `seed-distill` runs it here ({SHORT[ours]}), our step is "
                      f"{step[OFFICIAL] / step[ours]:.2f}x the official step's speed ({args.batch_size / step[ours]:.0f} vs "
                      f"{args.batch_size / step[OFFICIAL]:.0f} images/s); its teacher forward {teach[OFFICIAL] / teach[ours]:.2f}x. "
@@ -262,6 +276,10 @@ def notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dict[str, f
                          f"products, fp32 weights) the step is {step[OFFICIAL] / step[BF16_CPU]:.2f}x the official fp32 step's speed "
                          f"({args.batch_size / step[BF16_CPU]:.0f} images/s); its teacher forward {teach[OFFICIAL] / teach[BF16_CPU]:.2f}x.")
         found.append(f"{teacher} → {student}: a SEED step costs {step[ours] / step[MOCO]:.2f}x a MoCo v2 step of the student alone.")
+        parts = step[CACHED] + step[TEACHER_ALONE]
+        found.append(f"{teacher} → {student}: the step as `seed-distill` runs it here ({fmt_ms(step[ours])}) is {step[ours] / parts:.2f}x the sum "
+                     f"of its parts timed apart: the student's step without a teacher (the `--teacher-cache` row, {fmt_ms(step[CACHED])}) and "
+                     f"the teacher's forward alone ({fmt_ms(step[TEACHER_ALONE])}).")
         bound = 1 / (1 - teach[ours] / step[ours])
         found.append(f"{teacher} → {student}: `--teacher-cache` makes a step of a cached epoch {step[ours] / step[CACHED]:.2f}x the exact "
                      f"step ({args.batch_size / step[CACHED]:.0f} vs {args.batch_size / step[ours]:.0f} images/s); removing the teacher's "
@@ -325,10 +343,11 @@ def main() -> None:
         print(table["caption"])
         for row in table["rows"]:
             print(" | ".join(row))
-    labels = [SHORT[name] for name in results[f"{pairs[0][0]}:{pairs[0][1]}"]]
+    plotted = [name for name in results[f"{pairs[0][0]}:{pairs[0][1]}"] if name != TEACHER_ALONE]
+    labels = [SHORT[name] for name in plotted]
     plot = {"file": f"{result_name('distill_speed', args.device)}.png", "kind": "bar", "ylabel": "images/s (step)",
             "title": f"SEED step, {args.image_size}px, batch {args.batch_size}, K {args.queue_size}, {args.device}",
-            "series": [{"label": f"{t} → {s}", "x": labels, "y": [args.batch_size / v["step_s"] for v in results[f"{t}:{s}"].values()]}
+            "series": [{"label": f"{t} → {s}", "x": labels, "y": [args.batch_size / results[f"{t}:{s}"][name]["step_s"] for name in plotted]}
                        for t, s in pairs]}
     shared = (f"The CPU was shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on "
               f"{os.cpu_count()} cores), so absolute numbers are low and vary between runs; the ratios come from one run with the "

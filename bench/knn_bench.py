@@ -12,6 +12,7 @@ previous file, each with the machine and date it was measured on.
     python -m bench.knn_bench                       # N = 10k, 100k (about 1 min)
     python -m bench.knn_bench --sizes 10000,100000,1000000   # and 1M (several minutes, 8 GB of memory)
     python -m bench.knn_bench --sizes 10000 --methods faiss,torch
+    python -m bench.knn_bench --device cuda --sizes 10000,100000,1000000   # on a GPU (faiss-gpu from the gpu extra): knn_gpu.json
 """
 
 import argparse
@@ -24,38 +25,52 @@ import time
 from pathlib import Path
 
 from bench.common import RESULTS, describe_machine, machine, memory_status, write_result
+from bench.speed import check_device, result_name
 
 METHODS = {"faiss": "faiss `knn`, bank chunked (ours)", "torch": "torch brute force, chunked (ours)", "lightly": "lightly `knn_predict`"}
 
 
-def _run(method: str, size: int, dim: int, queries: int, k: int, classes: int, threads: int, answer: multiprocessing.Queue) -> None:
+def _run(method: str, size: int, dim: int, queries: int, k: int, classes: int, threads: int, device: str, answer: multiprocessing.Queue) -> None:
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(threads)
     generator = torch.Generator().manual_seed(0)
-    bank = F.normalize(torch.randn(size, dim, generator=generator), dim=1)
-    bank_labels = torch.randint(0, classes, (size,), generator=generator)
-    query = F.normalize(torch.randn(queries, dim, generator=generator), dim=1)
+    bank = F.normalize(torch.randn(size, dim, generator=generator), dim=1).to(device)
+    bank_labels = torch.randint(0, classes, (size,), generator=generator).to(device)
+    query = F.normalize(torch.randn(queries, dim, generator=generator), dim=1).to(device)
     if method == "faiss":
         import faiss
 
         faiss.omp_set_num_threads(threads)
     from lightly.utils.benchmarking import knn_predict  # imports before the memory baseline
 
-    from downstream.knn import predict
+    from downstream.knn import predict, search_name
 
-    with open("/proc/self/clear_refs", "w") as handle:
-        handle.write("5")  # reset the peak-memory mark: count only what the method adds
-    before = memory_status("VmRSS")
-    start = time.perf_counter()
-    if method == "lightly":
-        predicted = knn_predict(query, bank.T, bank_labels, classes, knn_k=k, knn_t=0.07)[:, 0]
+    def search(rows: int) -> torch.Tensor:
+        if method == "lightly":
+            return knn_predict(query, bank[:rows].T, bank_labels[:rows], classes, knn_k=min(k, rows), knn_t=0.07)[:, 0]
+        return predict(bank[:rows], bank_labels[:rows], query, classes, k=k, temperature=0.07, backend=method)
+
+    gpu = device.startswith("cuda")
+    if gpu:
+        search(min(size, 10_000))  # CUDA's first-call costs (context, cuBLAS, faiss's resources) are not the search's
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
     else:
-        predicted = predict(bank, bank_labels, query, classes, k=k, temperature=0.07, backend=method)
+        with open("/proc/self/clear_refs", "w") as handle:
+            handle.write("5")  # reset the peak-memory mark: count only what the method adds
+        before = memory_status("VmRSS")
+    start = time.perf_counter()
+    predicted = search(size)
+    if gpu:
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    answer.put({"method": method, "bank": size, "seconds": round(seconds, 3), "extra_peak_mb": round((memory_status("VmHWM") - before) / 2**20, 1),
-                "data_mb": round((bank.numel() + query.numel()) * 4 / 2**20, 1), "predictions": predicted.tolist()})
+    peak = torch.cuda.max_memory_allocated() if gpu else memory_status("VmHWM")
+    answer.put({"method": method, "bank": size, "seconds": round(seconds, 3), "extra_peak_mb": round((peak - before) / 2**20, 1),
+                "data_mb": round((bank.numel() + query.numel()) * 4 / 2**20, 1), "predictions": predicted.tolist(),
+                **({"search": search_name(method, "flat")} if method != "lightly" else {})})
 
 
 def _profile(size: int, dim: int, queries: int, k: int, threads: int, answer: multiprocessing.Queue) -> None:
@@ -112,7 +127,7 @@ def profile(size: int, args: argparse.Namespace) -> dict:
 def measure(method: str, size: int, args: argparse.Namespace) -> dict:
     context = multiprocessing.get_context("spawn")
     answer = context.Queue()
-    process = context.Process(target=_run, args=(method, size, args.dim, args.queries, args.k, args.classes, args.threads, answer))
+    process = context.Process(target=_run, args=(method, size, args.dim, args.queries, args.k, args.classes, args.threads, args.device, answer))
     process.start()
     process.join(args.timeout)
     if process.is_alive():
@@ -200,10 +215,11 @@ def notes(runs: list[dict], args: argparse.Namespace, costs: dict | None = None)
     if all((m, n) in by for m in ("faiss", "torch") for n in sizes):
         largest = sizes[-1]
         ratio = by[("faiss", largest)]["seconds"] / by[("torch", largest)]["seconds"]
-        faster = (f"the chunked torch search (matmul + topk) is {ratio:.1f}x faster than faiss-cpu's" if ratio > 1.1 else
-                  f"faiss-cpu's exact search is {1 / ratio:.1f}x faster than the chunked torch search" if ratio < 1 / 1.1 else
-                  "faiss-cpu's exact search and the chunked torch search take about the same time")
-        found.append(f"At N = {human(largest)} on this CPU {faster} at k = {args.k} with {args.queries} queries. `--backend auto` takes faiss "
+        faster = (f"the chunked torch search (matmul + topk) is {ratio:.1f}x faster than faiss's" if ratio > 1.1 else
+                  f"faiss's exact search is {1 / ratio:.1f}x faster than the chunked torch search" if ratio < 1 / 1.1 else
+                  "faiss's exact search and the chunked torch search take about the same time")
+        processor = "GPU" if args.device.startswith("cuda") else "CPU"
+        found.append(f"At N = {human(largest)} on this {processor} {faster} at k = {args.k} with {args.queries} queries. `--backend auto` takes faiss "
                      "whenever it is installed; `--backend torch` selects the other.")
     if all((m, n) in by for m in ("lightly", "faiss") for n in sizes):
         found.append("Our default search (`--backend auto` with faiss installed) against lightly's `knn_predict`: " + ", ".join(
@@ -226,7 +242,10 @@ def main() -> None:
     parser.add_argument("--classes", type=int, default=1000)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
     parser.add_argument("--timeout", type=int, default=600, help="seconds per run before it is given up")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda: where the bank, the queries and the searches are")
     args = parser.parse_args()
+    check_device(args.device)
+    gpu = args.device.startswith("cuda")
     sizes, methods = [int(s) for s in args.sizes.split(",")], args.methods.split(",")
     unknown = sorted(set(methods) - METHODS.keys())
     if unknown:
@@ -243,10 +262,11 @@ def main() -> None:
                 row["agree_with_first"] = round(sum(a == b for a, b in zip(predictions, reference, strict=True)) / len(reference), 4)
             runs.append(row)
             print(json.dumps(row), flush=True)
-    costs = profile(max(sizes), args)
-    print(json.dumps({"profile": costs}), flush=True)
+    costs = {} if gpu else profile(max(sizes), args)  # the profile times CPU products
+    if costs:
+        print(json.dumps({"profile": costs}), flush=True)
     load_after = os.getloadavg()
-    carried = [run for run in previous_runs(RESULTS / "knn.json") if run["bank"] not in sizes]
+    carried = [run for run in previous_runs(RESULTS / f"{result_name('knn', args.device)}.json") if run["bank"] not in sizes]
     import faiss
     import lightly
 
@@ -260,25 +280,32 @@ def main() -> None:
                             f"Carried over from {when} (`python -m bench.knn_bench --sizes {','.join(str(n) for n in sorted({r['bank'] for r in rows}))}`; "
                             f"{where}, {rows[0]['machine'].get('threads')} threads); not measured this time, compare within this table only:"))
     plot_runs = [r for r in runs if "error" not in r]
-    plots = [{"file": "knn_time.png", "title": "kNN search + vote, 1000 queries", "xlabel": "bank N", "ylabel": "seconds", "logx": True, "logy": True,
+    on_gpu = " (GPU)" if gpu else ""
+    plots = [{"file": f"{result_name('knn_time', args.device)}.png", "title": f"kNN search + vote, 1000 queries{on_gpu}", "xlabel": "bank N",
+              "ylabel": "seconds", "logx": True, "logy": True,
               "series": [{"label": METHODS[m].replace("`", ""), "x": [r["bank"] for r in plot_runs if r["method"] == m],
                           "y": [r["seconds"] for r in plot_runs if r["method"] == m]} for m in methods]},
-             {"file": "knn_memory.png", "title": "Memory the search adds", "xlabel": "bank N", "ylabel": "MB", "logx": True, "logy": True,
+             {"file": f"{result_name('knn_memory', args.device)}.png", "title": f"Memory the search adds{on_gpu}", "xlabel": "bank N", "ylabel": "MB",
+              "logx": True, "logy": True,
               "series": [{"label": METHODS[m].replace("`", ""), "x": [r["bank"] for r in plot_runs if r["method"] == m],
                           "y": [r["extra_peak_mb"] for r in plot_runs if r["method"] == m]} for m in methods]}]
+    faiss_search_used = next((r["search"] for r in runs if r.get("search") and r["method"] == "faiss"), "faiss")
     description = (
         f"The search and weighted vote of `seed-eval knn` (k = {args.k}, τ = 0.07, top-1) for {args.queries} queries against a bank of N "
-        f"random L2-normalised features, d = {args.dim}, {args.classes} classes, on the CPU with {args.threads} thread(s). Each run is a "
-        "fresh process; “+memory” is the peak resident memory the method adds on top of the bank and queries (the bank alone is "
-        f"{args.dim * 4 * 10_000 / 1e6:.0f} MB per 10k rows). faiss-cpu {faiss.__version__}, lightly {lightly.__version__}. "
-        f"The CPU was shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on {os.cpu_count()} "
-        "cores); timings on a loaded machine vary by about 2x between runs, so compare methods within one row. "
-        "CPU only: `--gpu` has no kNN variant (faiss-gpu is an optional extra)."
+        f"random L2-normalised features, d = {args.dim}, {args.classes} classes, "
+        + (f"on the GPU (bank and queries in GPU memory; the faiss rows search with {faiss_search_used}), after a warm-up "
+           "search of 10k rows. Each run is a fresh process; “+memory” is the peak GPU memory torch's allocator adds on top of the bank "
+           "and queries (faiss-gpu's own allocations are not in it)" if gpu else
+           f"on the CPU with {args.threads} thread(s). Each run is a fresh process; “+memory” is the peak resident memory the method adds "
+           "on top of the bank and queries")
+        + f" (the bank alone is {args.dim * 4 * 10_000 / 1e6:.0f} MB per 10k rows). faiss {faiss.__version__}, lightly {lightly.__version__}. "
+        + ("" if gpu else f"The CPU was shared with other jobs (load average {load_before[0]:.1f} before, {load_after[0]:.1f} after, on "
+                          f"{os.cpu_count()} cores); timings on a loaded machine vary by about 2x between runs, so compare methods within one row.")
     )
-    info = machine("cpu")
+    info = machine(args.device)
     info["threads"] = args.threads
-    write_result("knn", {
-        "title": "kNN search", "order": 40, "machine": info,
+    write_result(result_name("knn", args.device), {
+        "title": "kNN search" + (" (GPU)" if gpu else ""), "order": 40 if not gpu else 41, "machine": info,
         "command": "python " + " ".join(["-m", "bench.knn_bench", *sys.argv[1:]]),
         "description": description, "tables": tables, "plots": plots, "notes": notes(runs, args, costs),
         "data": {"settings": {k: v for k, v in vars(args).items() if k not in ("sizes", "methods")},
