@@ -367,7 +367,11 @@ def main() -> None:
         + "“× previous row” is each optimisation's own speed-up. KD overhead compares our step with the student trained alone, "
         "self-supervised: a MoCo v2 step (`pretrain/mocov2.py`'s encoders, momentum copy and lightly loss; 2 views). "
         "The `--teacher-cache` row is `seed-distill`'s step in an epoch whose views are all cached: the embeddings read back from "
-        "the memory-mapped fp16 file, no teacher forward. "
+        "the memory-mapped fp16 file, no teacher forward; with the teacher's forward timed alone it gives the step's parts. "
+        + ("" if gpu else "The torch.compile rows (bench only, not `seed-distill` flags) compile the student's backbone, then also the "
+                          "teacher's with inductor's freezing; their compile time is reported apart. The profile note breaks the "
+                          "`--channels-last` step and the official one down by kind of op (torch.profiler) and counts the convolutions' "
+                          "operations (`torch.utils.flop_counter`). ")
         + shared + f"Torch threads: {torch.get_num_threads()}."
     )
     write_result(result_name("distill_speed", args.device), {
