@@ -80,6 +80,13 @@ def record_suite(seconds: dict[str, float], failed: list[str]) -> None:
     })
 
 
+def default_names(gpu: bool) -> list[str]:
+    """What ``python -m bench`` runs without --only: ``make bench``, or with --gpu ``make bench-gpu``."""
+    if gpu:
+        return [name for name, (_, _, gpu_args) in SUITE.items() if gpu_args is not None and name not in GPU_OPTIONAL]
+    return [name for name in SUITE if name not in OPTIONAL]
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__.splitlines()[0])
     parser.add_argument("--gpu", action="store_true", help="run the GPU variants (speed benchmarks at 224px)")
@@ -98,7 +105,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"python -m bench --gpu: torch {torch.__version__} sees no CUDA GPU on this machine; run it on one that has a GPU "
                   "(`make bench-gpu`), or drop --gpu", file=sys.stderr)
             return 2
-    names = [n for n in args.only.split(",") if n] or [n for n in SUITE if n not in (GPU_OPTIONAL if args.gpu else OPTIONAL)]
+    names = [n for n in args.only.split(",") if n] or default_names(args.gpu)
     unknown = sorted(set(names) - SUITE.keys())
     if unknown:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SUITE)}")

@@ -161,6 +161,15 @@ def op_kind(name: str) -> str:
     return "everything else"
 
 
+OP_KINDS = ["convolutions, forward", "convolutions, backward", "matrix products", "everything else"]
+
+
+def op_shares(profiled: dict[str, float]) -> dict[str, float]:
+    """Each kind of op's share of the profiled step."""
+    total = sum(profiled.get(kind, 0.0) for kind in OP_KINDS)
+    return {kind: profiled.get(kind, 0.0) / total for kind in OP_KINDS}
+
+
 def profile_step(step: StepFn, steps: int = 2) -> dict[str, float]:
     """Seconds per step by kind of op (torch.profiler's self CPU time, so each op counts once), and the
     floating-point operations of the convolutions per step (``FlopCounterMode``)."""
@@ -295,21 +304,22 @@ def profile_notes(pairs: list[tuple[str, str]], results: dict[str, dict[str, dic
         pair, t = f"{teacher}:{student}", results[f"{teacher}:{student}"]
         ours, official = profiles[pair].get(CHANNELS_LAST), profiles[pair].get(OFFICIAL)
         if ours and official:
-            kinds = ["convolutions, forward", "convolutions, backward", "matrix products", "everything else"]
-            total = sum(ours.get(kind, 0.0) for kind in kinds)
-            conv = ours["convolutions, forward"] + ours["convolutions, backward"]
-            official_total = sum(official.get(kind, 0.0) for kind in kinds)
-            official_conv = official["convolutions, forward"] + official["convolutions, backward"]
+            # the profiler's shares of the timed (median, unprofiled) step: its own totals run a few % off the timed ones
+            ours_share, official_share = op_shares(ours), op_shares(official)
+            ours_step, official_step = t[CHANNELS_LAST]["step_s"], t[OFFICIAL]["step_s"]
+            conv = (ours_share["convolutions, forward"] + ours_share["convolutions, backward"]) * ours_step
+            official_conv = (official_share["convolutions, forward"] + official_share["convolutions, backward"]) * official_step
             found.append(
-                f"{teacher} → {student}: where the `--channels-last` step's time goes (torch.profiler, self time of each op, "
-                f"{1000 * total:.0f} ms a step under the profiler): "
-                + ", ".join(f"{kind} {1000 * ours.get(kind, 0.0):.0f} ms ({100 * ours.get(kind, 0.0) / total:.0f}%)" for kind in kinds)
-                + f". The convolutions (teacher forward, student forward and backward: {ours['convolution GFLOP']:.0f} GFLOP a step) run at "
-                f"{ours['convolution GFLOP'] / conv:.0f} GFLOP/s on one thread; the official step runs the same ones at "
-                f"{official['convolution GFLOP'] / official_conv:.0f} GFLOP/s ({1000 * official_conv:.0f} of its {1000 * official_total:.0f} ms). "
+                f"{teacher} → {student}: where the `--channels-last` step's time goes (torch.profiler's self time of each op, as shares of "
+                f"the timed {fmt_ms(ours_step)}): " + ", ".join(f"{kind} {fmt_ms(share * ours_step)} ({100 * share:.0f}%)"
+                                                                   for kind, share in ours_share.items())
+                + f". The convolutions (teacher forward, student forward and backward: {ours['convolution GFLOP']:.0f} GFLOP a step, "
+                f"`torch.utils.flop_counter`) run at {ours['convolution GFLOP'] / conv:.0f} GFLOP/s on one thread, the official step's at "
+                f"{official['convolution GFLOP'] / official_conv:.0f} GFLOP/s ({fmt_ms(official_conv)} of its {fmt_ms(official_step)}). "
                 f"Both run the same convolutions (the same operations, through oneDNN), so with the same arithmetic a step can be at most "
-                f"{official_total / conv:.2f}x the official one even if everything but the convolutions cost nothing; ours spends "
-                f"{1000 * (total - conv):.0f} ms outside them (the official step {1000 * (official_total - official_conv):.0f} ms).")
+                f"{official_step / conv:.2f}x the official one even if everything but the convolutions cost nothing; ours spends "
+                f"{fmt_ms(ours_step - conv)} outside them (the official step {fmt_ms(official_step - official_conv)}): BatchNorm, ReLU, "
+                "residual adds, the optimiser and the loss's products against the queue, which torch.compile (below) does not shrink.")
         for name in (COMPILED_STUDENT, COMPILED_BOTH):
             if name in t:
                 found.append(f"{teacher} → {student}: {SHORT[name]} (torch.compile, inductor): the step is "

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import bench.common
-from bench.__main__ import SUITE, main
+from bench.__main__ import SUITE, default_names, main
 from bench.common import ROOT, write_result
 from bench.render import render
 
@@ -55,6 +55,12 @@ def test_bench_list_runs_as_a_module():
     listed = [line.split()[0] for line in done.stdout.splitlines()]
     assert listed == list(SUITE)
     assert "distill_speed" in listed and "(has --gpu variant)" in done.stdout and "(not in the default suite)" in done.stdout
+
+
+def test_make_bench_gpu_runs_the_speed_benchmarks_and_leaves_quality_to_only():
+    """Issue 15: `make bench-gpu` is one script of speed benchmarks (the distill step, queue, kNN up to 1M, data loading)."""
+    assert default_names(gpu=True) == ["distill_speed", "queue", "knn", "data_loading"]
+    assert "1000000" in SUITE["knn"][2] and "quality" in default_names(gpu=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
