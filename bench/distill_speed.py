@@ -125,7 +125,7 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> tuple[
         steps[MOCO] = mocov2_step(student, args.queue_size, args.image_size, images, device, bf16=gpu)
         steps[TEACHER_ALONE] = teacher_alone_step(teacher_variant(backbone, head, device, True, gpu), images, device, bf16=gpu)
         first_calls = {name: first_call_seconds(steps[name]) for name in (COMPILED_STUDENT, COMPILED_BOTH) if name in steps}
-        profiles = {name: profile_step(steps[name]) for name in (OFFICIAL, CHANNELS_LAST) if name in steps}
+        profiles = {} if gpu else {name: profile_step(steps[name]) for name in (OFFICIAL, CHANNELS_LAST)}  # the profile counts CPU time
         print(f"{teacher} -> {student}: {len(steps)} variants x {args.rounds} rounds", flush=True)
         timings = interleaved(steps, args.rounds, device, args.warmup)
         for name, seconds in first_calls.items():

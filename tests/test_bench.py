@@ -60,7 +60,7 @@ def test_bench_list_runs_as_a_module():
 def test_make_bench_gpu_runs_the_speed_benchmarks_and_leaves_quality_to_only():
     """Issue 15: `make bench-gpu` is one script of speed benchmarks (the distill step, queue, kNN up to 1M, data loading)."""
     assert default_names(gpu=True) == ["distill_speed", "queue", "knn", "data_loading"]
-    assert "1000000" in SUITE["knn"][2] and "quality" in default_names(gpu=False)
+    assert SUITE["knn"][2][-2:] == ["--sizes", "10000,100000,1000000"] and "quality" in default_names(gpu=False)
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
