@@ -13,7 +13,9 @@ about the same minutes on 2 cores; the table shows the minutes measured):
 3. the student distilled with SEED from the weaker teacher;
 4. the student distilled with SEED from the reference teacher through ``--teacher-cache
    --cache-views 1`` (issue 15's accuracy cost: each image's one fixed view, embedded in
-   the first epoch, read back from the fp16 cache after it; same steps).
+   the first epoch, read back from the fp16 cache after it; same steps);
+5. the student distilled with SEED from the reference teacher under ``--precision bf16-mixed``
+   (bf16 autocast, 1.8x the fp32 step on a CPU with bf16 units: what it costs in accuracy; same steps).
 
 Every network, random init of each architecture (3 seeds) and the teachers included, is scored
 by ``seed-eval compare``'s protocol (downstream/compare.py): the whole train split as kNN bank and
@@ -84,6 +86,7 @@ def main() -> None:
     parser.add_argument("--weak-epoch", type=int, default=5, help="the weaker teacher: the reference run after this many epochs")
     parser.add_argument("--weak-students", default="r18", help="students that are also distilled from the weaker teacher")
     parser.add_argument("--cache-students", default="r18", help="students that are also distilled through --teacher-cache --cache-views 1")
+    parser.add_argument("--bf16-students", default="r18", help="students that are also distilled under --precision bf16-mixed")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 4 steps per student (not a result)")
     parser.add_argument("--teacher-config", help="train the teacher here with this config (kept epoch checkpoints) instead of "
                                                  "reading the reference teacher of `make teacher` (the GPU run: configs/bench/gpu/teacher_r50.yaml)")
@@ -93,7 +96,8 @@ def main() -> None:
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     students = [s for s in args.students.split(",") if s]
-    only = {"seed_weak": [s for s in args.weak_students.split(",") if s], "seed_cached": [s for s in args.cache_students.split(",") if s]}
+    only = {"seed_weak": [s for s in args.weak_students.split(",") if s], "seed_cached": [s for s in args.cache_students.split(",") if s],
+            "seed_bf16": [s for s in args.bf16_students.split(",") if s]}
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     teacher_dir = reference_teacher_dir()
@@ -109,6 +113,8 @@ def main() -> None:
         "seed_weak": (f"{{arch}} SEED from the teacher at epoch {args.weak_epoch}", "seed-distill", "quality_{arch}_seed.yaml", "weak", "student.pt", []),
         "seed_cached": ("{arch} SEED from the reference teacher, --teacher-cache --cache-views 1", "seed-distill", "quality_{arch}_seed.yaml",
                         "strong", "student.pt", ["--teacher-cache", "--cache-views", "1"]),
+        "seed_bf16": ("{arch} SEED from the reference teacher, --precision bf16-mixed", "seed-distill", "quality_{arch}_seed.yaml", "strong",
+                      "student.pt", ["--precision", "bf16-mixed"]),
     }
     files: dict[tuple[str, str], list[str]] = {}
     minutes: dict[tuple[str, str], list[float]] = {}
@@ -164,6 +170,9 @@ def main() -> None:
             exact = by_label[name["seed"]]
             parts.append(f"--teacher-cache vs the exact step: kNN {gain(name['seed_cached'], exact)}, "
                          f"linear {gain(name['seed_cached'], exact, 'linear')}")
+        if name["seed_bf16"] in by_label:
+            exact = by_label[name["seed"]]
+            parts.append(f"--precision bf16-mixed vs fp32: kNN {gain(name['seed_bf16'], exact)}, linear {gain(name['seed_bf16'], exact, 'linear')}")
         notes.append(f"{arch}: {'; '.join(parts)}.")
     table = []
     for row in rows:
