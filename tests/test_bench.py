@@ -183,9 +183,12 @@ def test_quality_table_has_random_init_teachers_and_students_under_one_protocol(
     labels = [row[0] for row in saved["tables"][0]["rows"]]
     assert labels == ["r18 random init", "teacher: r18 SimCLR", "teacher: the same run after 1 epochs", "r18 SimCLR alone",
                       "r18 SEED from the reference teacher", "r18 SEED from the teacher at epoch 1",
-                      "r18 SEED from the reference teacher, --teacher-cache --cache-views 1"]
-    assert [row[1] for row in saved["tables"][0]["rows"]] == ["3", "1", "1", "1", "1", "1", "1"]
+                      "r18 SEED from the reference teacher, --teacher-cache --cache-views 1",
+                      "r18 SEED from the reference teacher, --precision bf16-mixed"]
+    assert [row[1] for row in saved["tables"][0]["rows"]] == ["3", "1", "1", "1", "1", "1", "1", "1"]
     assert saved["notes"][1].startswith("r18: SEED vs SimCLR alone on the same budget: kNN ") and "--teacher-cache vs the exact step: kNN " in saved["notes"][1]
+    assert "--precision bf16-mixed vs fp32: kNN " in saved["notes"][1]
+    assert "bf16-mixed" in (tmp_path / "runs" / "r18" / "seed0" / "seed_bf16" / "config.yaml").read_text()
     assert (tmp_path / "runs" / "r18" / "seed0" / "seed_cached" / "teacher_cache" / "key.json").is_file()
     assert "digits 16px" in saved["description"] and "Smoke run" in saved["description"]
     assert (tmp_path / "runs" / "teacher" / "teacher-epoch001.pt").is_file()
