@@ -104,7 +104,8 @@ def gpu_pending(results: list[dict[str, Any]]) -> str:
         return ""
     lines = ["## GPU: not yet measured", "", "No GPU result has been committed for these benchmarks (224px, batch 256, r50 → r18 and r50x2 → mbv3l: "
              "images/s, teacher overhead, peak memory, with and without bf16 and channels_last). `make bench-gpu` (`python -m bench --gpu`) on a "
-             "machine with a CUDA GPU runs them and writes `bench/results/<name>_gpu.json`, which this page then shows:", ""]
+             "machine with a CUDA GPU runs them, quality apart (`python -m bench --gpu --only quality`, about 8 min more), and writes "
+             "`bench/results/<name>_gpu.json`, which this page then shows:", ""]
     lines += [f"- {name}: `python -m {script.removesuffix('.py').replace('/', '.')} {' '.join(args)}`" for name, (script, args) in missing.items()]
     return "\n".join(lines) + "\n"
 
