@@ -128,15 +128,15 @@ def detection_run(checkpoint: Path, voc: Path, seed: int, args: argparse.Namespa
 
 
 def against_random_init(backbones: dict[str, Path], like: Path, voc: Path, seeds: list[int], args: argparse.Namespace,
-                        work: Path) -> tuple[dict[str, list[dict]], str]:
-    """Runs of every backbone, then of random init of ``like``'s architecture and stem (drawn with each seed), on each seed; and that architecture."""
+                        work: Path) -> tuple[dict[str, list[dict]], torch.nn.Module]:
+    """Runs of every backbone, then of random init of ``like``'s architecture and stem (drawn with each seed), on each seed; and ``like``'s backbone."""
     architecture = load_backbone(like)
     small_images = small_image_stem(architecture)
     runs: dict[str, list[dict]] = {key: [] for key in [*backbones, "random"]}
     for seed in seeds:
         for key, path in [*backbones.items(), ("random", random_init_file(architecture.arch, small_images, seed))]:
             runs[key].append(detection_run(path, voc, seed, args, work / "runs" / f"{key}-{seed}"))
-    return runs, architecture.arch
+    return runs, architecture
 
 
 def versus_random(subject: str, trained: list[dict], random: list[dict]) -> str:
@@ -189,8 +189,9 @@ def shapes(args: argparse.Namespace, seeds: list[int], work: Path, started: floa
     else:
         checkpoint, knn = train_student(work, args)
     pretrain_s = time.time() - started
-    runs, arch = against_random_init({"trained": checkpoint}, checkpoint, voc, seeds, args, work)
+    runs, trained = against_random_init({"trained": checkpoint}, checkpoint, voc, seeds, args, work)
     total_s = time.time() - started
+    arch = trained.arch
     names = {"trained": f"{arch} SEED student" if knn is not None else f"{arch} {checkpoint.name}", "random": f"{arch} random init"}
     notes = [versus_random("The student", runs["trained"], runs["random"]),
              f"Noise: {len(seeds)} detector seeds on {args.test_images} test images; the student itself is one pretraining run, so its own "
@@ -220,7 +221,7 @@ def shapes(args: argparse.Namespace, seeds: list[int], work: Path, started: floa
         "description": description,
         **report(names, runs, "detection.png", "Detection transfer: student vs random init"),
         "notes": notes,
-        "data": {"settings": dict(vars(args)), "small_images": small_image_stem(load_backbone(checkpoint)), "runs": runs, "knn": knn,
+        "data": {"settings": dict(vars(args)), "small_images": small_image_stem(trained), "runs": runs, "knn": knn,
                  "pretrain_s": round(pretrain_s, 1), "total_s": round(total_s, 1)},
     })
 
@@ -241,7 +242,8 @@ def fashion(args: argparse.Namespace, seeds: list[int], work: Path, started: flo
         f"--seed 0 --teacher-checkpoint {teacher} --output {QUALITY_STUDENT.parent}`, or pass --student PATH"))
     voc, _ = write_fashion_scenes(work / "data", args.train_images, args.test_images, args.image_size, seed=0)
     data_s = time.time() - started
-    runs, arch = against_random_init({"teacher": teacher, "student": student}, student, voc, seeds, args, work)
+    runs, student_backbone = against_random_init({"teacher": teacher, "student": student}, student, voc, seeds, args, work)
+    arch = student_backbone.arch
     total_s = time.time() - started
     teacher_arch = load_backbone(teacher).arch
     names = {"teacher": f"{teacher_arch} teacher ({teacher.parent.name}/{teacher.name})", "student": f"{arch} student ({student.parent.name}/{student.name})",

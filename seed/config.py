@@ -111,7 +111,7 @@ class TrainConfig(EngineConfig):
     knn_query_size: int = option("val images the monitor classifies", 1000)
     knn_k: int = option("neighbours of the monitor's kNN vote", 200)
     channels_last: bool | None = option("convolutions in channels_last (NHWC) memory format, for the trained network and any frozen teacher; "
-                                        "on a 2-core CPU an r18 forward + backward runs 1.2x and an mbv3s one 2x faster (default: on GPU)")
+                                        "the same math with other rounding (default: on GPU; its effect on a CPU step: docs/BENCHMARKS.md)")
     precise_bn_images: int = option("recompute BatchNorm statistics over this many train images (eval transform) before each kNN monitor "
                                    "and before the export (PreciseBN; 0: keep the running averages of training)", 1024)
 
