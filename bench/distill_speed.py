@@ -12,7 +12,7 @@ each reports medians (``bench/speed.py``). Rows, from the official code's step:
    over the step (Lightning's ``bf16-mixed``, what ``seed-distill`` uses there);
 4. on a CPU, ``seed-distill``'s own CPU setting (BN folded, no channels_last), then
    with ``--channels-last`` (student and teacher in NHWC, as ``seed.engine.fit`` sets it),
-   then also with ``--precision bf16-mixed`` where oneDNN runs bf16 on the CPU (other arithmetic);
+   then also with ``--precision bf16-mixed`` where the CPU has bf16 units (other arithmetic);
 5. ``seed-distill --teacher-cache`` in a cached epoch: that step with the teacher's
    embeddings read back from the memory-mapped cache, no teacher forward.
 
@@ -57,6 +57,7 @@ from bench.speed import (
     teacher_parts,
     teacher_variant,
 )
+from seed.engine import native_cpu_bf16
 from seed.teacher_cache import TeacherCache
 
 OFFICIAL = "official step (no_grad teacher, BN as is, queue cloned, fp32)"
@@ -112,7 +113,7 @@ def measure_pair(teacher: str, student: str, args: argparse.Namespace) -> tuple[
     if not gpu:
         steps[CPU_DEFAULT] = ours(teacher_variant(backbone, head, device, True, False))
         steps[CHANNELS_LAST] = ours(teacher_variant(backbone, head, device, True, True), channels_last=True)
-        if torch.ops.mkldnn._is_mkldnn_bf16_supported():  # oneDNN runs bf16 on this CPU
+        if native_cpu_bf16():  # bf16 units; seed-distill refuses emulated bf16
             steps[BF16_CPU] = ours(teacher_variant(backbone, head, device, True, True), bf16=True, channels_last=True)
         if args.compile:
             steps[COMPILED_STUDENT] = ours(teacher_variant(backbone, head, device, True, True), channels_last=True, compiled=True)

@@ -15,7 +15,8 @@ about the same minutes on 2 cores; the table shows the minutes measured):
    --cache-views 1`` (issue 15's accuracy cost: each image's one fixed view, embedded in
    the first epoch, read back from the fp16 cache after it; same steps);
 5. the student distilled with SEED from the reference teacher under ``--precision bf16-mixed``
-   (bf16 autocast, 1.8x the fp32 step on a CPU with bf16 units: what it costs in accuracy; same steps).
+   (bf16 autocast, 1.8x the fp32 step on a CPU with bf16 units: what it costs in accuracy; same steps;
+   left out on a CPU without bf16 units, where seed-distill refuses bf16).
 
 Every network, random init of each architecture (3 seeds) and the teachers included, is scored
 by ``seed-eval compare``'s protocol (downstream/compare.py): the whole train split as kNN bank and
@@ -40,6 +41,7 @@ from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, tr
 from downstream.compare import METRICS, CompareConfig, Row, compare
 from seed.checkpoints import export_model, load_encoder
 from seed.config import PretrainConfig, load_config
+from seed.engine import native_cpu_bf16
 from seed.loaders import monitor_loaders
 from seed.module import precise_bn
 
@@ -58,7 +60,8 @@ def run(command: list[str], log: Path, threads: int) -> float:
     with open(log, "w") as handle:
         code = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
-        sys.exit(f"{command[0]} failed (exit {code}); see {log}")
+        said = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["(no output)"]
+        sys.exit(f"{command[0]} failed (exit {code}): {said[0][-400:]}; see {log}")
     return time.perf_counter() - start
 
 
@@ -98,6 +101,10 @@ def main() -> None:
     students = [s for s in args.students.split(",") if s]
     only = {"seed_weak": [s for s in args.weak_students.split(",") if s], "seed_cached": [s for s in args.cache_students.split(",") if s],
             "seed_bf16": [s for s in args.bf16_students.split(",") if s]}
+    skipped = []
+    if not torch.cuda.is_available() and not native_cpu_bf16():  # seed-distill refuses emulated bf16 (seed.engine.check_cpu_bf16)
+        only["seed_bf16"] = []
+        skipped.append("No --precision bf16-mixed row: this CPU has no bf16 units (AVX512-BF16 or AMX), where seed-distill refuses it.")
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     teacher_dir = reference_teacher_dir()
@@ -174,6 +181,7 @@ def main() -> None:
             exact = by_label[name["seed"]]
             parts.append(f"--precision bf16-mixed vs fp32: kNN {gain(name['seed_bf16'], exact)}, linear {gain(name['seed_bf16'], exact, 'linear')}")
         notes.append(f"{arch}: {'; '.join(parts)}.")
+    notes += skipped
     table = []
     for row in rows:
         cells = [f"{m:.2f} ± {s:.2f}" if len(row.scores) > 1 else f"{m:.2f}" for m, s in row.summary().values()]

@@ -274,6 +274,10 @@ def load_config(config_class: type, argv: list[str] | None, prog: str, descripti
     """Parse flags, merge them over the ``--config`` YAML file and the defaults."""
     flags = vars(build_parser(config_class, prog, description).parse_args(argv))
     config = make_config(config_class, flags)
+    if isinstance(config, CommonConfig):
+        from seed.engine import resolve_precision
+
+        resolve_precision(config)  # a precision this machine refuses stops here, before anything loads
     return config
 
 

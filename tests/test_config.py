@@ -155,3 +155,35 @@ def test_the_console_script_says_it_in_one_line(tmp_path):
     result = run_command("seed-distill", "--optimizer", "adam", "--output", str(tmp_path / "out"))
     assert result.returncode == 2 and result.stderr.strip() == "seed-distill: error: unknown --optimizer 'adam'; choose one of: sgd, lars", result.stderr
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("command, argv", [("seed-distill", []), ("seed-pretrain", []), ("seed-eval", ["linear"]),
+                                           ("seed-eval", ["detection"])])
+def test_bf16_on_a_cpu_without_bf16_units_stops_at_parse_time(command, argv, capsys, tmp_path, monkeypatch):
+    """oneDNN emulates bf16 there: 2x slower than fp32, and its weight gradients came out non-finite at random
+    (CI's CPU, a stride-2 convolution over 1x1 maps). The run stops with one line before anything loads."""
+    import seed.engine
+    from downstream.cli import main as eval_main
+    from pretrain.cli import main as pretrain_main
+    from seed.cli import distill_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: False)
+    main = {"seed-distill": distill_main, "seed-pretrain": pretrain_main, "seed-eval": eval_main}[command]
+    said = _cli(main, [*argv, "--precision", "bf16-mixed", "--accelerator", "cpu", "--output", str(tmp_path / "out")], capsys)
+    assert "--precision bf16-mixed: this CPU has no bf16 units (AVX512-BF16 or AMX)" in said and "use --precision 32-true" in said
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bf16_passes_where_the_cpu_has_bf16_units_or_on_a_gpu(monkeypatch):
+    import seed.engine
+    from seed.engine import resolve_precision
+
+    config = make_config(PretrainConfig, {"precision": "bf16-mixed", "accelerator": "cpu"})
+    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: True)
+    assert resolve_precision(config) == "bf16-mixed"
+    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: False)
+    with pytest.raises(SeedError, match="no bf16 units"):
+        resolve_precision(config)
+    assert resolve_precision(dataclasses.replace(config, precision="32-true")) == "32-true"
+    assert seed.engine.check_cpu_bf16("bf16-mixed", on_gpu=True) == "bf16-mixed"
