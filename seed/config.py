@@ -66,7 +66,8 @@ class CommonConfig:
     devices: int = option("devices per node (GPUs, or CPU processes with --accelerator cpu)", 1)
     num_nodes: int = option("machines (torchrun/SLURM set the rest)", 1)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = option("auto, cpu or gpu (cuda and mps too)", "auto")
-    precision: Precision = option("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision", "auto")
+    precision: Precision = option("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision; "
+                                  "bf16 on a CPU needs its bf16 units (AVX512-BF16 or AMX)", "auto")
     num_workers: int | None = option("data-loading processes per device (default: up to 8, never more than the CPU cores)")
     strict_data: bool = option("stop at the first image that cannot be read instead of skipping it (skipped files are listed in the run's skipped.txt)",
                               False)
