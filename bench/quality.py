@@ -60,8 +60,9 @@ def run(command: list[str], log: Path, threads: int) -> float:
     with open(log, "w") as handle:
         code = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
-        said = [line for line in log.read_text(errors="replace").splitlines() if line.strip()][-1:] or ["(no output)"]
-        sys.exit(f"{command[0]} failed (exit {code}): {said[0][-400:]}; see {log}")
+        text, error = log.read_text(errors="replace"), f"{command[0]}: error: "
+        said = text[text.rindex(error) + len(error):].splitlines()[0] if error in text else (text.strip().splitlines() or ["(no output)"])[-1][-400:]
+        sys.exit(f"{command[0]} failed (exit {code}): {said}; see {log}")
     return time.perf_counter() - start
 
 

@@ -50,13 +50,30 @@ def native_cpu_bf16() -> bool:
 
 
 def check_cpu_bf16(precision: str, on_gpu: bool) -> str:
-    """``precision``, unless it asks for bf16 on an x86 CPU without bf16 units. oneDNN emulates bf16 there: the step is
-    2x (AVX-512) to 26x (AVX2) slower than fp32, and the AVX-512 emulation's convolution weight gradients can come out
-    non-finite at random (docs/RELIABILITY.md), so such a run is refused up front."""
+    """``precision``, unless it asks for bf16 on an x86 CPU without bf16 units: oneDNN emulates bf16 there, and the step
+    ran 2x (AVX-512) to 26x (AVX2) slower than fp32 (docs/RELIABILITY.md), so such a run is refused up front."""
     if on_gpu or not precision.startswith("bf16") or native_cpu_bf16():
         return precision
-    raise SeedError(f"--precision {precision}: this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 is emulated, slower than fp32 "
-                    "and can give non-finite gradients; use --precision 32-true (the CPU default) or run on a GPU")
+    raise SeedError(f"--precision {precision}: this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 is emulated there, 2-26x slower "
+                    "than fp32; use --precision 32-true (the CPU default) or run on a GPU")
+
+
+def guard_cpu_bf16_convolutions(module: torch.nn.Module) -> None:
+    """Stop a CPU bf16 run at its first step if a trained strided convolution gets 1x1 maps (a ResNet at 16px or less).
+
+    There torch's oneDNN bf16 weight gradient is wrong: the taps that only see padding get uninitialised memory, finite
+    garbage or nan (torch 2.14; docs/RELIABILITY.md). Depthwise and stride-1 convolutions compute it right.
+    """
+    def check(name: str, conv: torch.nn.Conv2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        maps = inputs[0]
+        bf16 = maps.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        if maps.device.type == "cpu" and bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and maps.shape[-2:] == (1, 1):
+            raise SeedError(f"bf16 on the CPU: {name}, a stride-{conv.stride[0]} convolution, gets 1x1 maps at this --image-size, where "
+                            "oneDNN's bf16 weight gradient is wrong; use --precision 32-true or a larger --image-size")
+
+    for name, conv in module.named_modules():
+        if isinstance(conv, torch.nn.Conv2d) and conv.groups == 1 and max(conv.stride) > 1 and max(conv.kernel_size) > 1:
+            conv.register_forward_pre_hook(lambda layer, inputs, name=name: check(name, layer, inputs))
 
 
 def use_channels_last(config: CommonConfig) -> bool:
@@ -140,6 +157,8 @@ def fit(
     resumed_at = checkpoint_step(ckpt) if ckpt else None
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config, run_dir, resumed_at=resumed_at)
+    if resolve_precision(config).startswith("bf16"):
+        guard_cpu_bf16_convolutions(module)
     for callback in trainer.callbacks:
         if isinstance(callback, LastCheckpoint) and isinstance(train_loader.sampler, EpochSampler):
             callback.sampler = train_loader.sampler

@@ -1,6 +1,7 @@
 import dataclasses
 
 import pytest
+import torch
 import yaml
 
 from seed.config import PretrainConfig, build_parser, load_config, make_config, resolve, save_config
@@ -187,3 +188,39 @@ def test_bf16_passes_where_the_cpu_has_bf16_units_or_on_a_gpu(monkeypatch):
         resolve_precision(config)
     assert resolve_precision(dataclasses.replace(config, precision="32-true")) == "32-true"
     assert seed.engine.check_cpu_bf16("bf16-mixed", on_gpu=True) == "bf16-mixed"
+
+
+def test_a_cpu_bf16_run_whose_strided_convolution_gets_1x1_maps_stops_at_its_first_step(capsys, tmp_path, monkeypatch):
+    """torch's oneDNN bf16 weight gradient of a strided 3x3 convolution over 1x1 maps is garbage or nan (a ResNet at 16px:
+    layer4.0.conv1); the run stops with one line before that first backward, and writes no checkpoint."""
+    import seed.engine
+    from pretrain.cli import main as pretrain_main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: True)  # so that CI's CPU, which has no bf16 units, gets this far
+    said = _cli(pretrain_main, ["--data", "digits", "--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--knn-every", "0",
+                                "--max-steps", "2", "--no-small-images", "--precision", "bf16-mixed", "--accelerator", "cpu",
+                                "--output", str(tmp_path / "out")], capsys)
+    assert "bf16 on the CPU: backbone.layer4.0.conv1, a stride-2 convolution, gets 1x1 maps at this --image-size" in said
+    assert not (tmp_path / "out" / "last.ckpt").exists()
+
+
+def test_the_bf16_guard_passes_what_oneDNN_computes_right():
+    """Depthwise, stride 1, 2x2 maps, fp32, frozen weights and no-grad passes go through; a trained 3x3 stride-2 over 1x1 does not."""
+    from torch import nn
+
+    from seed.engine import guard_cpu_bf16_convolutions
+
+    layers = nn.ModuleDict({"strided": nn.Conv2d(4, 4, 3, 2, 1), "depthwise": nn.Conv2d(4, 4, 3, 2, 1, groups=4), "flat": nn.Conv2d(4, 4, 3, 1, 1)})
+    guard_cpu_bf16_convolutions(layers)
+    one, two = torch.randn(2, 4, 1, 1), torch.randn(2, 4, 2, 2)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers["strided"](two), layers["depthwise"](one), layers["flat"](one)
+        with torch.no_grad():
+            layers["strided"](one)
+        with pytest.raises(SeedError, match="bf16 on the CPU: strided, a stride-2 convolution, gets 1x1 maps"):
+            layers["strided"](one)
+    layers["strided"](one)  # fp32
+    layers["strided"].requires_grad_(False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        layers["strided"](one)
