@@ -259,6 +259,7 @@ def test_a_failed_bench_command_is_quoted_by_its_error_line(tmp_path, monkeypatc
     from bench import quality
 
     monkeypatch.setattr(quality, "BIN", Path("/bin"))
+    monkeypatch.setattr(quality, "ROOT", tmp_path)  # imported first under the results fixture, bench.quality keeps that test's folder
     script = "printf 'Epoch 0: 7%%|x| 3/44\\r'; echo 'sh: error: weights became non-finite at step 4' >&2; echo 'later output'; exit 2"
     with pytest.raises(SystemExit, match=r"^sh failed \(exit 2\): weights became non-finite at step 4; see .*q\.log$"):
         quality.run(["sh", "-c", script], tmp_path / "q.log", 1)
