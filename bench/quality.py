@@ -61,7 +61,10 @@ def run(command: list[str], log: Path, threads: int) -> float:
         code = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
     if code != 0:
         text, error = log.read_text(errors="replace"), f"{command[0]}: error: "
-        said = text[text.rindex(error) + len(error):].splitlines()[0] if error in text else (text.strip().splitlines() or ["(no output)"])[-1][-400:]
+        if error in text:  # our one-line error, wherever a progress bar or buffered output put it
+            said = text[text.rindex(error) + len(error):].splitlines()[0]
+        else:
+            said = (text.strip().splitlines() or ["(no output)"])[-1][-400:]
         sys.exit(f"{command[0]} failed (exit {code}): {said}; see {log}")
     return time.perf_counter() - start
 

@@ -159,6 +159,41 @@ class FiniteLoss(Callback):
             raise SeedError(f"loss {what} at step {trainer.global_step + 1}; {self.checkpoint.last_good()}")
 
 
+def guard_cpu_bf16_convolutions(module: torch.nn.Module) -> list[torch.utils.hooks.RemovableHandle]:
+    """Hooks that stop a CPU bf16 forward in which a trained dense strided convolution gets 1x1 maps (a ResNet at 16px or less).
+
+    There torch's oneDNN bf16 weight gradient is wrong: the taps that only see padding get uninitialised memory, finite
+    garbage or nan (torch 2.14; docs/RELIABILITY.md). Depthwise and stride-1 convolutions compute it right.
+    """
+    def check(name: str, conv: torch.nn.Conv2d, inputs: tuple[torch.Tensor, ...]) -> None:
+        maps = inputs[0]
+        bf16 = maps.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
+        if maps.device.type == "cpu" and bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and maps.shape[-2:] == (1, 1):
+            raise SeedError(f"bf16 on the CPU: {name}, a stride-{conv.stride[0]} convolution, gets 1x1 maps at this --image-size, where "
+                            "oneDNN's bf16 weight gradient is wrong; use --precision 32-true or a larger --image-size")
+
+    return [conv.register_forward_pre_hook(lambda layer, inputs, name=name: check(name, layer, inputs))
+            for name, conv in module.named_modules()
+            if isinstance(conv, torch.nn.Conv2d) and conv.groups == 1 and max(conv.stride) > 1 and max(conv.kernel_size) > 1]
+
+
+class CpuBf16Guard(Callback):
+    """Under bf16, watches the first training step of each fit for 1x1 maps into strided convolutions
+    (:func:`guard_cpu_bf16_convolutions`), before its backward pass; later steps have the same shapes, so the hooks go."""
+
+    def __init__(self) -> None:
+        self.handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if str(trainer.precision).startswith("bf16"):
+            self.handles = guard_cpu_bf16_convolutions(pl_module)
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *args: Any) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+
+
 class SkippedFiles(Callback):
     """Says once, when it changes, how many unreadable images the loaders stepped over (listed in ``skipped.txt``)."""
 

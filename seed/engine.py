@@ -25,7 +25,7 @@ from pytorch_lightning.callbacks import Callback, TQDMProgressBar
 from pytorch_lightning.loggers import TensorBoardLogger
 from torch.utils.data import DataLoader
 
-from seed.callbacks import LAST, FiniteLoss, LastCheckpoint, ResumedCSVLogger, SeedSteps, SkippedFiles, Throughput, checkpoint_step
+from seed.callbacks import LAST, CpuBf16Guard, FiniteLoss, LastCheckpoint, ResumedCSVLogger, SeedSteps, SkippedFiles, Throughput, checkpoint_step
 from seed.config import CommonConfig, EngineConfig, save_config
 from seed.data import SKIPPED, image_folders
 from seed.errors import SeedError
@@ -56,24 +56,6 @@ def check_cpu_bf16(precision: str, on_gpu: bool) -> str:
         return precision
     raise SeedError(f"--precision {precision}: this CPU has no bf16 units (AVX512-BF16 or AMX), so bf16 is emulated there, 2-26x slower "
                     "than fp32; use --precision 32-true (the CPU default) or run on a GPU")
-
-
-def guard_cpu_bf16_convolutions(module: torch.nn.Module) -> None:
-    """Stop a CPU bf16 run at its first step if a trained strided convolution gets 1x1 maps (a ResNet at 16px or less).
-
-    There torch's oneDNN bf16 weight gradient is wrong: the taps that only see padding get uninitialised memory, finite
-    garbage or nan (torch 2.14; docs/RELIABILITY.md). Depthwise and stride-1 convolutions compute it right.
-    """
-    def check(name: str, conv: torch.nn.Conv2d, inputs: tuple[torch.Tensor, ...]) -> None:
-        maps = inputs[0]
-        bf16 = maps.dtype == torch.bfloat16 or (torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16)
-        if maps.device.type == "cpu" and bf16 and torch.is_grad_enabled() and conv.weight.requires_grad and maps.shape[-2:] == (1, 1):
-            raise SeedError(f"bf16 on the CPU: {name}, a stride-{conv.stride[0]} convolution, gets 1x1 maps at this --image-size, where "
-                            "oneDNN's bf16 weight gradient is wrong; use --precision 32-true or a larger --image-size")
-
-    for name, conv in module.named_modules():
-        if isinstance(conv, torch.nn.Conv2d) and conv.groups == 1 and max(conv.stride) > 1 and max(conv.kernel_size) > 1:
-            conv.register_forward_pre_hook(lambda layer, inputs, name=name: check(name, layer, inputs))
 
 
 def use_channels_last(config: CommonConfig) -> bool:
@@ -128,7 +110,8 @@ def build_trainer(config: EngineConfig, run_dir: Path, callbacks: Sequence[Callb
         max_steps=config.max_steps if config.max_steps is not None else -1,
         default_root_dir=run_dir,
         logger=[ResumedCSVLogger(run_dir, resumed_at), TensorBoardLogger(run_dir, name="logs", version="")],
-        callbacks=[SeedSteps(config.seed), FiniteLoss(checkpoint), SkippedFiles(run_dir), checkpoint, Throughput(), TQDMProgressBar(refresh_rate=1),
+        callbacks=[SeedSteps(config.seed), FiniteLoss(checkpoint), CpuBf16Guard(), SkippedFiles(run_dir), checkpoint, Throughput(),
+                   TQDMProgressBar(refresh_rate=1),
                    *callbacks],
         deterministic=True if config.deterministic else None,  # None: leave torch's setting alone
         enable_checkpointing=False,
@@ -157,8 +140,6 @@ def fit(
     resumed_at = checkpoint_step(ckpt) if ckpt else None
     run_dir.mkdir(parents=True, exist_ok=True)
     trainer = build_trainer(config, run_dir, resumed_at=resumed_at)
-    if resolve_precision(config).startswith("bf16"):
-        guard_cpu_bf16_convolutions(module)
     for callback in trainer.callbacks:
         if isinstance(callback, LastCheckpoint) and isinstance(train_loader.sampler, EpochSampler):
             callback.sampler = train_loader.sampler

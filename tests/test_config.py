@@ -161,8 +161,7 @@ def test_the_console_script_says_it_in_one_line(tmp_path):
 @pytest.mark.parametrize("command, argv", [("seed-distill", []), ("seed-pretrain", []), ("seed-eval", ["linear"]),
                                            ("seed-eval", ["detection"])])
 def test_bf16_on_a_cpu_without_bf16_units_stops_at_parse_time(command, argv, capsys, tmp_path, monkeypatch):
-    """oneDNN emulates bf16 there: 2x slower than fp32, and its weight gradients came out non-finite at random
-    (CI's CPU, a stride-2 convolution over 1x1 maps). The run stops with one line before anything loads."""
+    """oneDNN emulates bf16 there, 2-26x slower than fp32 (docs/RELIABILITY.md): the run stops with one line before anything loads."""
     import seed.engine
     from downstream.cli import main as eval_main
     from pretrain.cli import main as pretrain_main
@@ -209,7 +208,7 @@ def test_the_bf16_guard_passes_what_oneDNN_computes_right():
     """Depthwise, stride 1, 2x2 maps, fp32, frozen weights and no-grad passes go through; a trained 3x3 stride-2 over 1x1 does not."""
     from torch import nn
 
-    from seed.engine import guard_cpu_bf16_convolutions
+    from seed.callbacks import guard_cpu_bf16_convolutions
 
     layers = nn.ModuleDict({"strided": nn.Conv2d(4, 4, 3, 2, 1), "depthwise": nn.Conv2d(4, 4, 3, 2, 1, groups=4), "flat": nn.Conv2d(4, 4, 3, 1, 1)})
     guard_cpu_bf16_convolutions(layers)
@@ -224,3 +223,21 @@ def test_the_bf16_guard_passes_what_oneDNN_computes_right():
     layers["strided"].requires_grad_(False)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         layers["strided"](one)
+
+
+def test_the_bf16_guard_watches_the_first_step_only_and_only_under_bf16():
+    """Later steps have the first one's shapes: the hooks go after it, so the training step carries none."""
+    from types import SimpleNamespace
+
+    from torch import nn
+
+    from seed.callbacks import CpuBf16Guard
+
+    layers = nn.Sequential(nn.Conv2d(4, 4, 3, 2, 1), nn.Conv2d(4, 4, 3, 1, 1), nn.Conv2d(4, 4, 3, 2, 1, groups=4))
+    guard = CpuBf16Guard()
+    guard.on_train_start(SimpleNamespace(precision="32-true"), layers)
+    assert guard.handles == [] and not layers[0]._forward_pre_hooks
+    guard.on_train_start(SimpleNamespace(precision="bf16-mixed"), layers)
+    assert len(guard.handles) == 1 and len(layers[0]._forward_pre_hooks) == 1
+    guard.on_train_batch_end(SimpleNamespace(), layers, None, None, 0)
+    assert guard.handles == [] and not layers[0]._forward_pre_hooks
