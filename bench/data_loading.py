@@ -34,11 +34,11 @@ from PIL import Image
 
 from bench.common import write_result
 from bench.speed import interleaved, mocov2_step, ours_step, parse_speed_args, result_name, seed_module, teacher_parts, teacher_variant
-from seed.config import DistillConfig, make_config
 from seed.data import load_dataset, view_transform
 from seed.distill import train_transform
 from seed.errors import SeedError
 from seed.loaders import default_workers, make_loader
+from seed.registry import method_config
 
 LOADERS = {"1 view (seed-distill)": "seed", "2 views (seed-pretrain mocov2)": "mocov2"}
 
@@ -59,13 +59,13 @@ def write_photos(folder: Path, count: int, size: int, seed: int = 0) -> None:
 def transform(kind: str, size: int):
     """The training transform each command builds: seed-distill's one view, or seed-pretrain mocov2's two."""
     if kind == "seed":
-        return train_transform(make_config(DistillConfig, {"image_size": size}))
+        return train_transform(method_config("distill", {"image_size": size}))
     return view_transform("mocov2", size)
 
 
 def loader_rate(data: str, kind: str, size: int, batch: int, workers: int, batches: int) -> float:
     """Steady-state images/s of ``make_loader`` with ``workers`` processes: the clock starts once every worker delivered a batch."""
-    config = make_config(DistillConfig, {"batch_size": batch, "num_workers": workers})
+    config = method_config("distill", {"batch_size": batch, "num_workers": workers})
     loader = make_loader(load_dataset(data, "train", transform=transform(kind, size)), config, shuffle=True, drop_last=True)
     iterator = iter(loader)
     for _ in range(max(1, workers)):
@@ -82,7 +82,7 @@ def loader_rate(data: str, kind: str, size: int, batch: int, workers: int, batch
 def fed_step(data: str, size: int, batch: int, step, images: torch.Tensor, device: str) -> tuple[Any, int]:
     """``step`` fed by its loader with the default workers (``--num-workers`` unset): the batch is fetched (waiting for the
     workers when they fall behind) and copied into ``images`` inside the timed step. Returns the step and the workers."""
-    config = make_config(DistillConfig, {"batch_size": batch})
+    config = method_config("distill", {"batch_size": batch})
     loader = make_loader(load_dataset(data, "train", transform=transform("seed", size)), config, shuffle=True, drop_last=True)
 
     def batches():

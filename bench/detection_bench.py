@@ -4,7 +4,7 @@ Two data sets, both in the real VOCdevkit layout, so the whole path runs: VOC
 XML reader, torchvision Faster R-CNN, pycocotools AP and the VOC07 11-point AP50.
 
 ``--scenes shapes`` (the suite's run): coloured rectangles and ellipses on
-noise (``downstream.detection.data.write_synthetic``). The backbone compared is
+noise (``downstream.detection.scenes.write_synthetic``). The backbone compared is
 a SEED student that has learned this domain, made in about two minutes on a
 CPU: a supervised r18 teacher (``seed-pretrain --method supervised``) on object
 crops of a separate synthetic image pool (labelled like ImageNet is, never the
@@ -44,8 +44,9 @@ from bench.common import MAKE_TEACHER, mean_std, reference_teacher_dir, write_re
 from bench.quality import RUNS as QUALITY_RUNS
 from downstream.compare import random_init_file, small_image_stem
 from downstream.detection.config import DetectionConfig
-from downstream.detection.data import read_voc, write_fashion_scenes, write_synthetic
+from downstream.detection.data import read_voc
 from downstream.detection.run import detect
+from downstream.detection.scenes import write_fashion_scenes, write_synthetic
 from pretrain.cli import main as pretrain_main
 from seed.checkpoints import load_backbone
 from seed.cli import distill_main
@@ -257,7 +258,7 @@ def fashion(args: argparse.Namespace, seeds: list[int], work: Path, started: flo
     low, high = json.loads((voc.parent / "manifest.json").read_text())["item_sides"]
     description = (
         f"Faster R-CNN {args.head.upper()} (torchvision engine, `seed-eval detection`'s code path) on Fashion-MNIST scenes "
-        f"(`downstream.detection.data.write_fashion_scenes`): {args.train_images} train / {args.test_images} test images of {args.image_size}px, "
+        f"(`downstream.detection.scenes.write_fashion_scenes`): {args.train_images} train / {args.test_images} test images of {args.image_size}px, "
         f"each with 1-4 garments (the 10 Fashion-MNIST classes) whose 28px frames are scaled to {low}-{high}px, tinted and of random contrast, "
         "on an unevenly lit background cluttered with turned fragments of other garments, plus noise; train scenes are made from "
         "Fashion-MNIST's train split, test scenes from its test split. Real VOC XML, VOC07 11-point AP50 and pycocotools AP. "

@@ -57,7 +57,7 @@ from bench.speed import (
     teacher_parts,
     teacher_variant,
 )
-from seed.engine import native_cpu_bf16
+from seed.precision import native_cpu_bf16
 from seed.teacher_cache import TeacherCache
 
 OFFICIAL = "official step (no_grad teacher, BN as is, queue cloned, fp32)"

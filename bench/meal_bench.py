@@ -39,6 +39,7 @@ from PIL import Image
 
 from bench.common import ROOT, machine, write_result
 from seed.config import read_yaml
+from seed.registry import method_config
 
 BIN = Path(sys.executable).parent
 RUNS = Path("runs/bench/meal")
@@ -84,11 +85,11 @@ def write_subset(folder: Path, train_images: int, val_images: int, seed: int = 0
 def kd_overhead(teacher_files: list[str], init_file: str, batch_size: int, rounds: int) -> dict[str, float]:
     """Median time of one MEAL step with the teachers' forward and without it (the target given)."""
     from seed.checkpoints import load_classifier
-    from seed.config import DistillConfig, make_config, resolve
+    from seed.config import resolve
     from seed.data import load_dataset
     from seed.meal import MEAL, load_teacher, train_transform
 
-    config = resolve(make_config(DistillConfig, {"mode": "meal", "student": "r18", "image_size": 32, "small_images": False,
+    config = resolve(method_config("distill", {"mode": "meal", "student": "r18", "image_size": 32, "small_images": False,
                                                  "batch_size": batch_size, "knn_every": 0}), MEAL.DEFAULTS)
     teachers = [load_teacher(None, path, config)[0] for path in teacher_files]
     module = MEAL(config, teachers, num_classes=10).train()
@@ -131,7 +132,6 @@ def supervised_control(init_file: str, steps: int, lr: float, batch_size: int) -
     from lightly.utils.scheduler import CosineWarmupScheduler
 
     from seed.checkpoints import load_classifier
-    from seed.config import DistillConfig, make_config
     from seed.data import load_dataset
     from seed.loaders import make_loader
     from seed.meal import top1, train_transform, val_loader
@@ -139,7 +139,7 @@ def supervised_control(init_file: str, steps: int, lr: float, batch_size: int) -
     torch.manual_seed(0)
     backbone, classifier, _, _ = load_classifier(init_file)
     model = torch.nn.Sequential(backbone, classifier).train()
-    config = make_config(DistillConfig, {"batch_size": batch_size, "num_workers": 2})
+    config = method_config("distill", {"batch_size": batch_size, "num_workers": 2})
     loader = make_loader(load_dataset("fashion-mnist", "train", transform=train_transform(32)), config, shuffle=True, drop_last=True)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, weight_decay=0.0)
     schedule = CosineWarmupScheduler(optimizer, warmup_epochs=0, max_epochs=steps, end_value=0.0)
@@ -151,7 +151,7 @@ def supervised_control(init_file: str, steps: int, lr: float, batch_size: int) -
         loss.backward()
         optimizer.step()
         schedule.step()
-    return top1({"control": model}, {}, val_loader(make_config(DistillConfig, {"num_workers": 2})))["control"]
+    return top1({"control": model}, {}, val_loader(method_config("distill", {"num_workers": 2})))["control"]
 
 
 def measure(args: argparse.Namespace) -> dict[str, Any]:

@@ -33,6 +33,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -40,10 +41,10 @@ import yaml
 from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, training_minutes, write_result
 from downstream.compare import METRICS, CompareConfig, Row, compare
 from seed.checkpoints import export_model, load_encoder
-from seed.config import PretrainConfig, load_config
-from seed.engine import native_cpu_bf16
 from seed.loaders import monitor_loaders
 from seed.module import precise_bn
+from seed.precision import native_cpu_bf16
+from seed.registry import method_config
 
 CONFIGS = ROOT / "configs" / "bench"
 RUNS = ROOT / "runs" / "bench" / "quality"
@@ -69,7 +70,7 @@ def run(command: list[str], log: Path, threads: int) -> float:
     return time.perf_counter() - start
 
 
-def teachers(weak_epoch: int, run_dir: Path) -> tuple[dict[str, Path], PretrainConfig]:
+def teachers(weak_epoch: int, run_dir: Path) -> tuple[dict[str, Path], Any]:
     """The teacher of ``run_dir`` and its weaker self (the run after ``weak_epoch`` epochs, exported with PreciseBN statistics),
     and the teacher run's config (its data and image size are the protocol's)."""
     strong = run_dir / "teacher.pt"
@@ -78,7 +79,7 @@ def teachers(weak_epoch: int, run_dir: Path) -> tuple[dict[str, Path], PretrainC
         sys.exit(f"no reference teacher in {run_dir} (teacher.pt and checkpoints/epoch-{weak_epoch:03d}.ckpt); build it with `{MAKE_TEACHER}` "
                  "(about 90 min on 2 cores, resumable), then run this benchmark again")
     weak = run_dir / f"teacher-epoch{weak_epoch:03d}.pt"
-    config = load_config(PretrainConfig, ["--config", str(run_dir / "config.yaml")], "quality", "")
+    config = method_config("pretrain", {"config": str(run_dir / "config.yaml")})
     if not weak.is_file() or weak.stat().st_mtime < kept.stat().st_mtime:
         backbone, head, _ = load_encoder(kept)
         settled = precise_bn(torch.nn.Sequential(backbone, head), monitor_loaders(config)[0], config.precise_bn_images)
@@ -106,7 +107,7 @@ def main() -> None:
     only = {"seed_weak": [s for s in args.weak_students.split(",") if s], "seed_cached": [s for s in args.cache_students.split(",") if s],
             "seed_bf16": [s for s in args.bf16_students.split(",") if s]}
     skipped = []
-    if not torch.cuda.is_available() and not native_cpu_bf16():  # seed-distill refuses emulated bf16 (seed.engine.check_cpu_bf16)
+    if not torch.cuda.is_available() and not native_cpu_bf16():  # seed-distill refuses emulated bf16 (seed.precision.check_cpu_bf16)
         only["seed_bf16"] = []
         skipped.append("No --precision bf16-mixed row: this CPU has no bf16 units (AVX512-BF16 or AMX), where seed-distill refuses it.")
     torch.set_num_threads(args.threads)

@@ -23,9 +23,10 @@ from lightly.models.utils import batch_shuffle, batch_unshuffle, update_momentum
 from torch import Tensor, nn
 
 from seed.backbones import create_backbone
-from seed.config import DistillConfig, PretrainConfig, make_config, resolve
+from seed.config import resolve
 from seed.distill import SEED
 from seed.queue import TeacherQueue
+from seed.registry import method_config
 from seed.teacher import FrozenTeacher
 from seed.teacher_cache import TeacherCache
 
@@ -151,7 +152,7 @@ def official_loss_and_enqueue(s_emb: Tensor, t_emb: Tensor, queue: Tensor, queue
 
 def seed_module(student: str, teacher: nn.Module, queue_size: int, image_size: int) -> SEED:
     """Our SEED LightningModule with the paper's temperatures; ImageNet stem at every size."""
-    config = make_config(DistillConfig, {"student": student, "queue_size": queue_size, "image_size": image_size, "small_images": False,
+    config = method_config("distill", {"student": student, "queue_size": queue_size, "image_size": image_size, "small_images": False,
                                          "knn_every": 0})
     return SEED(resolve(config, SEED.DEFAULTS), teacher, num_classes=10)
 
@@ -209,7 +210,7 @@ def mocov2_step(arch: str, queue_size: int, image_size: int, images: Tensor, dev
     the body of its ``training_step`` without a Trainer (two views, shuffle-BN / split BatchNorm, K negatives)."""
     from pretrain.mocov2 import MoCoV2
 
-    config = make_config(PretrainConfig, {"arch": arch, "queue_size": queue_size, "image_size": image_size, "batch_size": len(images),
+    config = method_config("pretrain", {"arch": arch, "queue_size": queue_size, "image_size": image_size, "batch_size": len(images),
                                           "small_images": False, "knn_every": 0})
     module = MoCoV2(resolve(config, MoCoV2.DEFAULTS), num_classes=10).to(device).train()
     optimizer = sgd(module)

@@ -24,9 +24,9 @@ from bench.render import markdown_table
 from downstream.common import Checkpoint, state_digest
 from downstream.compare import KNN_KS, METRICS, CompareConfig, Protocol, open_file, random_init_file, small_image_stem
 from seed.checkpoints import load_backbone
-from seed.config import PretrainConfig, load_config
 from seed.loaders import monitor_loaders
 from seed.module import precise_bn
+from seed.registry import method_config
 
 
 def kept(run: Path) -> dict[int, Path]:
@@ -68,12 +68,12 @@ def main() -> None:
         if not (run / "checkpoints").is_dir():
             sys.exit(f"{run} has no checkpoints/ (train it with --keep-checkpoints; the reference teacher: make teacher)")
     wanted = {int(e) for e in args.epochs.split(",")}
-    first_config = load_config(PretrainConfig, ["--config", str(runs[0] / "config.yaml")], "teacher_curve", "")
+    first_config = method_config("pretrain", {"config": str(runs[0] / "config.yaml")})
     protocol = Protocol(CompareConfig(data=first_config.data, image_size=first_config.image_size, num_workers=0))
 
     curves, floors, series, rows = {}, {}, [], []
     for run in runs:
-        config = load_config(PretrainConfig, ["--config", str(run / "config.yaml")], "teacher_curve", "")
+        config = method_config("pretrain", {"config": str(run / "config.yaml")})
         bank = monitor_loaders(config)[0]
         label = f"{config.arch} {config.method} ({run.name})"
         points = {epoch: path for epoch, path in kept(run).items() if epoch in wanted}

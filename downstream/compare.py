@@ -52,7 +52,7 @@ class CompareConfig(ProbeConfig):
 
     checkpoints: str | None = option("networks to compare, comma-separated [label=]path; files sharing a label are seeds of one row "
                                      f"(default: the demo's, {', '.join(DEMO_CHECKPOINTS)})")
-    random_init_seeds: int = option("random-init rows: this many init seeds of each architecture in the table (0: none)", 3)
+    random_init_seeds: int = option("random-init rows: this many init seeds of each architecture in the table (0: none)", 3, at_least=0)
 
 
 @dataclass

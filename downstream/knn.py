@@ -44,10 +44,10 @@ class KnnConfig(EvalConfig):
     """``seed-eval knn``."""
 
     k: str = option("neighbours, comma-separated; each is reported, the first is the headline number", "200,20")
-    temperature: float = option("tau of the weighted vote exp(similarity / tau)", 0.07)
+    temperature: float = option("tau of the weighted vote exp(similarity / tau)", 0.07, above=0)
     index: Literal["flat", "ivf"] = option("flat (exact inner-product search) or ivf (approximate, for banks of millions)", "flat")
-    nlist: int | None = option("IVF cells (default: 4 x sqrt(bank size), at most bank size / 39)")
-    nprobe: int = option("IVF cells visited per query", 32)
+    nlist: int | None = option("IVF cells (default: 4 x sqrt(bank size), at most bank size / 39)", at_least=1)
+    nprobe: int = option("IVF cells visited per query", 32, at_least=1)
     backend: Literal["auto", "faiss", "torch"] = option("auto (faiss when it is installed, else torch), faiss (faiss-cpu or faiss-gpu) "
                                                        "or torch (brute force, chunked)", "auto")
 

@@ -51,11 +51,11 @@ def default_lr(arch: str) -> float:
 class ProbeConfig(EvalConfig):
     """The classifier's optimiser (linear, semi-supervised and transfer probes)."""
 
-    epochs: int = option("training epochs", 100)
+    epochs: int = option("training epochs", 100, at_least=1)
     lr: float | None = option(f"learning rate of the classifier (default: 30 for ResNets, 3 for MobileNet/EfficientNet on images; "
-                              f"{FAST_LR} on cached, standardised features)")
-    momentum: float = option("SGD momentum", 0.9)
-    weight_decay: float = option("weight decay", 0.0)
+                              f"{FAST_LR} on cached, standardised features)", above=0)
+    momentum: float = option("SGD momentum", 0.9, at_least=0, at_most=1)
+    weight_decay: float = option("weight decay", 0.0, at_least=0)
     milestones: str | None = option("epochs at which the lr drops x0.1, comma-separated (default: 60%% and 80%% of --epochs, i.e. 60,80 at 100)")
 
 
@@ -63,7 +63,7 @@ class ProbeConfig(EvalConfig):
 class EngineProbeConfig(ProbeConfig, EngineConfig):
     """Probes that can train through the engine on images: its checkpoint and resume flags, and validation."""
 
-    val_every: int = option("also measure val top-1 every N epochs while training on images (0: only at the end)", 0)
+    val_every: int = option("also measure val top-1 every N epochs while training on images (0: only at the end)", 0, at_least=0)
 
     def validation_every(self) -> tuple[int, int | None]:
         return self.val_every, None

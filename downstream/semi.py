@@ -64,15 +64,15 @@ class SemiConfig(EngineProbeConfig):
     """``seed-eval semi``."""
 
     epochs: int | None = option("training epochs (default: 100 for the linear probe; with --finetune SimCLR's 60 below 10%% of the labels, "
-                                "30 from 10%%)")
+                                "30 from 10%%)", at_least=1)
     lr: float | None = option(f"learning rate of the classifier (default: {FAST_LR} on standardised features; with --finetune SimCLR's "
-                              "0.05 x global batch / 256)")
-    fraction: float = option("fraction of the train labels to use (0.01 and 0.1 in the papers)", 0.01)
+                              "0.05 x global batch / 256)", above=0)
+    fraction: float = option("fraction of the train labels to use (0.01 and 0.1 in the papers)", 0.01, above=0, at_most=1)
     split_file: str | None = option("SimCLR-style split: image file names (or class/name paths) one per line, "
                                     "or indices for the built-in datasets (default: a seeded class-balanced subset)")
     finetune: bool = option("fine-tune the whole network on the subset through the engine with SimCLR's recipe "
                             "(default: a Linear layer on frozen features, which is not the fine-tuning protocol)", False)
-    backbone_lr: float | None = option("learning rate of the backbone with --finetune (default: --lr, one rate for all as SimCLR)")
+    backbone_lr: float | None = option("learning rate of the backbone with --finetune (default: --lr, one rate for all as SimCLR)", above=0)
 
 
 def simclr_finetune(fraction: float, global_batch: int) -> dict[str, float | int]:

@@ -12,6 +12,7 @@ encoder's BatchNorm normalises ``--bn-splits`` shuffled groups separately
 """
 
 import copy
+import dataclasses
 
 import torch
 from lightly.loss import NTXentLoss
@@ -21,8 +22,22 @@ from lightly.models.utils import batch_shuffle, batch_unshuffle, deactivate_requ
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
-from seed.config import PretrainConfig
+from seed.config import ContrastiveConfig, option
+from seed.errors import SeedError
 from seed.module import TrainModule
+
+
+@dataclasses.dataclass
+class MoCoV2Config(ContrastiveConfig):
+    """``seed-pretrain --method mocov2``."""
+
+    queue_size: int = option("MoCo queue length K", 65536, at_least=1)
+    moco_momentum: float = option("momentum of MoCo's key encoder", 0.999, at_least=0, at_most=1)
+    moco_momentum_cosine: bool = option("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
+    moco_head_bn: bool = option("BatchNorm in MoCo's projection head, as SimCLR's and MoCo v3's heads have (the MoCo v2 paper has none); "
+                               "short runs need it to leave chance level", False)
+    bn_splits: int | None = option("MoCo on one device: the key encoder's BatchNorm normalises this many shuffled groups separately, "
+                                  "as shuffle-BN across GPUs does (default: 8 on one device, 1 under DDP, where real shuffle-BN runs)", at_least=1)
 
 
 class MoCoV2(TrainModule):
@@ -32,9 +47,19 @@ class MoCoV2(TrainModule):
     without it a run of a few hundred steps does not leave the loss's chance level ln(K + 1).
     """
 
+    STAGE, TITLE, CONFIG = "pretrain", "MoCo v2", MoCoV2Config
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "temperature": 0.2, "warmup_epochs": 0.0}
 
-    def __init__(self, config: PretrainConfig, num_classes: int) -> None:
+    @classmethod
+    def configure(cls, config: MoCoV2Config) -> MoCoV2Config:
+        """A queue smaller than the global batch would drop keys."""
+        config = super().configure(config)
+        global_batch = config.batch_size * config.devices * config.num_nodes
+        if config.queue_size < global_batch:
+            raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (MoCo uses 65536)")
+        return config
+
+    def __init__(self, config: MoCoV2Config, num_classes: int) -> None:
         super().__init__(config, config.arch, num_classes)
         dim = self.backbone.feature_dim
         self.projection_head = MoCoProjectionHead(dim, dim, config.embed_dim, batch_norm=config.moco_head_bn)
@@ -66,7 +91,7 @@ class MoCoV2(TrainModule):
         return loss
 
 
-def bn_splits(config: PretrainConfig) -> int:
+def bn_splits(config: MoCoV2Config) -> int:
     """Groups for the key encoder's BatchNorm: the flag (default 8 on one device, 1 under DDP), at most, such that
     they divide the batch and hold two images or more each (BatchNorm needs two)."""
     wanted = config.bn_splits if config.bn_splits is not None else (1 if config.devices * config.num_nodes > 1 else 8)

@@ -4,21 +4,29 @@ Two views, backbone + BN MLP head, NT-Xent over the (all-gathered) batch;
 LARS with lr 0.3 x B/256 and 10 warm-up epochs as in the paper.
 """
 
+import dataclasses
+
 import torch
 from lightly.loss import NTXentLoss
 from lightly.models.modules import SimCLRProjectionHead
 from torch import Tensor
 
-from seed.config import PretrainConfig
+from seed.config import ContrastiveConfig
 from seed.module import TrainModule
+
+
+@dataclasses.dataclass
+class SimCLRConfig(ContrastiveConfig):
+    """``seed-pretrain --method simclr``: the contrastive flags, nothing of its own."""
 
 
 class SimCLR(TrainModule):
     """SimCLR with the paper's recipe (tau 0.5, LARS, wd 1e-6)."""
 
+    STAGE, TITLE, CONFIG = "pretrain", "SimCLR", SimCLRConfig
     DEFAULTS = {"optimizer": "lars", "base_lr": 0.3, "weight_decay": 1e-6, "temperature": 0.5, "warmup_epochs": 10.0}
 
-    def __init__(self, config: PretrainConfig, num_classes: int) -> None:
+    def __init__(self, config: SimCLRConfig, num_classes: int) -> None:
         super().__init__(config, config.arch, num_classes)
         dim = self.backbone.feature_dim
         self.projection_head = SimCLRProjectionHead(dim, dim, config.embed_dim)

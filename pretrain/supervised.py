@@ -7,32 +7,49 @@ momentum 0.9, weight decay 1e-4, cosine schedule; RandomResizedCrop + flip
 head and ``num_classes``.
 """
 
+import dataclasses
 from pathlib import Path
 from typing import Any
 
-import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-from seed.classification import print_top1, top1, top1_meter, train_transform, val_loader
+from seed.classification import report_top1, top1_meter, train_transform
 from seed.config import PretrainConfig
+from seed.data import dataset_for
 from seed.module import TrainModule
+
+
+@dataclasses.dataclass
+class SupervisedConfig(PretrainConfig):
+    """``seed-pretrain --method supervised``: the shared flags, nothing of its own."""
 
 
 class Supervised(TrainModule):
     """Backbone + Linear classifier trained with cross-entropy on the labels."""
 
+    STAGE, TITLE, CONFIG = "pretrain", "supervised", SupervisedConfig
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.1, "weight_decay": 1e-4, "warmup_epochs": 0.0}
 
-    def __init__(self, config: PretrainConfig, num_classes: int) -> None:
+    @classmethod
+    def train_set(cls, config: SupervisedConfig) -> Dataset:
+        """One augmented view per image (not the two views of the contrastive methods)."""
+        return dataset_for(config, "train", train_transform(config.image_size, config.crop_min_scale))
+
+    def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, dict[str, Any]]:
+        """``teacher.pt`` holds the classifier as its head, its output size and ``num_classes``."""
+        return settled[1], self.num_classes, {"num_classes": self.num_classes}
+
+    def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
+        """The kNN table, then the classifier's top-1 on the whole val split, printed and kept as ``top1.json``."""
+        super().report(settled, monitor, run_dir)
+        report_top1({f"{self.config.arch} supervised": settled}, {}, self.config, run_dir)
+
+    def __init__(self, config: SupervisedConfig, num_classes: int) -> None:
         super().__init__(config, config.arch, num_classes)
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
         self.val_top1 = top1_meter(num_classes)
-
-    @staticmethod
-    def train_transform(config: PretrainConfig) -> Any:
-        """One augmented view per image (not the two views of the contrastive methods)."""
-        return train_transform(config.image_size, config.crop_min_scale)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
@@ -42,10 +59,6 @@ class Supervised(TrainModule):
         loss = F.cross_entropy(self(images), labels)
         self.log("loss", loss, prog_bar=True)
         return loss
-
-    def exported_head(self) -> tuple[nn.Module, int, dict[str, Any]]:
-        """What ``teacher.pt`` holds beside the backbone: the classifier, its output size, ``num_classes``."""
-        return self.head, self.num_classes, {"num_classes": self.num_classes}
 
     # The kNN monitor of the base, plus the classifier's top-1 on the same val images.
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
@@ -59,9 +72,3 @@ class Supervised(TrainModule):
         self.log("val_top1", 100.0 * self.val_top1.compute(), prog_bar=True, rank_zero_only=True)
         self.val_top1.reset()
 
-
-def report(module: Supervised, config: PretrainConfig, run_dir: Path) -> None:
-    """The classifier's top-1 on the whole val split, printed and kept as ``top1.json``."""
-    loader = val_loader(config)
-    scores = top1({f"{config.arch} supervised": module}, {}, loader, "cuda" if torch.cuda.is_available() else "cpu")
-    print_top1(scores, len(loader.dataset), run_dir / "top1.json")

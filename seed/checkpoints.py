@@ -331,13 +331,15 @@ def load_encoder(path: str | Path, arch: str | None = None, use_head: bool | Non
         raise SeedError(f"checkpoint {path} ({found['format']}) has no projection head; drop --teacher-head")
     head = build_head(found["head"]) if found["head"] is not None and use_head is not False else None
     if head is not None:
+        mode = head.training
         with torch.no_grad():
             try:
-                head(torch.zeros(2, backbone.feature_dim))
+                head.eval()(torch.zeros(2, backbone.feature_dim))  # eval: a BatchNorm of the head keeps its statistics
             except RuntimeError:
                 raise SeedError(
                     f"checkpoint {path}: its projection head does not take the {backbone.feature_dim}-d features of {backbone.arch}; check --arch"
                 ) from None
+        head.train(mode)
     return backbone, head, found["format"]
 
 

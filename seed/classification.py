@@ -103,3 +103,23 @@ def val_loader(config: CommonConfig, size: int | None = None) -> DataLoader:
 
 
 # ---- the run --------------------------------------------------------------------------------------------------
+
+
+def report_top1(students: dict[str, nn.Module], teachers: dict[str, nn.Module], config: CommonConfig, run_dir: Path) -> None:
+    """Top-1 on the whole val split of each student and teacher (and their ensemble), printed and kept as ``top1.json``."""
+    loader = val_loader(config)
+    scores = top1(students, teachers, loader, "cuda" if torch.cuda.is_available() else "cpu")
+    print_top1(scores, len(loader.dataset), run_dir / "top1.json")
+
+
+class Top1Monitor:
+    """The online monitor of a classifier student (a LightningModule mixin): its top-1 on the val loader, as ``val_top1``
+    (the module makes ``self.val_top1 = top1_meter(num_classes)``)."""
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
+        images, labels = batch
+        self.val_top1.update(self(images), labels)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val_top1", 100.0 * self.val_top1.compute(), prog_bar=True, rank_zero_only=True)
+        self.val_top1.reset()

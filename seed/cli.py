@@ -4,6 +4,8 @@ import sys
 from collections.abc import Callable
 
 from seed.errors import SeedError
+from seed.registry import parse
+from seed.runner import run
 
 
 def run_cli(prog: str, main: Callable[[list[str] | None], object], argv: list[str] | None = None) -> None:
@@ -27,21 +29,6 @@ def one_line(error: SeedError) -> str:
 
 
 def distill_main(argv: list[str] | None = None) -> None:
-    """``seed-distill``: SEED (``--mode seed``, default) or MEAL V2 (``--mode meal``)."""
-    from seed.config import DistillConfig, load_config
-
-    def main(args: list[str] | None) -> None:
-        description = "Distil a self-supervised teacher (SEED) or an ensemble of classifiers (MEAL V2) into a small student."
-        config = load_config(DistillConfig, args, "seed-distill", description)
-        if config.mode == "seed":
-            from seed.distill import distill
-
-            distill(config)
-        elif config.mode == "meal":
-            from seed.meal import distill as meal
-
-            meal(config)
-        else:
-            raise SeedError(f"unknown --mode '{config.mode}'; choose seed or meal")
-
-    run_cli("seed-distill", main, argv)
+    """``seed-distill``: SEED (``--mode seed``, default), MEAL V2 (``--mode meal``) or USI (``--mode usi``)."""
+    description = "Distil a teacher into a small student: self-supervised (SEED) or labelled (MEAL V2, USI)."
+    run_cli("seed-distill", lambda args: run(parse("distill", args, description)), argv)

@@ -12,12 +12,14 @@ import dataclasses
 import difflib
 import types
 import typing
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal, Union
 
 import yaml
 
 from seed.errors import SeedError
+from seed.precision import resolve_precision
 
 #: Lightning's precisions (lightning_fabric's ``_PRECISION_INPUT``) and ours, ``auto``.
 Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf16-true", "64-true", "32", "16", "bf16", "64"]
@@ -25,10 +27,32 @@ Precision = Literal["auto", "32-true", "16-mixed", "bf16-mixed", "16-true", "bf1
 Resume = Literal["auto", "never"]
 
 
-def option(text: str, default: Any = None, or_file: bool = False) -> Any:
+def option(text: str, default: Any = None, or_file: bool = False, at_least: float | None = None, above: float | None = None,
+           at_most: float | None = None) -> Any:
     """A config field (every field is a flag) with its ``--help`` text. A field typed ``Literal[...]`` takes only
-    those values (``or_file``: or the path of an existing file), checked whenever a config is built."""
-    return dataclasses.field(default=default, metadata={"help": text, "or_file": or_file})
+    those values (``or_file``: or the path of an existing file); a number field says its range (``at_least``,
+    ``above``, ``at_most``). Both are checked whenever a config is built, so a bad value stops at parse time."""
+    bounds = {"at_least": at_least, "above": above, "at_most": at_most}
+    return dataclasses.field(default=default, metadata={"help": text, "or_file": or_file, **{k: v for k, v in bounds.items() if v is not None}})
+
+
+#: The range metadata an int or float field must declare (tests/test_config.py checks that every one does).
+RANGE_KEYS = ("at_least", "above", "at_most")
+
+
+def check_ranges(config: Any) -> None:
+    """Every number field within its declared range: ``--image-size -3`` stops here, not in a torchvision traceback."""
+    for field in dataclasses.fields(config):
+        value = getattr(config, field.name)
+        if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+            continue
+        meta, flag = field.metadata, _flag(field.name)
+        if "at_least" in meta and value < meta["at_least"]:
+            raise SeedError(f"{flag} must be at least {meta['at_least']}, got {value}")
+        if "above" in meta and value <= meta["above"]:
+            raise SeedError(f"{flag} must be " + ("positive" if meta["above"] == 0 else f"greater than {meta['above']}") + f", got {value}")
+        if "at_most" in meta and value > meta["at_most"]:
+            raise SeedError(f"{flag} must be at most {meta['at_most']}, got {value}")
 
 
 def choices_of(annotation: Any) -> tuple[str, ...]:
@@ -57,30 +81,31 @@ class CommonConfig:
     data: str = option("fashion-mnist (default, offline), digits, cifar10, cifar100, stl10, or an ImageFolder path with train/ and val/", "fashion-mnist")
     data_root: str | None = option("folder holding cifar10/cifar100/stl10 (torchvision layout)")
     download: bool = option("let torchvision download the dataset when it is missing (needs internet)", False)
-    image_size: int = option("input resolution in pixels", 32)
-    batch_size: int = option("images per optimiser step and device", 256)
-    epochs: int = option("training epochs", 200)
-    max_steps: int | None = option("stop after this many optimiser steps (smoke runs)")
+    image_size: int = option("input resolution in pixels", 32, at_least=1)
+    batch_size: int = option("images per optimiser step and device", 256, at_least=1)
+    epochs: int = option("training epochs", 200, at_least=1)
+    max_steps: int | None = option("stop after this many optimiser steps (smoke runs)", at_least=1)
     output: str | None = option("run folder; default runs/<stage>/<name>")
-    seed: int = option("random seed for data order, augmentation and initialisation", 0)
-    devices: int = option("devices per node (GPUs, or CPU processes with --accelerator cpu)", 1)
-    num_nodes: int = option("machines (torchrun/SLURM set the rest)", 1)
+    seed: int = option("random seed for data order, augmentation and initialisation", 0, at_least=0)
+    devices: int = option("devices per node (GPUs, or CPU processes with --accelerator cpu)", 1, at_least=1)
+    num_nodes: int = option("machines (torchrun/SLURM set the rest)", 1, at_least=1)
     accelerator: Literal["auto", "cpu", "gpu", "cuda", "mps"] = option("auto, cpu or gpu (cuda and mps too)", "auto")
     precision: Precision = option("auto (bf16-mixed on GPUs that have it, 16-mixed on others, 32 on CPU) or any Lightning precision; "
                                   "bf16 on a CPU needs its bf16 units (AVX512-BF16 or AMX)", "auto")
-    num_workers: int | None = option("data-loading processes per device (default: up to 8, never more than the CPU cores)")
+    num_workers: int | None = option("data-loading processes per device (default: up to 8, never more than the CPU cores)", at_least=0)
     strict_data: bool = option("stop at the first image that cannot be read instead of skipping it (skipped files are listed in the run's skipped.txt)",
                               False)
 
     def __post_init__(self) -> None:
         check_choices(self)
+        check_ranges(self)
 
 
 @dataclasses.dataclass
 class EngineConfig(CommonConfig):
     """Flags of everything that trains through the engine (``seed.engine.fit``): checkpoints, resume, determinism."""
 
-    checkpoint_every: int = option("also write last.ckpt every N optimiser steps", 500)
+    checkpoint_every: int = option("also write last.ckpt every N optimiser steps", 500, at_least=1)
     keep_checkpoints: bool = option("also keep a copy of each epoch's last.ckpt as checkpoints/epoch-E.ckpt (learning curves)", False)
     deterministic: bool = option("deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical GPU runs and resumes, "
                                 "slower; CPU runs are already", False)
@@ -93,28 +118,25 @@ class EngineConfig(CommonConfig):
 
 @dataclasses.dataclass
 class TrainConfig(EngineConfig):
-    """Flags of every training stage (optimiser, monitoring)."""
+    """Flags of every training method (optimiser, monitoring); each method's own flags are in its config class."""
 
-    arch: str = option("backbone, one of seed.backbones.available()", "r18")
-    embed_dim: int = option("output dimension of the projection head", 128)
-    temperature: float | None = option("contrastive temperature (default: the method's)")
     small_images: bool | None = option("3x3 stem without max-pool for small inputs (default: on when --image-size <= 64)")
     optimizer: Literal["sgd", "lars"] | None = option("sgd or lars (default: the method's)")
-    lr: float | None = option("learning rate; default base_lr x batch_size x devices x nodes / 256")
-    base_lr: float | None = option("learning rate per 256 images (default: the method's)")
-    momentum: float = option("SGD momentum", 0.9)
-    weight_decay: float | None = option("weight decay (default: the method's)")
-    warmup_epochs: float | None = option("epochs of linear warm-up before the cosine schedule (default: the method's)")
-    crop_min_scale: float | None = option("smallest random crop, as a fraction of the image (default: the augmentation recipe's)")
-    knn_every: int = option("kNN top-1 monitor every N epochs (0: off)", 1)
-    knn_every_steps: int | None = option("run the kNN monitor every N steps instead of per epoch")
-    knn_bank_size: int = option("train images in the monitor's kNN bank", 5000)
-    knn_query_size: int = option("val images the monitor classifies", 1000)
-    knn_k: int = option("neighbours of the monitor's kNN vote", 200)
+    lr: float | None = option("learning rate; default base_lr x batch_size x devices x nodes / 256", above=0)
+    base_lr: float | None = option("learning rate per 256 images (default: the method's)", above=0)
+    momentum: float = option("SGD momentum", 0.9, at_least=0, at_most=1)
+    weight_decay: float | None = option("weight decay (default: the method's)", at_least=0)
+    warmup_epochs: float | None = option("epochs of linear warm-up before the cosine schedule (default: the method's)", at_least=0)
+    crop_min_scale: float | None = option("smallest random crop, as a fraction of the image (default: the augmentation recipe's)", above=0, at_most=1)
+    knn_every: int = option("kNN top-1 monitor every N epochs (0: off)", 1, at_least=0)
+    knn_every_steps: int | None = option("run the kNN monitor every N steps instead of per epoch", at_least=1)
+    knn_bank_size: int = option("train images in the monitor's kNN bank", 5000, at_least=1)
+    knn_query_size: int = option("val images the monitor classifies", 1000, at_least=1)
+    knn_k: int = option("neighbours of the monitor's kNN vote", 200, at_least=1)
     channels_last: bool | None = option("convolutions in channels_last (NHWC) memory format, for the trained network and any frozen teacher; "
                                         "the same math with other rounding (default: on GPU; its effect on a CPU step: docs/BENCHMARKS.md)")
     precise_bn_images: int = option("recompute BatchNorm statistics over this many train images (eval transform) before each kNN monitor "
-                                   "and before the export (PreciseBN; 0: keep the running averages of training)", 1024)
+                                   "and before the export (PreciseBN; 0: keep the running averages of training)", 1024, at_least=0)
 
     def validation_every(self) -> tuple[int, int | None]:
         """The kNN monitor's schedule."""
@@ -123,60 +145,27 @@ class TrainConfig(EngineConfig):
 
 @dataclasses.dataclass
 class PretrainConfig(TrainConfig):
-    """``seed-pretrain``: a self-supervised teacher."""
+    """``seed-pretrain``: what every teacher method shares; ``--method`` picks the method and its own flags."""
 
-    method: Literal["mocov2", "simclr", "supervised"] = option("mocov2, simclr, or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2")
-    queue_size: int = option("MoCo queue length K", 65536)
-    moco_momentum: float = option("momentum of MoCo's key encoder", 0.999)
-    moco_momentum_cosine: bool = option("raise the key-encoder momentum to 1 along a cosine (BYOL-style)", False)
-    moco_head_bn: bool = option("BatchNorm in MoCo's projection head, as SimCLR's and MoCo v3's heads have (the MoCo v2 paper has none); "
-                               "short runs need it to leave chance level", False)
-    bn_splits: int | None = option("MoCo on one device: the key encoder's BatchNorm normalises this many shuffled groups separately, "
-                                  "as shuffle-BN across GPUs does (default: 8 on one device, 1 under DDP, where real shuffle-BN runs)")
+    method: str = option("the teacher's method: mocov2, simclr or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2")
+    arch: str = option("backbone, one of seed.backbones.available()", "r18")
+
+
+@dataclasses.dataclass
+class ContrastiveConfig(PretrainConfig):
+    """The flags of the contrastive teachers (MoCo v2, SimCLR): a projection head and a temperature."""
+
+    embed_dim: int = option("output dimension of the projection head", 128, at_least=1)
+    temperature: float | None = option("contrastive temperature (default: the method's)", above=0)
 
 
 @dataclasses.dataclass
 class DistillConfig(TrainConfig):
-    """``seed-distill``: a small student learns from a frozen teacher."""
+    """``seed-distill``: what every distillation method shares; ``--mode`` picks the method and its own flags."""
 
-    mode: Literal["seed", "meal"] = option("seed (self-supervised, SEED) or meal (labelled ensemble, MEAL V2)", "seed")
+    mode: str = option("seed (self-supervised, SEED), meal (labelled ensemble, MEAL V2) or usi (labelled, one KD recipe for any backbone, USI)", "seed")
     student: str = option("student backbone, one of seed.backbones.available()", "r18")
-    teacher: str | None = option("teacher backbone (default: the one recorded in our checkpoints)")
-    teacher_checkpoint: str | None = option("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED or torchvision files "
-                                              "(default: the demo teacher, runs/demo/pretrain/teacher.pt)")
-    teacher_head: bool | None = option("use the teacher's projection head (default: when the checkpoint has one, as SEED does)")
-    queue_size: int = option("SEED queue length K (teacher embeddings)", 65536)
-    tau_s: float = option("student temperature", 0.2)
-    tau_t: float = option("teacher temperature (1e-4: near one-hot, the official code's)", 1e-4)
-    small_crops: int = option("SwAV-style extra small crops per image, with their own queue (0: off; the paper's variant uses 6)", 0)
-    augmentation: Literal["mocov2", "mocov1", "swav"] | None = option(
-        "SEED's view recipe: mocov2, mocov1 or swav (default: the official code's for the teacher's method: "
-        "swav for SwAV teachers, mocov1 for SimCLR ones, else mocov2)")
-    teacher_fold_bn: bool = option("fold the teacher's BatchNorm into its convolutions (same outputs, faster)", True)
-    teachers: str | None = option("MEAL V2: comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
-                                 "default: the architectures recorded in --teacher-checkpoints")
-    teacher_checkpoints: str | None = option("MEAL V2: comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
-                                            "an empty entry takes torchvision's or timm's ImageNet weights (default: the demo's teachers, runs/demo/meal/)")
-    student_init: str | None = option("MEAL V2: the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
-                                     "'torchvision' for its ImageNet V1 weights, or timm:NAME for timm's pretrained ones (the public code's r50: "
-                                     "timm:resnet50.ram_in1k); default: the demo's with the demo's teachers, else random")
-    kd_temperature: float = option("MEAL V2: softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0)
-    discriminator: Literal["joint", "minimax", "off"] = option(
-        "MEAL V2: joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
-        "minimax (gradient reversal into the student), or off", "joint")
-    discriminator_weight: float = option("MEAL V2: weight of the discriminator loss added to the KD loss", 1.0)
-    lr_schedule: Literal["step", "cosine"] | None = option("MEAL V2: step or cosine (default: the method's; MEAL V2: step)")
-    lr_milestones: str | None = option("step schedule: comma-separated epochs (counted from 0) at which the lr is multiplied by 0.1 (MEAL V2: 101)")
-    cutmix: bool = option("MEAL V2: CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
-    cutmix_alpha: float = option("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0)
-    cache_teacher_logits: bool = option("MEAL V2: keep the ensemble target of every image under --cache-crops fixed crops, "
-                                       "so epochs after the first --cache-crops skip the teachers (as FKD does)", False)
-    cache_crops: int = option("fixed augmentations per image when caching; epoch e uses crop e mod N", 4)
-    cache_top_k: int = option("classes kept per cached target, the rest of the probability spread evenly (FKD keeps top-k)", 10)
-    teacher_cache: bool = option("SEED, beyond the paper: the teacher embeds each image under --cache-views fixed views once, kept in fp16 "
-                                "in <run>/teacher_cache/, so epochs after the first --cache-views run no teacher", False)
-    cache_views: int = option("SEED --teacher-cache: fixed views per image, epoch e shows view e mod N "
-                             "(disk: images x N x embedding dim x 2 bytes; ImageNet, N = 10: 3.3 GB)", 10)
+    teacher_fold_bn: bool = option("fold the teachers' BatchNorm into their convolutions (same outputs, faster)", True)
 
 
 def _flag(name: str) -> str:
@@ -192,27 +181,37 @@ def _base_type(annotation: Any, keep_literal: bool = False) -> Any:
     return annotation
 
 
+#: For a flag or key that a config lacks, the sentence naming the method it belongs to (None: no method has it).
+Owner = Callable[[str], str | None]
+
+
 class _Parser(argparse.ArgumentParser):
-    """Errors in one line (``prog: error: ...``, exit code 2), an unknown flag with the closest known one."""
+    """Errors in one line (``prog: error: ...``, exit code 2): a flag of another method names its owner, another
+    unknown flag the closest known one."""
+
+    def __init__(self, *args: Any, owner: Owner | None = None, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.owner = owner
 
     def error(self, message: str) -> typing.NoReturn:
         if message.startswith("unrecognized arguments: "):
             unknown = message.split(": ", 1)[1].split()[0]
             typed = unknown.split("=")[0]
+            owned = self.owner(typed.removeprefix("--").replace("-", "_")) if self.owner and typed.startswith("--") else None
             flags = [flag for action in self._actions for flag in action.option_strings]
             close = [flag for flag in flags if flag.startswith(typed)] or difflib.get_close_matches(typed, flags, n=1)
-            message = f"unknown flag '{unknown}'; " + (f"did you mean '{' or '.join(close)}'?" if close else "see --help")
+            message = owned or f"unknown flag '{unknown}'; " + (f"did you mean '{' or '.join(close)}'?" if close else "see --help")
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def build_parser(config_class: type, prog: str, description: str) -> argparse.ArgumentParser:
+def build_parser(config_class: type, prog: str, description: str, owner: Owner | None = None) -> argparse.ArgumentParser:
     """An argparse parser with one flag per config field.
 
     Defaults are suppressed so that only flags the user typed override the YAML
     file; the dataclass holds the real defaults. Flags are never abbreviated
     (``--temp`` is not silently ``--temperature``).
     """
-    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False)
+    parser = _Parser(prog=prog, description=description, argument_default=argparse.SUPPRESS, allow_abbrev=False, owner=owner)
     hints = typing.get_type_hints(config_class)
     for field in dataclasses.fields(config_class):
         kind = _base_type(hints[field.name])
@@ -228,9 +227,12 @@ def build_parser(config_class: type, prog: str, description: str) -> argparse.Ar
     return parser
 
 
-def _check_keys(values: dict[str, Any], config_class: type, source: str) -> None:
+def _check_keys(values: dict[str, Any], config_class: type, source: str, owner: Owner | None = None) -> None:
     valid = [f.name for f in dataclasses.fields(config_class)]
     for key in values:
+        owned = owner(key) if owner and key not in valid else None
+        if owned:
+            raise SeedError(f"config key '{key}' in {source}: {owned}")
         if key not in valid:
             close = difflib.get_close_matches(key, valid, n=1)
             hint = f"did you mean '{close[0]}'?" if close else f"valid keys: {', '.join(valid)}"
@@ -276,21 +278,20 @@ def load_config(config_class: type, argv: list[str] | None, prog: str, descripti
     flags = vars(build_parser(config_class, prog, description).parse_args(argv))
     config = make_config(config_class, flags)
     if isinstance(config, CommonConfig):
-        from seed.engine import resolve_precision
-
         resolve_precision(config)  # a precision this machine refuses stops here, before anything loads
     return config
 
 
-def make_config(config_class: type, overrides: dict[str, Any]) -> Any:
-    """Build a config from the ``config`` YAML file named in ``overrides`` plus the overrides."""
+def make_config(config_class: type, overrides: dict[str, Any], owner: Owner | None = None) -> Any:
+    """Build a config from the ``config`` YAML file named in ``overrides`` plus the overrides; ``owner`` names the
+    method of a key that ``config_class`` lacks."""
     values: dict[str, Any] = {}
     if overrides.get("config"):
         from_file = read_yaml(overrides["config"])
-        _check_keys(from_file, config_class, overrides["config"])
+        _check_keys(from_file, config_class, overrides["config"], owner)
         hints = typing.get_type_hints(config_class)
         values = {k: _coerce(v, hints[k], k, overrides["config"]) for k, v in from_file.items()}
-    _check_keys(overrides, config_class, "the arguments")
+    _check_keys(overrides, config_class, "the arguments", owner)
     values.update(overrides)
     return config_class(**values)
 

@@ -17,32 +17,52 @@ Beyond the paper, ``--teacher-cache`` takes the teacher out of the loop after th
 import dataclasses
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
 from lightly.transforms.multi_view_transform import MultiViewTransform
 from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader, Dataset
 
-from seed.backbones import feature_dim
-from seed.checkpoints import export_model, file_sha256, load_encoder, read_checkpoint
-from seed.config import DistillConfig, resolve
+from seed.checkpoints import file_sha256, load_encoder, read_checkpoint
+from seed.config import DistillConfig, option
 from seed.data import dataset_for, seed_view_transform, small_crop_transforms
-from seed.engine import data_name, fit, run_folder, use_channels_last
+from seed.engine import data_name
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table, random_inits
-from seed.loaders import check_batch, make_loader, monitor_loaders
 from seed.losses import seed_loss
 from seed.module import TrainModule
+from seed.precision import use_channels_last
 from seed.queue import TeacherQueue
 from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
 from seed.teacher_cache import TeacherCache
 
 DEMO_TEACHER = Path("runs/demo/pretrain/teacher.pt")
+
+
+@dataclasses.dataclass
+class SEEDConfig(DistillConfig):
+    """``seed-distill --mode seed``."""
+
+    teacher: str | None = option("teacher backbone (default: the one recorded in our checkpoints)")
+    teacher_checkpoint: str | None = option("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED or torchvision files "
+                                              "(default: the demo teacher, runs/demo/pretrain/teacher.pt)")
+    teacher_head: bool | None = option("use the teacher's projection head (default: when the checkpoint has one, as SEED does)")
+    queue_size: int = option("SEED queue length K (teacher embeddings)", 65536, at_least=1)
+    tau_s: float = option("student temperature", 0.2, above=0)
+    tau_t: float = option("teacher temperature (1e-4: near one-hot, the official code's)", 1e-4, above=0)
+    small_crops: int = option("SwAV-style extra small crops per image, with their own queue (0: off; the paper's variant uses 6)", 0, at_least=0)
+    augmentation: Literal["mocov2", "mocov1", "swav"] | None = option(
+        "SEED's view recipe: mocov2, mocov1 or swav (default: the official code's for the teacher's method: "
+        "swav for SwAV teachers, mocov1 for SimCLR ones, else mocov2)")
+    teacher_cache: bool = option("beyond the paper: the teacher embeds each image under --cache-views fixed views once, kept in fp16 "
+                                "in <run>/teacher_cache/, so epochs after the first --cache-views run no teacher", False)
+    cache_views: int = option("--teacher-cache: fixed views per image, epoch e shows view e mod N "
+                             "(disk: images x N x embedding dim x 2 bytes; ImageNet, N = 10: 3.3 GB)", 10, at_least=1)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float) -> float:
@@ -60,9 +80,11 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float) 
 class SEED(TrainModule):
     """Student backbone + MLP head trained with SEED's loss against a frozen teacher."""
 
+    STAGE, TITLE, CONFIG = "distill", "SEED", SEEDConfig
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 5.0}
 
-    def __init__(self, config: DistillConfig, teacher: FrozenTeacher, num_classes: int, cache: TeacherCache | None = None) -> None:
+    def __init__(self, config: SEEDConfig, teacher: FrozenTeacher, num_classes: int, cache: TeacherCache | None = None,
+                 checkpoint: str | None = None) -> None:
         super().__init__(config, config.student, num_classes)
         dim = self.backbone.feature_dim
         # the official MobileNetV3/EfficientNet students keep their Dropout(0.2) between the features and the (MLP) fc
@@ -75,6 +97,61 @@ class SEED(TrainModule):
         self.strict_loading = False  # the teacher is rebuilt from its own file, not stored in ours
         self.cache = cache  # --teacher-cache: batches are FixedCrops items
         self._pending: list[tuple[TeacherQueue, Tensor]] = []
+        self.checkpoint = checkpoint  # the teacher's file, for the report
+
+    # ---- the runner's view (seed.runner.run) ----
+    @classmethod
+    def trained_arch(cls, config: SEEDConfig) -> str:
+        return config.student
+
+    @classmethod
+    def configure(cls, config: SEEDConfig) -> SEEDConfig:
+        """Defaults, checks, and the view recipe of the teacher's method (its file names it; no model is built yet)."""
+        config = super().configure(config)
+        global_batch = config.batch_size * config.devices * config.num_nodes
+        if config.queue_size < global_batch:
+            raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (SEED uses 65536)")
+        if config.teacher_cache and config.small_crops:
+            raise SeedError("--teacher-cache keeps fixed views, --small-crops draws new patches every step; drop one of them")
+        checkpoint = default_teacher_checkpoint(config)
+        if config.augmentation is None:
+            config = dataclasses.replace(config, augmentation=default_augmentation(read_checkpoint(checkpoint)["format"]))
+        return dataclasses.replace(config, teacher_checkpoint=checkpoint)
+
+    @classmethod
+    def train_set(cls, config: SEEDConfig) -> Dataset:
+        if config.teacher_cache:
+            return FixedCrops(dataset_for(config, "train"), train_transform(config), config.cache_views, config.seed)
+        return dataset_for(config, "train", train_transform(config))
+
+    @classmethod
+    def prepare(cls, config: SEEDConfig, train_set: Dataset) -> tuple[SEEDConfig, dict[str, Any]]:
+        teacher, found = build_teacher(config, config.teacher_checkpoint)
+        print(f"teacher: {config.teacher_checkpoint} ({found}, {teacher.embed_dim}-d embeddings); views: --augmentation {config.augmentation}")
+        return config, {"teacher": teacher, "images": len(train_set)}
+
+    @classmethod
+    def run_name(cls, config: SEEDConfig, parts: dict[str, Any]) -> str:
+        return f"seed-{Path(config.teacher_checkpoint).stem}-{config.student}-{data_name(config)}"
+
+    @classmethod
+    def build(cls, config: SEEDConfig, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "SEED":
+        teacher = parts["teacher"]
+        cache = teacher_cache(config, config.teacher_checkpoint, teacher, run_dir, parts["images"]) if config.teacher_cache else None
+        return cls(config, teacher, num_classes=num_classes, cache=cache, checkpoint=config.teacher_checkpoint)
+
+    def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, None]:
+        return settled[1], self.teacher.embed_dim, None
+
+    def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
+        """The kNN table of teacher, random-init student and distilled student."""
+        config = self.config
+        scores = compare_knn({
+            f"teacher {self.teacher.arch}": load_encoder(self.checkpoint, config.teacher, False)[0],
+            f"student {config.student} random init": random_inits(config.student, bool(config.small_images)),
+            f"student {config.student} distilled": settled[0],
+        }, config, self.num_classes, monitor)
+        print_knn_table(scores, config, run_dir)
 
     def embed(self, images: Tensor) -> Tensor:
         """The student's L2-normalised embedding."""
@@ -150,30 +227,13 @@ class SEED(TrainModule):
             self.cache.flush()
 
 
-def default_teacher_checkpoint(config: DistillConfig) -> str:
+def default_teacher_checkpoint(config: SEEDConfig) -> str:
     """``--teacher-checkpoint``, else the demo's teacher when ``make demo`` made one."""
     if config.teacher_checkpoint:
         return config.teacher_checkpoint
     if DEMO_TEACHER.is_file():
         return str(DEMO_TEACHER)
     raise SeedError(f"no --teacher-checkpoint given and no demo teacher at {DEMO_TEACHER}; pass one, or run seed-pretrain --config configs/demo/pretrain.yaml")
-
-
-def check_config(config: DistillConfig) -> None:
-    """Mistakes that would otherwise surface deep inside training."""
-    for name in ("tau_s", "tau_t"):
-        if getattr(config, name) <= 0:
-            raise SeedError(f"--{name.replace('_', '-')} must be positive, got {getattr(config, name)}")
-    global_batch = config.batch_size * config.devices * config.num_nodes
-    if config.queue_size < global_batch:
-        raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (SEED uses 65536)")
-    if config.teacher_cache and config.small_crops:
-        raise SeedError("--teacher-cache keeps fixed views, --small-crops draws new patches every step; drop one of them")
-    if config.teacher_cache and config.cache_views < 1:
-        raise SeedError(f"--cache-views must be at least 1, got {config.cache_views}")
-    if config.cache_teacher_logits:
-        raise SeedError("--cache-teacher-logits is MEAL V2's (--mode meal); SEED's cache is --teacher-cache")
-    feature_dim(config.student)  # unknown names fail here, before any data is read
 
 
 def default_augmentation(found: str) -> str:
@@ -185,7 +245,7 @@ def default_augmentation(found: str) -> str:
     return "mocov1" if "simclr" in name else "mocov2"
 
 
-def train_transform(config: DistillConfig) -> Any:
+def train_transform(config: SEEDConfig) -> Any:
     """One view by ``--augmentation``; with ``--small-crops N`` also N small patches (1 + N views)."""
     view = seed_view_transform(config.augmentation or "mocov2", config.image_size, config.crop_min_scale)
     if not config.small_crops:
@@ -193,47 +253,13 @@ def train_transform(config: DistillConfig) -> Any:
     return MultiViewTransform([view, *small_crop_transforms(config.image_size, config.small_crops)])
 
 
-def build_teacher(config: DistillConfig, checkpoint: str) -> tuple[FrozenTeacher, str]:
+def build_teacher(config: SEEDConfig, checkpoint: str) -> tuple[FrozenTeacher, str]:
     backbone, head, found = load_encoder(checkpoint, config.teacher, config.teacher_head)
     return FrozenTeacher(backbone, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config)), found
 
 
-def teacher_cache(config: DistillConfig, checkpoint: str, teacher: FrozenTeacher, run_dir: Path, images: int) -> TeacherCache:
+def teacher_cache(config: SEEDConfig, checkpoint: str, teacher: FrozenTeacher, run_dir: Path, images: int) -> TeacherCache:
     """The cache of ``--teacher-cache`` beside the run, keyed by what its embeddings depend on."""
     names = ("teacher", "teacher_head", "teacher_fold_bn", "data", "image_size", "augmentation", "crop_min_scale", "seed")
     key = {"teacher_sha256": file_sha256(checkpoint), "channels_last": teacher.channels_last, **{n: getattr(config, n) for n in names}}
     return TeacherCache(run_dir / "teacher_cache", key, images, config.cache_views, teacher.embed_dim)
-
-
-def distill(config: DistillConfig) -> Path:
-    """Run SEED as ``config`` says; returns the run folder."""
-    config = resolve(config, SEED.DEFAULTS)
-    check_config(config)
-    checkpoint = default_teacher_checkpoint(config)
-    if config.augmentation is None:  # the teacher file's format names its method; read it, build no model before the data checks
-        config = dataclasses.replace(config, augmentation=default_augmentation(read_checkpoint(checkpoint)["format"]))
-    if config.teacher_cache:
-        train_set = FixedCrops(dataset_for(config, "train"), train_transform(config), config.cache_views, config.seed)
-    else:
-        train_set = dataset_for(config, "train", train_transform(config))
-    check_batch(len(train_set), config)
-    monitor = monitor_loaders(config)
-    teacher, found = build_teacher(config, checkpoint)
-    print(f"teacher: {checkpoint} ({found}, {teacher.embed_dim}-d embeddings); views: --augmentation {config.augmentation}")
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    run_dir = run_folder(config, "distill", f"seed-{Path(checkpoint).stem}-{config.student}-{data_name(config)}")
-    cache = teacher_cache(config, checkpoint, teacher, run_dir, len(train_set)) if config.teacher_cache else None
-    module = SEED(config, teacher, num_classes=len(train_set.classes), cache=cache)
-    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
-    if trainer.is_global_zero:
-        settled = module.settled_copy(monitor[0])  # PreciseBN statistics: MobileNetV3's running ones lag for hundreds of steps
-        export_model(run_dir / "student.pt", config.student, settled[0], settled[1], teacher.embed_dim, "seed",
-                     dataclasses.asdict(config), bool(config.small_images))
-        scores = compare_knn({
-            f"teacher {teacher.arch}": load_encoder(checkpoint, config.teacher, False)[0],
-            f"student {config.student} random init": random_inits(config.student, bool(config.small_images)),
-            f"student {config.student} distilled": settled[0],
-        }, config, len(train_set.classes), monitor)
-        print_knn_table(scores, config, run_dir)
-        print(f"\nrun folder: {run_dir} (student.pt, last.ckpt, config.yaml, logs/)")
-    return run_dir

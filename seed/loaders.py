@@ -57,9 +57,15 @@ def monitor_loaders(config: TrainConfig) -> list[DataLoader]:
     """Seeded subsets of train (the kNN bank) and val (the queries) with the eval transform; the splits must share their classes."""
     splits = [dataset_for(config, split, eval_transform(config.image_size)) for split in ("train", "val")]
     check_classes(*splits, config.data)
-    loaders = []
-    for dataset, size in zip(splits, (config.knn_bank_size, config.knn_query_size), strict=True):
-        order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
-        subset = Subset(dataset, order[:size].tolist())
-        loaders.append(make_loader(subset, config, shuffle=False, batch_size=max(config.batch_size, 256)))
-    return loaders
+    return [subset_loader(dataset, size, config) for dataset, size in zip(splits, (config.knn_bank_size, config.knn_query_size), strict=True)]
+
+
+def train_eval_loader(config: TrainConfig, size: int) -> DataLoader:
+    """A seeded subset of ``size`` train images under the eval transform, the same images the kNN bank starts with
+    (PreciseBN's images for a method without the kNN monitor)."""
+    return subset_loader(dataset_for(config, "train", eval_transform(config.image_size)), size, config)
+
+
+def subset_loader(dataset: Dataset, size: int, config: TrainConfig) -> DataLoader:
+    order = torch.randperm(len(dataset), generator=torch.Generator().manual_seed(config.seed))
+    return make_loader(Subset(dataset, order[:size].tolist()), config, shuffle=False, batch_size=max(config.batch_size, 256))

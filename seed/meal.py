@@ -18,22 +18,22 @@ import dataclasses
 import math
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-import pytorch_lightning as pl
 import torch
-from lightly.transforms.utils import IMAGENET_NORMALIZE
 from lightly.utils.lars import LARS
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
 
-from seed.backbones import available
-from seed.checkpoints import atomic_save, export_model, load_classifier, load_file
-from seed.classification import cutmix, print_top1, top1, top1_meter, train_transform, val_loader
-from seed.config import DistillConfig, resolve
+from seed.backbones import available, feature_dim
+from seed.checkpoints import atomic_save, load_file
+from seed.classification import Top1Monitor, cutmix, report_top1, top1_meter, train_transform, val_loader
+from seed.classifiers import TORCHVISION_NAMES, load_student_init, load_teacher
+from seed.config import DistillConfig, option, resolve
 from seed.data import check_classes, dataset_for
-from seed.engine import data_name, fit, run_folder, use_channels_last
+from seed.engine import data_name
 from seed.errors import SeedError
-from seed.loaders import check_batch, make_loader
+from seed.loaders import train_eval_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
 from seed.sampling import FixedCrops
@@ -42,6 +42,32 @@ from seed.teacher import FrozenTeacher
 DEMO = Path("runs/demo/meal")
 DEMO_TEACHERS = (DEMO / "teacher-a" / "teacher.pt", DEMO / "teacher-b" / "teacher.pt")
 DEMO_STUDENT_INIT = DEMO / "student-init" / "teacher.pt"
+
+
+@dataclasses.dataclass
+class MEALConfig(DistillConfig):
+    """``seed-distill --mode meal``."""
+
+    teachers: str | None = option("comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
+                                 "default: the architectures recorded in --teacher-checkpoints")
+    teacher_checkpoints: str | None = option("comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
+                                            "an empty entry takes torchvision's or timm's ImageNet weights (default: the demo's teachers, runs/demo/meal/)")
+    student_init: str | None = option("the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
+                                     "'torchvision' for its ImageNet V1 weights, or timm:NAME for timm's pretrained ones (the public code's r50: "
+                                     "timm:resnet50.ram_in1k); default: the demo's with the demo's teachers, else random")
+    kd_temperature: float = option("softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0, above=0)
+    discriminator: Literal["joint", "minimax", "off"] = option(
+        "joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
+        "minimax (gradient reversal into the student), or off", "joint")
+    discriminator_weight: float = option("weight of the discriminator loss added to the KD loss", 1.0, at_least=0)
+    lr_schedule: Literal["step", "cosine"] | None = option("step or cosine (default: step, the paper's)")
+    lr_milestones: str | None = option("step schedule: comma-separated epochs (counted from 0) at which the lr is multiplied by 0.1 (default: 101)")
+    cutmix: bool = option("CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
+    cutmix_alpha: float = option("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0, above=0)
+    cache_teacher_logits: bool = option("keep the ensemble target of every image under --cache-crops fixed crops, "
+                                       "so epochs after the first --cache-crops skip the teachers (as FKD does)", False)
+    cache_crops: int = option("fixed augmentations per image when caching; epoch e uses crop e mod N", 4, at_least=1)
+    cache_top_k: int = option("classes kept per cached target, the rest of the probability spread evenly (FKD keeps top-k)", 10, at_least=1)
 
 
 class Discriminator(nn.Module):
@@ -133,15 +159,101 @@ TARGETS = "teacher_targets.pt"
 LOG_FLOOR = math.log(1e-6)
 
 
-class MEAL(TrainModule):
+class MEAL(Top1Monitor, TrainModule):
     """Student classifier (backbone + Linear) trained on the mean softmax of frozen teachers."""
 
     # MEAL V2 (paper Sec. 4.1 and the public code): SGD momentum 0.9, weight decay 0, lr 0.01 at batch 512
     # (here 0.005 per 256 images), then 0.001; no warm-up. The code's regime is [0, 100, 0.01, 101, 300, 0.001]
     # with inclusive bounds over epochs counted from 0: 101 epochs at 0.01, the drop after epoch 100 (milestone 101).
+    STAGE, TITLE, CONFIG = "distill", "MEAL V2", MEALConfig
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.005, "weight_decay": 0.0, "warmup_epochs": 0.0, "lr_schedule": "step", "lr_milestones": "101"}
 
-    def __init__(self, config: DistillConfig, teachers: Sequence[nn.Module], num_classes: int, num_images: int = 0) -> None:
+    # ---- the runner's view (seed.runner.run) ----
+    @classmethod
+    def trained_arch(cls, config: MEALConfig) -> str:
+        return config.student
+
+    @classmethod
+    def configure(cls, config: MEALConfig) -> MEALConfig:
+        """The paper defaults and checks; the stem waits for the student init, which may name it."""
+        config = dataclasses.replace(config, **{k: v for k, v in cls.DEFAULTS.items() if getattr(config, k) is None})
+        feature_dim(config.student)
+        milestones(config)
+        if config.cache_teacher_logits and config.cutmix:
+            raise SeedError("--cutmix mixes new images every step, which no cache holds; drop --cutmix or --cache-teacher-logits")
+        return config
+
+    @classmethod
+    def train_set(cls, config: MEALConfig) -> Dataset:
+        transform = train_transform(config.image_size, config.crop_min_scale)
+        if config.cache_teacher_logits:
+            return FixedCrops(dataset_for(config, "train"), transform, config.cache_crops, config.seed)
+        return dataset_for(config, "train", transform)
+
+    @classmethod
+    def monitor(cls, config: MEALConfig) -> list[DataLoader]:
+        """The student's top-1 on a seeded subset of the val split (the splits must share their classes)."""
+        loader = val_loader(config, config.knn_query_size)
+        check_classes(dataset_for(config, "train"), loader.dataset, config.data)
+        return [loader]
+
+    @classmethod
+    def prepare(cls, config: MEALConfig, train_set: Dataset) -> tuple[MEALConfig, dict[str, Any]]:
+        """The teachers and the student init (the demo's with the demo's teachers), checked to classify the data's classes."""
+        demo_teachers = not (config.teachers or config.teacher_checkpoints)
+        teachers, lines = load_teachers(config)
+        print("\n".join(lines))
+        num_classes = teachers[0].embed_dim
+        path, backbone, classifier, small_images = load_student_init(config, DEMO_STUDENT_INIT if demo_teachers else None)
+        if path is None:
+            print(f"student: {config.student} from random weights (MEAL V2 starts from supervised ones: pass --student-init)")
+        if classifier is not None and classifier.out_features != num_classes:
+            raise SeedError(f"student init {path} has {classifier.out_features} classes, the teachers {num_classes}; "
+                            "student and teachers must classify the same classes")
+        if small_images is not None:
+            if config.small_images is not None and config.small_images != small_images:
+                raise SeedError(f"student init {path} was trained with{'' if small_images else 'out'} the small-image stem; "
+                                f"drop --{'no-' if small_images else ''}small-images")
+            config = dataclasses.replace(config, small_images=small_images)
+        config = resolve(config, {})
+        if len(train_set.classes) != num_classes:
+            raise SeedError(f"--data {config.data} has {len(train_set.classes)} classes, the teachers {num_classes}; distil on the teachers' classes")
+        return config, {"teachers": teachers, "num_images": len(train_set), "init": (backbone, classifier)}
+
+    @classmethod
+    def run_name(cls, config: MEALConfig, parts: dict[str, Any]) -> str:
+        return f"meal-{config.student}-{data_name(config)}"
+
+    @classmethod
+    def classes(cls, train_set: Dataset, parts: dict[str, Any]) -> int:
+        return parts["teachers"][0].embed_dim
+
+    @classmethod
+    def build(cls, config: MEALConfig, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "MEAL":
+        module = cls(config, parts["teachers"], num_classes, num_images=parts["num_images"])
+        backbone, classifier = parts["init"]
+        if backbone is not None:
+            module.backbone.load_state_dict(backbone.state_dict())
+        if classifier is not None:
+            module.head.load_state_dict(classifier.state_dict())
+        module.init = nn.Sequential(backbone, classifier) if classifier is not None else None
+        return module
+
+    def final(self, monitor: list[DataLoader]) -> nn.Sequential:
+        """With PreciseBN statistics over train images (the monitor holds val images only)."""
+        return self.settled_copy(train_eval_loader(self.config, self.config.precise_bn_images))
+
+    def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, dict[str, Any]]:
+        """The classifier as the head, and ``num_classes``: ``student.pt`` is a classifier seed-eval and --student-init read."""
+        return settled[1], self.num_classes, {"num_classes": self.num_classes}
+
+    def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
+        """Top-1 on the whole val split of the init, the student (as exported), each teacher and their ensemble: ``top1.json``."""
+        students = {f"student {self.config.student} init": self.init} if self.init is not None else {}
+        students[f"student {self.config.student} MEAL V2"] = settled
+        report_top1(students, {f"teacher {n} {t.arch}": t for n, t in enumerate(self.teachers, 1)}, self.config, run_dir)
+
+    def __init__(self, config: MEALConfig, teachers: Sequence[nn.Module], num_classes: int, num_images: int = 0) -> None:
         super().__init__(config, config.student, num_classes)
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
         self.teachers = nn.ModuleList(teachers)
@@ -150,6 +262,7 @@ class MEAL(TrainModule):
         self.strict_loading = False  # the teachers are rebuilt from their own files, not stored in ours
         self.val_top1 = top1_meter(num_classes)
         self._targets_saved = False
+        self.init: nn.Module | None = None  # the student init as it was, for the report
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
@@ -219,15 +332,6 @@ class MEAL(TrainModule):
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(self.config), gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
-    # Online monitor: the student classifier's top-1 on a val subset (every --knn-every epochs).
-    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
-        images, labels = batch
-        self.val_top1.update(self(images), labels)
-
-    def on_validation_epoch_end(self) -> None:
-        self.log("val_top1", 100.0 * self.val_top1.compute(), prog_bar=True, rank_zero_only=True)
-        self.val_top1.reset()
-
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
@@ -236,7 +340,7 @@ class MEAL(TrainModule):
     def cache_key(self) -> dict[str, Any]:
         """What the cached targets depend on; a saved cache of another key is not used."""
         names = ("data", "image_size", "crop_min_scale", "seed", "cache_crops", "cache_top_k", "kd_temperature", "teachers",
-                 "teacher_checkpoints", "teacher_checkpoint")
+                 "teacher_checkpoints")
         return {**{name: getattr(self.config, name) for name in names}, "images": len(self.cache.filled)}
 
     def on_train_epoch_end(self) -> None:
@@ -255,107 +359,17 @@ class MEAL(TrainModule):
             self._targets_saved = path.resolve() == (Path(self.trainer.default_root_dir) / TARGETS).resolve()
 
 
-def milestones(config: DistillConfig) -> list[int]:
+def milestones(config: MEALConfig) -> list[int]:
     try:
         return [int(m) for m in str(config.lr_milestones).split(",") if m.strip()]
     except ValueError:
         raise SeedError(f"--lr-milestones must be comma-separated epochs such as 100 or 60,80, got {config.lr_milestones!r}") from None
 
 
-def check_config(config: DistillConfig) -> None:
-    """Mistakes that would otherwise surface deep inside training."""
-    if config.kd_temperature <= 0:
-        raise SeedError(f"--kd-temperature must be positive, got {config.kd_temperature}")
-    milestones(config)
-    if config.cache_teacher_logits and config.cutmix:
-        raise SeedError("--cutmix mixes new images every step, which no cache holds; drop --cutmix or --cache-teacher-logits")
-    if config.teacher_cache:
-        raise SeedError("--teacher-cache is SEED's (--mode seed); MEAL V2 caches its targets with --cache-teacher-logits")
-    if config.cache_crops < 1 or config.cache_top_k < 1:
-        raise SeedError("--cache-crops and --cache-top-k must be at least 1")
-
-
-# ---- teachers --------------------------------------------------------------------------------------------------
-
-class _Renormalize(nn.Module):
-    """Images normalised with ImageNet's mean/std, renormalised with a timm model's own."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        ours = torch.tensor(IMAGENET_NORMALIZE["mean"]), torch.tensor(IMAGENET_NORMALIZE["std"])
-        self.register_buffer("scale", (ours[1] / torch.tensor(std)).view(1, 3, 1, 1))
-        self.register_buffer("shift", ((ours[0] - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return images * self.scale + self.shift
-
-
-def timm_model(name: str, pretrained: bool, give_file: str) -> nn.Module:
-    """``timm.create_model(name)``; its errors (not installed, unknown name, no download offline) as one line, ``give_file``
-    saying where the user can pass the weights instead."""
-    try:
-        import timm
-    except ImportError:
-        raise SeedError(f"timm:{name} is none of ours ({', '.join(available())}) and timm is not installed; pip install timm "
-                        "(or the seed[timm] extra)") from None
-    try:
-        return timm.create_model(name, pretrained=pretrained)
-    except RuntimeError as error:
-        raise SeedError(f"timm model '{name}': {str(error).splitlines()[0]}") from None
-    except Exception as error:  # noqa: BLE001 - the hub download fails in many ways offline
-        raise SeedError(f"timm's pretrained weights of '{name}' could not be fetched ({type(error).__name__}); {give_file}") from None
-
-
-def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
-    """A timm classifier by name: weights from ``checkpoint`` (weights_only), else timm's pretrained ones."""
-    model = timm_model(name, not checkpoint, "pass the file in --teacher-checkpoints")
-    if checkpoint:
-        content = load_file(checkpoint)
-        state = content.get("state_dict", content.get("model", content)) if isinstance(content, dict) else content
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-        classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
-        if isinstance(classifier, str) and f"{classifier}.weight" in state and state[f"{classifier}.weight"].shape[0] != model.num_classes:
-            model.reset_classifier(state[f"{classifier}.weight"].shape[0])  # a fine-tuned model of other classes
-        try:
-            model.load_state_dict(state)
-        except RuntimeError as error:
-            raise SeedError(f"checkpoint {checkpoint} does not fit timm's {name}: {str(error).splitlines()[1].strip()[:200]}") from None
-    settings = getattr(model, "pretrained_cfg", None) or {}
-    ours = tuple(IMAGENET_NORMALIZE["mean"]), tuple(IMAGENET_NORMALIZE["std"])
-    mean, std = tuple(settings.get("mean", ours[0])), tuple(settings.get("std", ours[1]))
-    wrapped = model if (mean, std) == ours else nn.Sequential(_Renormalize(mean, std), model)
-    wrapped.arch, wrapped.feature_dim = f"timm:{name}", model.num_classes
-    return wrapped
-
-
-TORCHVISION_NAMES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r101": "resnet101", "r152": "resnet152",
-                     "mbv3l": "mobilenet_v3_large", "mbv3s": "mobilenet_v3_small", "effb0": "efficientnet_b0", "effb1": "efficientnet_b1"}
-
-
-def torchvision_file(arch: str, version: str = "DEFAULT") -> str:
-    """torchvision's ImageNet classifier weights of ``arch``: the file in torch.hub's cache, downloaded there when missing."""
-    from torchvision.models import get_model_weights
-
-    if arch not in TORCHVISION_NAMES:
-        raise SeedError(f"{arch} has no torchvision weights; give its file ({', '.join(TORCHVISION_NAMES)} have them)")
-    weights = getattr(get_model_weights(TORCHVISION_NAMES[arch]), version)
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not path.is_file():
-        path.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            torch.hub.download_url_to_file(weights.url, str(path), progress=False)
-        except (OSError, RuntimeError) as error:
-            raise SeedError(f"torchvision's {weights} weights could not be fetched ({type(error).__name__}); "
-                            f"put {Path(weights.url).name} in {path.parent} or pass the file") from None
-    return str(path)
-
-
-def teacher_specs(config: DistillConfig) -> list[tuple[str | None, str | None]]:
+def teacher_specs(config: MEALConfig) -> list[tuple[str | None, str | None]]:
     """(architecture, checkpoint) per teacher from --teachers / --teacher-checkpoints, else the demo's."""
     archs = [a.strip() or None for a in config.teachers.split(",")] if config.teachers else []
     files = [c.strip() or None for c in config.teacher_checkpoints.split(",")] if config.teacher_checkpoints else []
-    if not files and config.teacher_checkpoint:
-        files = [config.teacher_checkpoint]
     if not archs and not files:
         if not all(path.is_file() for path in DEMO_TEACHERS):
             raise SeedError(f"no --teacher-checkpoints given and no demo teachers in {DEMO}; pass them, "
@@ -370,16 +384,7 @@ def teacher_specs(config: DistillConfig) -> list[tuple[str | None, str | None]]:
     return specs
 
 
-def load_teacher(arch: str | None, checkpoint: str | None, config: DistillConfig) -> tuple[FrozenTeacher, str]:
-    """A frozen classifier (images -> logits): inference mode, BatchNorm folded, channels_last on GPU."""
-    if arch is not None and arch not in available():
-        model, head, found = timm_classifier(arch.removeprefix("timm:"), checkpoint), None, "timm"
-    else:
-        model, head, found, _ = load_classifier(checkpoint or torchvision_file(arch), arch)
-    return FrozenTeacher(model, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config), normalize=False), found
-
-
-def load_teachers(config: DistillConfig) -> tuple[list[FrozenTeacher], list[str]]:
+def load_teachers(config: MEALConfig) -> tuple[list[FrozenTeacher], list[str]]:
     """All teachers, checked to share one number of classes; and a line describing each."""
     teachers, lines = [], []
     for number, (arch, path) in enumerate(teacher_specs(config), 1):
@@ -391,93 +396,3 @@ def load_teachers(config: DistillConfig) -> tuple[list[FrozenTeacher], list[str]
         source = path or ("torchvision ImageNet weights" if arch in available() else "timm pretrained weights")
         lines.append(f"teacher {number}: {teacher.arch} from {source} ({found}, {teacher.embed_dim} classes)")
     return teachers, lines
-
-
-def timm_student_file(name: str) -> str:
-    """timm's pretrained classifier ``name`` saved as a state dict in torch.hub's cache, to start a student of ours from.
-
-    The public MEAL V2 code starts its ResNet-50 from timm's ``resnet50`` of 2020, 79.0 % (now the
-    ``resnet50.ram_in1k`` tag), not from torchvision's 76.15 %. timm's ResNets keep torchvision's layout, so the file
-    loads as a torchvision state dict. The student is fed ImageNet-normalised images, so the model must expect them.
-    """
-    path = Path(torch.hub.get_dir()) / "checkpoints" / f"timm-{name}.pth"
-    if not path.is_file():
-        model = timm_model(name, True, "pass the weights' file to --student-init instead")
-        settings = getattr(model, "pretrained_cfg", None) or {}
-        expected = [round(v, 3) for v in (*IMAGENET_NORMALIZE["mean"], *IMAGENET_NORMALIZE["std"])]
-        if [round(v, 3) for v in (*settings.get("mean", ()), *settings.get("std", ()))] not in ([], expected):
-            raise SeedError(f"timm's {name} expects inputs normalised with mean {settings['mean']} and std {settings['std']}, "
-                            "the student gets ImageNet's; start from a model trained on ImageNet-normalised inputs")
-        path.parent.mkdir(parents=True, exist_ok=True)
-        atomic_save(model.state_dict(), path)
-    return str(path)
-
-
-def load_student_init(config: DistillConfig, demo_teachers: bool) -> tuple[str | None, nn.Module | None, nn.Linear | None, bool | None]:
-    """--student-init (the demo's with the demo's teachers): path, backbone, classifier (or None) and stem."""
-    path = config.student_init
-    if path is None and demo_teachers and DEMO_STUDENT_INIT.is_file():
-        path = str(DEMO_STUDENT_INIT)
-    if path == "torchvision":  # ImageNet V1 weights: the paper's starting point (R-50 76.15, R-18 69.76)
-        path = torchvision_file(config.student, "IMAGENET1K_V1")
-    elif path is not None and path.startswith("timm:"):  # the public code's start (R-50: timm's 79.0 %)
-        print(f"student init: timm's pretrained {path.removeprefix('timm:')}")
-        path = timm_student_file(path.removeprefix("timm:"))
-    if path is None:
-        return None, None, None, None
-    backbone, classifier, found, small_images = load_classifier(path, config.student, require_classifier=False)
-    print(f"student init: {path} ({found}{'' if classifier is not None else ', no classifier: a new one'})")
-    return path, backbone, classifier, small_images
-
-
-def distill(config: DistillConfig) -> Path:
-    """Run MEAL V2 as ``config`` says (``seed-distill --mode meal``); returns the run folder."""
-    config = dataclasses.replace(config, **{k: v for k, v in MEAL.DEFAULTS.items() if getattr(config, k) is None})
-    check_config(config)
-    transform = train_transform(config.image_size, config.crop_min_scale)
-    if config.cache_teacher_logits:
-        train_set = FixedCrops(dataset_for(config, "train"), transform, config.cache_crops, config.seed)
-    else:
-        train_set = dataset_for(config, "train", transform)
-    monitor = val_loader(config, config.knn_query_size)
-    check_classes(train_set, monitor.dataset, config.data)
-    check_batch(len(train_set), config)
-    demo_teachers = not (config.teachers or config.teacher_checkpoints or config.teacher_checkpoint)
-    teachers, lines = load_teachers(config)
-    print("\n".join(lines))
-    num_classes = teachers[0].embed_dim
-    init_path, init_backbone, init_classifier, small_images = load_student_init(config, demo_teachers)
-    if init_path is None:
-        print(f"student: {config.student} from random weights (MEAL V2 starts from supervised ones: pass --student-init)")
-    if init_classifier is not None and init_classifier.out_features != num_classes:
-        raise SeedError(f"student init {init_path} has {init_classifier.out_features} classes, the teachers {num_classes}; "
-                        "student and teachers must classify the same classes")
-    if small_images is not None:
-        if config.small_images is not None and config.small_images != small_images:
-            raise SeedError(f"student init {init_path} was trained with{'' if small_images else 'out'} the small-image stem; "
-                            f"drop --{'no-' if small_images else ''}small-images")
-        config = dataclasses.replace(config, small_images=small_images)
-    config = resolve(config, {})
-    if len(train_set.classes) != num_classes:
-        raise SeedError(f"--data {config.data} has {len(train_set.classes)} classes, the teachers {num_classes}; distil on the teachers' classes")
-    pl.seed_everything(config.seed, workers=True, verbose=False)
-    run_dir = run_folder(config, "distill", f"meal-{config.student}-{data_name(config)}")
-    module = MEAL(config, teachers, num_classes, num_images=len(train_set))
-    if init_backbone is not None:
-        module.backbone.load_state_dict(init_backbone.state_dict())
-    if init_classifier is not None:
-        module.head.load_state_dict(init_classifier.state_dict())
-    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), [monitor], config, run_dir)
-    if trainer.is_global_zero:
-        export_model(run_dir / "student.pt", config.student, module.backbone, module.head, num_classes, "meal",
-                     dataclasses.asdict(config), bool(config.small_images), extra={"num_classes": num_classes})
-        students = {}
-        if init_classifier is not None:
-            students[f"student {config.student} init"] = nn.Sequential(init_backbone, init_classifier)
-        students[f"student {config.student} MEAL V2"] = module
-        named = {f"teacher {n} {t.arch}": t for n, t in enumerate(module.teachers, 1)}
-        loader = val_loader(config)
-        scores = top1(students, named, loader, "cuda" if torch.cuda.is_available() else "cpu")
-        print_top1(scores, len(loader.dataset), run_dir / "top1.json")
-        print(f"\nrun folder: {run_dir} (student.pt, last.ckpt, config.yaml, top1.json, logs/)")
-    return run_dir

@@ -1,13 +1,17 @@
-"""The shared base of every trainable method (pretraining, SEED, MEAL V2).
+"""The shared base of every trainable method (pretraining, SEED, MEAL V2, USI).
 
-A method subclasses :class:`TrainModule` and adds only its heads, its loss and
-its ``training_step``. The base owns the backbone, the optimiser and schedule,
-the kNN monitor, and the queues' place in checkpoints.
+A method subclasses :class:`TrainModule` and adds its heads, its loss and its
+``training_step``, and says, in the class attributes and class methods below,
+what :func:`seed.runner.run` needs to run it: its stage, title and config, its
+train set, what it loads before training (teachers, a student init), what it
+exports and what it reports. The base owns the backbone, the optimiser and
+schedule, the kNN monitor, and the queues' place in checkpoints.
 """
 
 import dataclasses
 from copy import deepcopy as copy_module
-from typing import Any
+from pathlib import Path
+from typing import Any, ClassVar
 
 import pytorch_lightning as pl
 import torch
@@ -17,11 +21,13 @@ from lightly.utils.lars import LARS
 from lightly.utils.scheduler import CosineWarmupScheduler
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
-from torch.utils.data import DataLoader, Subset
+from torch.utils.data import DataLoader, Dataset, Subset
 
-from seed.backbones import create_backbone
-from seed.config import TrainConfig
-from seed.knn import knn_top1
+from seed.backbones import create_backbone, feature_dim
+from seed.config import TrainConfig, resolve
+from seed.data import dataset_for, view_transform
+from seed.knn import compare_knn, knn_top1, print_knn_table, random_inits
+from seed.loaders import monitor_loaders
 
 
 @torch.no_grad()
@@ -42,7 +48,78 @@ def precise_bn(model: nn.Module, loader: DataLoader, images: int, device: torch.
 
 
 class TrainModule(pl.LightningModule):
-    """Backbone + optimiser + cosine schedule + kNN monitor; subclasses add the method."""
+    """Backbone + optimiser + cosine schedule + kNN monitor; subclasses add the method.
+
+    The class methods are the runner's view of a method; their defaults fit a self-supervised teacher.
+    """
+
+    #: ``pretrain`` (``seed-pretrain --method NAME``, exports ``teacher.pt``) or ``distill`` (``seed-distill --mode NAME``, ``student.pt``).
+    STAGE: ClassVar[str]
+    #: The method's name in the papers, for help texts and errors.
+    TITLE: ClassVar[str]
+    #: The method's config dataclass: the stage's shared flags and its own, nothing of other methods.
+    CONFIG: ClassVar[type]
+    #: Paper defaults of the fields left at None.
+    DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    @classmethod
+    def configure(cls, config: Any) -> Any:
+        """The config with the paper defaults filled in, checked before any data is read."""
+        config = resolve(config, cls.DEFAULTS)
+        feature_dim(cls.trained_arch(config))  # an unknown name fails here, before any data is read
+        return config
+
+    @classmethod
+    def trained_arch(cls, config: Any) -> str:
+        """The architecture this method trains."""
+        return config.arch
+
+    @classmethod
+    def train_set(cls, config: Any) -> Dataset:
+        """The train split under the method's views (two views for the contrastive methods)."""
+        return dataset_for(config, "train", view_transform(config.method, config.image_size, min_scale=config.crop_min_scale))
+
+    @classmethod
+    def monitor(cls, config: Any) -> list[DataLoader]:
+        """The validation loaders during training: the kNN monitor's bank and queries."""
+        return monitor_loaders(config)
+
+    @classmethod
+    def prepare(cls, config: Any, train_set: Dataset) -> tuple[Any, dict[str, Any]]:
+        """What the method loads before its module is built (teachers, a student init), as keyword arguments of
+        :meth:`build`, and the config as they refine it."""
+        return config, {}
+
+    @classmethod
+    def run_name(cls, config: Any, parts: dict[str, Any]) -> str:
+        """The run folder's name under ``runs/<stage>/``."""
+        return f"{config.method}-{config.arch}-{Path(config.data).name or 'data'}"
+
+    @classmethod
+    def build(cls, config: Any, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "TrainModule":
+        """The module, from :meth:`prepare`'s parts."""
+        return cls(config, num_classes=num_classes, **parts)
+
+    @classmethod
+    def classes(cls, train_set: Dataset, parts: dict[str, Any]) -> int:
+        """The number of classes the module is built for."""
+        return len(train_set.classes)
+
+    def final(self, monitor: list[DataLoader]) -> nn.Sequential:
+        """What is exported and reported: :meth:`evaluated` with PreciseBN statistics over the kNN monitor's bank
+        (train images, eval transform)."""
+        return self.settled_copy(monitor[0])
+
+    def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, dict[str, Any] | None]:
+        """What the exported file holds beside the backbone: the head, its output size and extra fields."""
+        return settled[1], self.config.embed_dim, None
+
+    def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
+        """After the export: the trained backbone's kNN top-1 beside random init of its architecture."""
+        arch, small = self.trained_arch(self.config), bool(self.config.small_images)
+        scores = compare_knn({f"{arch} random init": random_inits(arch, small), f"{arch} {self.config.method}": settled[0]},
+                             self.config, self.num_classes, monitor)
+        print_knn_table(scores, self.config, run_dir)
 
     def __init__(self, config: TrainConfig, arch: str, num_classes: int) -> None:
         super().__init__()

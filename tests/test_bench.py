@@ -10,7 +10,7 @@ import bench.common
 from bench.__main__ import SUITE, default_names, main
 from bench.common import ROOT, write_result
 from bench.render import render
-from seed.engine import native_cpu_bf16
+from seed.precision import native_cpu_bf16
 
 RESULT = {
     "title": "Toy speed", "order": 1, "command": "python -m bench.toy",
@@ -146,11 +146,11 @@ def test_meal_bench_reports_the_cache_over_seeds_with_top_k_below_the_classes():
 def test_teacher_curve_scores_each_kept_epoch_against_random_init(tmp_path, results, monkeypatch, tiny_args):
     """A 2-epoch SimCLR run with --keep-checkpoints, scored per epoch under compare's protocol (whole digits splits)."""
     from bench import teacher_curve
-    from tests.conftest import run_command
+    from tests.conftest import TINY, run_command
 
     monkeypatch.setenv("SEED_CACHE", str(tmp_path / "cache"))
     run = tmp_path / "run"
-    done = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--batch-size", "256", "--epochs", "2", "--knn-every", "0",
+    done = run_command("seed-pretrain", "--method", "simclr", *TINY, "--batch-size", "256", "--epochs", "2", "--knn-every", "0",
                        "--keep-checkpoints", "--precise-bn-images", "64", "--output", str(run))
     assert done.returncode == 0, done.stderr[-2000:]
     monkeypatch.setattr(sys, "argv", ["teacher_curve", "--run", str(run), "--epochs", "1,2", "--seeds", "2"])

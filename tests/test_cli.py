@@ -2,7 +2,8 @@ from pathlib import Path
 
 import pytest
 
-from seed.config import DistillConfig, PretrainConfig, make_config, read_yaml, resolve
+from seed.config import read_yaml, resolve
+from seed.registry import method_config
 
 from .conftest import run_command
 
@@ -25,7 +26,7 @@ def test_pretrain_help_lists_common_flags():
 
 @pytest.mark.parametrize("path", sorted((CONFIGS / "pretrain").glob("*.yaml")) + sorted((CONFIGS / "demo").glob("pretrain*.yaml")), ids=lambda p: p.name)
 def test_shipped_pretrain_configs_are_valid(path):
-    config = make_config(PretrainConfig, {"config": str(path)})
+    config = method_config("pretrain", {"config": str(path)})
     assert set(read_yaml(str(path))) <= set(vars(config))
 
 
@@ -52,7 +53,7 @@ def test_seed_recipes_name_their_teacher_and_build_the_official_views(name):
     checkpoint, layout, student, top1 = SEED_RECIPES[name]
     header = path.read_text().split("\nmode:")[0]
     assert checkpoint in header and top1 in header
-    config = resolve(make_config(DistillConfig, {"config": str(path)}), SEED.DEFAULTS)
+    config = resolve(method_config("distill", {"config": str(path)}), SEED.DEFAULTS)
     assert (config.teacher_checkpoint, config.student, config.tau_s, config.tau_t, config.queue_size) == (checkpoint, student, 0.2, 1e-4, 65536)
     assert config.augmentation == default_augmentation(layout)
     views = train_transform(config)(Image.new("RGB", (320, 280), (90, 120, 30)))

@@ -4,14 +4,15 @@ import pytest
 import torch
 import yaml
 
-from seed.config import PretrainConfig, build_parser, load_config, make_config, resolve, save_config
+from seed.config import build_parser, make_config, resolve, save_config
 from seed.errors import SeedError
+from seed.registry import method_config, parse
 
 
 def test_defaults_yaml_then_flags(tmp_path):
     file = tmp_path / "run.yaml"
     file.write_text("arch: r50\nbatch_size: 64\nweight_decay: 1.0e-5\nlr: 1e-3\n")
-    config = load_config(PretrainConfig, ["--config", str(file), "--batch-size", "32", "--no-download"], "t", "")
+    config = parse("pretrain", ["--config", str(file), "--batch-size", "32", "--no-download"], "")
     assert config.arch == "r50"  # from the file
     assert config.batch_size == 32  # the flag wins
     assert config.weight_decay == 1e-5 and config.lr == 1e-3  # YAML's "1e-3" string becomes a float
@@ -22,35 +23,35 @@ def test_unknown_key_names_the_closest(tmp_path):
     file = tmp_path / "run.yaml"
     file.write_text("bach_size: 64\n")
     with pytest.raises(SeedError, match="unknown config key 'bach_size'.*did you mean 'batch_size'"):
-        load_config(PretrainConfig, ["--config", str(file)], "t", "")
+        parse("pretrain", ["--config", str(file)], "")
 
 
 def test_wrong_type_in_yaml(tmp_path):
     file = tmp_path / "run.yaml"
     file.write_text("batch_size: many\n")
     with pytest.raises(SeedError, match="batch_size.*must be int"):
-        load_config(PretrainConfig, ["--config", str(file)], "t", "")
+        parse("pretrain", ["--config", str(file)], "")
 
 
 def test_unknown_flag_exits_2(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        load_config(PretrainConfig, ["--bach-size", "3"], "t", "")
+        parse("pretrain", ["--bach-size", "3"], "")
     assert exit_info.value.code == 2
 
 
 def test_resolve_fills_method_defaults_only_where_unset():
-    config = make_config(PretrainConfig, {"base_lr": 0.1, "image_size": 32})
+    config = method_config("pretrain", {"base_lr": 0.1, "image_size": 32})
     resolved = resolve(config, {"base_lr": 0.03, "weight_decay": 1e-4})
     assert resolved.base_lr == 0.1 and resolved.weight_decay == 1e-4
     assert resolved.small_images is True  # 32px -> small stem by default
-    assert resolve(make_config(PretrainConfig, {"image_size": 224}), {}).small_images is False
+    assert resolve(method_config("pretrain", {"image_size": 224}), {}).small_images is False
 
 
 def test_saved_config_reads_back(tmp_path):
-    config = make_config(PretrainConfig, {"arch": "r34", "max_steps": 5})
+    config = method_config("pretrain", {"arch": "r34", "max_steps": 5})
     save_config(config, tmp_path / "config.yaml")
     assert "config" not in yaml.safe_load((tmp_path / "config.yaml").read_text())
-    again = load_config(PretrainConfig, ["--config", str(tmp_path / "config.yaml")], "t", "")
+    again = parse("pretrain", ["--config", str(tmp_path / "config.yaml")], "")
     assert dataclasses.asdict(again) == {**dataclasses.asdict(config), "config": str(tmp_path / "config.yaml")}
 
 
@@ -117,10 +118,10 @@ def test_choices_hold_for_yaml_files_and_replace_too(tmp_path, capsys):
     file.write_text("mode: meal\noptimizer: adam\n")
     assert "unknown --optimizer 'adam'; choose one of: sgd, lars" in _cli(distill_main, ["--config", str(file)], capsys)
     with pytest.raises(SeedError, match="unknown --discriminator 'gan'"):
-        dataclasses.replace(make_config(DistillConfig, {}), discriminator="gan")
+        dataclasses.replace(method_config("distill", {"mode": "meal"}), discriminator="gan")
     checkpoint = tmp_path / "last.ckpt"
     checkpoint.write_bytes(b"")
-    assert make_config(PretrainConfig, {"resume": str(checkpoint), "optimizer": "lars", "precision": "bf16-mixed"}).resume == str(checkpoint)
+    assert method_config("pretrain", {"resume": str(checkpoint), "optimizer": "lars", "precision": "bf16-mixed"}).resume == str(checkpoint)
     assert "{sgd,lars}" in build_parser(DistillConfig, "t", "").format_help()  # --help lists them
 
 
@@ -132,16 +133,19 @@ def test_every_enumerated_option_of_every_command_is_a_checked_literal(tmp_path)
     from downstream.detection.config import DetectionConfig
     from downstream.knn import KnnConfig
     from downstream.linear import LinearConfig
-    from seed.config import DistillConfig, choices_of
+    from seed.config import RANGE_KEYS, choices_of
+    from seed.distill import SEEDConfig
+    from seed.meal import MEALConfig
+    from seed.registry import registered
 
-    expected = {(DistillConfig, "mode"): ("seed", "meal"), (DistillConfig, "augmentation"): ("mocov2", "mocov1", "swav"),
-                (PretrainConfig, "method"): ("mocov2", "simclr", "supervised"), (KnnConfig, "index"): ("flat", "ivf"),
+    expected = {(SEEDConfig, "augmentation"): ("mocov2", "mocov1", "swav"), (MEALConfig, "discriminator"): ("joint", "minimax", "off"),
+                (KnnConfig, "index"): ("flat", "ivf"),
                 (KnnConfig, "backend"): ("auto", "faiss", "torch"), (LinearConfig, "resume"): ("auto", "never"),
                 (DetectionConfig, "engine"): ("auto", "detectron2", "torchvision"), (DetectionConfig, "head"): ("c4", "fpn")}
     for (kind, name), values in expected.items():
         assert choices_of(typing.get_type_hints(kind)[name]) == values, name
-    for kind in (DistillConfig, PretrainConfig, KnnConfig, LinearConfig, DetectionConfig):
-        assert all(set(field.metadata) <= {"help", "or_file"} for field in dataclasses.fields(kind))  # no second way to list choices
+    for kind in (*(method.CONFIG for method in registered().values()), KnnConfig, LinearConfig, DetectionConfig):
+        assert all(set(field.metadata) <= {"help", "or_file", *RANGE_KEYS} for field in dataclasses.fields(kind))  # no second way to list choices
     with pytest.raises(SeedError, match="unknown --head 'c5'; choose one of: c4, fpn"):
         make_config(DetectionConfig, {"head": "c5"})
     with pytest.raises(SeedError, match="unknown --backend 'numpy'; choose one of: auto, faiss, torch"):
@@ -162,13 +166,13 @@ def test_the_console_script_says_it_in_one_line(tmp_path):
                                            ("seed-eval", ["detection"])])
 def test_bf16_on_a_cpu_without_bf16_units_stops_at_parse_time(command, argv, capsys, tmp_path, monkeypatch):
     """oneDNN emulates bf16 there, 2-26x slower than fp32 (docs/RELIABILITY.md): the run stops with one line before anything loads."""
-    import seed.engine
+    import seed.precision
     from downstream.cli import main as eval_main
     from pretrain.cli import main as pretrain_main
     from seed.cli import distill_main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: False)
+    monkeypatch.setattr(seed.precision, "native_cpu_bf16", lambda: False)
     main = {"seed-distill": distill_main, "seed-pretrain": pretrain_main, "seed-eval": eval_main}[command]
     said = _cli(main, [*argv, "--precision", "bf16-mixed", "--accelerator", "cpu", "--output", str(tmp_path / "out")], capsys)
     assert "--precision bf16-mixed: this CPU has no bf16 units (AVX512-BF16 or AMX)" in said and "use --precision 32-true" in said
@@ -176,27 +180,27 @@ def test_bf16_on_a_cpu_without_bf16_units_stops_at_parse_time(command, argv, cap
 
 
 def test_bf16_passes_where_the_cpu_has_bf16_units_or_on_a_gpu(monkeypatch):
-    import seed.engine
-    from seed.engine import resolve_precision
+    import seed.precision
+    from seed.precision import resolve_precision
 
-    config = make_config(PretrainConfig, {"precision": "bf16-mixed", "accelerator": "cpu"})
-    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: True)
+    config = method_config("pretrain", {"precision": "bf16-mixed", "accelerator": "cpu"})
+    monkeypatch.setattr(seed.precision, "native_cpu_bf16", lambda: True)
     assert resolve_precision(config) == "bf16-mixed"
-    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: False)
+    monkeypatch.setattr(seed.precision, "native_cpu_bf16", lambda: False)
     with pytest.raises(SeedError, match="no bf16 units"):
         resolve_precision(config)
     assert resolve_precision(dataclasses.replace(config, precision="32-true")) == "32-true"
-    assert seed.engine.check_cpu_bf16("bf16-mixed", on_gpu=True) == "bf16-mixed"
+    assert seed.precision.check_cpu_bf16("bf16-mixed", on_gpu=True) == "bf16-mixed"
 
 
 def test_a_cpu_bf16_run_whose_strided_convolution_gets_1x1_maps_stops_at_its_first_step(capsys, tmp_path, monkeypatch):
     """torch's oneDNN bf16 weight gradient of a strided 3x3 convolution over 1x1 maps is garbage or nan (a ResNet at 16px:
     layer4.0.conv1); the run stops with one line before that first backward, and writes no checkpoint."""
-    import seed.engine
+    import seed.precision
     from pretrain.cli import main as pretrain_main
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(seed.engine, "native_cpu_bf16", lambda: True)  # so that CI's CPU, which has no bf16 units, gets this far
+    monkeypatch.setattr(seed.precision, "native_cpu_bf16", lambda: True)  # so that CI's CPU, which has no bf16 units, gets this far
     said = _cli(pretrain_main, ["--data", "digits", "--image-size", "16", "--batch-size", "8", "--num-workers", "0", "--knn-every", "0",
                                 "--max-steps", "2", "--no-small-images", "--precision", "bf16-mixed", "--accelerator", "cpu",
                                 "--output", str(tmp_path / "out")], capsys)

@@ -13,16 +13,17 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_backbone, load_file
 from seed.cli import distill_main
-from seed.config import DistillConfig, make_config, resolve
+from seed.config import DistillConfig, resolve
 from seed.distill import SEED, default_augmentation
 from seed.engine import build_trainer, fit
 from seed.loaders import make_loader
 from seed.losses import seed_loss
+from seed.registry import method_config
 from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
 from seed.teacher_cache import TeacherCache
 
-from .conftest import image_folder_of, run_command
+from .conftest import TINY, image_folder_of, run_command
 
 
 @pytest.fixture
@@ -38,7 +39,7 @@ def teacher_file(tmp_path):
 
 def test_distillation_moves_the_student_toward_the_teacher(tmp_path):
     pl.seed_everything(0, verbose=False)
-    config = resolve(make_config(DistillConfig, {"student": "r18", "image_size": 16, "batch_size": 32, "epochs": 8, "queue_size": 96,
+    config = resolve(method_config("distill", {"student": "r18", "image_size": 16, "batch_size": 32, "epochs": 8, "queue_size": 96,
                                                  "knn_every": 0, "output": str(tmp_path), "base_lr": 0.05, "tau_t": 0.05}), SEED.DEFAULTS)
     # a teacher whose embeddings of noise images are spread out: a fixed random projection of the pixels
     teacher_backbone = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(3 * 16 * 16, 64))
@@ -81,7 +82,7 @@ def test_views_follow_the_teacher_method_as_in_the_official_code(found, augmenta
 @pytest.mark.parametrize("student, rate", [("mbv3l", 0.2), ("effb0", 0.2), ("r18", 0.0)])
 def test_mobilenet_and_efficientnet_students_drop_out_their_features_before_the_head(student, rate):
     """The official MobileNetV3 / EfficientNet students keep Dropout(0.2) between the 1280-d features and their MLP fc."""
-    config = resolve(make_config(DistillConfig, {"student": student, "image_size": 16, "queue_size": 64}), SEED.DEFAULTS)
+    config = resolve(method_config("distill", {"student": student, "image_size": 16, "queue_size": 64}), SEED.DEFAULTS)
     module = SEED(config, _conv_teacher(), num_classes=10)
     assert (module.dropout.p if rate else 0.0) == rate
     images = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -120,12 +121,12 @@ def _lr_at(config: DistillConfig, steps: list[int], batches_per_epoch: int) -> l
 
 def test_warm_up_from_base_lr_when_the_batch_raises_the_lr():
     """SEED's official schedule: 5 epochs from 0.03 up to 0.03 x B/256, then cosine; at B <= 256 there is nothing to warm up."""
-    big = resolve(make_config(DistillConfig, {"batch_size": 128, "devices": 4, "epochs": 100, "image_size": 16, "queue_size": 512}), SEED.DEFAULTS)
+    big = resolve(method_config("distill", {"batch_size": 128, "devices": 4, "epochs": 100, "image_size": 16, "queue_size": 512}), SEED.DEFAULTS)
     assert big.warmup_epochs == 5.0
     # 10 batches an epoch: 50 warm-up steps from 0.03 to 0.06, then lightly's cosine over the other 950 steps
     expected = [0.03, 0.03 + 0.03 * 10 / 50, 0.045, 0.06, 0.06 * 0.5 * (1 + math.cos(math.pi * 475 / 949))]
     assert _lr_at(big, [0, 10, 25, 50, 525], 10) == pytest.approx(expected, rel=1e-9)
-    plain = resolve(make_config(DistillConfig, {"batch_size": 256, "epochs": 100, "image_size": 16, "queue_size": 512}), SEED.DEFAULTS)
+    plain = resolve(method_config("distill", {"batch_size": 256, "epochs": 100, "image_size": 16, "queue_size": 512}), SEED.DEFAULTS)
     assert _lr_at(plain, [0, 25, 500], 10) == pytest.approx([0.03, 0.03 * 0.5 * (1 + math.cos(math.pi * 25 / 999)),
                                                              0.03 * 0.5 * (1 + math.cos(math.pi * 500 / 999))], rel=1e-9)
 
@@ -165,7 +166,7 @@ def _conv_teacher() -> FrozenTeacher:
 
 def test_small_crop_queue_takes_one_patch_per_image(tmp_path):
     """The official small_patch_builder enqueues each image's first small patch only: B rows per step, not N x B."""
-    config = resolve(make_config(DistillConfig, {"student": "r18", "image_size": 16, "batch_size": 8, "queue_size": 40, "small_crops": 3,
+    config = resolve(method_config("distill", {"student": "r18", "image_size": 16, "batch_size": 8, "queue_size": 40, "small_crops": 3,
                                                  "knn_every": 0, "max_steps": 1, "output": str(tmp_path)}), SEED.DEFAULTS)
     teacher = _conv_teacher()
     module = SEED(config, teacher, num_classes=10)
@@ -237,7 +238,7 @@ def _jitter(image):
 def _cached_seed(out: Path, always_miss: bool = False) -> tuple[SEED, list[int]]:
     """SEED with a 2-view teacher cache through the engine, 3 epochs of 3 steps; the batch sizes the teacher saw.
     ``always_miss``: the cache reports no hit, so the teacher embeds every batch (the same fixed views, live)."""
-    config = resolve(make_config(DistillConfig, {"student": "r18", "image_size": 16, "batch_size": 8, "epochs": 3, "queue_size": 32, "knn_every": 0,
+    config = resolve(method_config("distill", {"student": "r18", "image_size": 16, "batch_size": 8, "epochs": 3, "queue_size": 32, "knn_every": 0,
                                                  "num_workers": 0, "output": str(out), "teacher_cache": True, "cache_views": 2}), SEED.DEFAULTS)
     data = FixedCrops(_Pictures(), _jitter, crops=2, seed=0)
     teacher, seen = _conv_teacher(), []
@@ -303,13 +304,17 @@ def test_two_process_ddp_ranks_read_each_others_cached_views(tmp_path, tiny_args
 @pytest.mark.parametrize("args, message", [
     (["--teacher-cache", "--small-crops", "2"], "--teacher-cache keeps fixed views, --small-crops draws new patches every step"),
     (["--teacher-cache", "--cache-views", "0"], "--cache-views must be at least 1"),
-    (["--cache-teacher-logits"], "--cache-teacher-logits is MEAL V2's (--mode meal); SEED's cache is --teacher-cache"),
-    (["--mode", "meal", "--teacher-cache"], "--teacher-cache is SEED's (--mode seed)"),
+    (["--cache-teacher-logits"], "--cache-teacher-logits is not a flag of seed-distill --mode seed (SEED); it belongs to --mode meal"),
+    (["--mode", "meal", "--teacher-cache"], "--teacher-cache is not a flag of seed-distill --mode meal (MEAL V2); it belongs to --mode seed"),
+    (["--mode", "meal", "--queue-size", "1024"], "--queue-size is not a flag of seed-distill --mode meal (MEAL V2); it belongs to --mode seed and to "
+                                                 "seed-pretrain --method mocov2"),
+    (["--temperature", "0.5"], "--temperature is not a flag of seed-distill --mode seed (SEED); it belongs to seed-pretrain --method mocov2, simclr"),
 ])
-def test_cache_options_that_cannot_work_stop_in_one_line_before_anything_runs(args, message, tmp_path, tiny_args, capsys):
-    """In-process (the console script's one-line exit 2 is shown by test_bad_input_is_one_line_exit_2)."""
+def test_cache_options_that_cannot_work_stop_in_one_line_before_anything_runs(args, message, tmp_path, capsys):
+    """In-process (the console script's one-line exit 2 is shown by test_bad_input_is_one_line_exit_2); a flag of another
+    method names the method it belongs to."""
     with pytest.raises(SystemExit) as stop:
-        distill_main([*tiny_args, *args, "--output", str(tmp_path / "out")])
+        distill_main([*TINY, *args, "--output", str(tmp_path / "out")])
     err = capsys.readouterr().err
     assert stop.value.code == 2 and message in err and len(err.strip().splitlines()) == 1, err
     assert not (tmp_path / "out").exists()

@@ -14,17 +14,8 @@ from downstream.common import Checkpoint, EvalConfig, file_sha256, write_results
 from downstream.detection import config as flags
 from downstream.detection import d2, models, run, train
 from downstream.detection import metrics as scores
-from downstream.detection.data import (
-    SYNTHETIC,
-    VOC_CLASSES,
-    DetectionDataset,
-    decode_mask,
-    read_coco,
-    read_voc,
-    read_voc_xml,
-    write_fashion_scenes,
-    write_synthetic,
-)
+from downstream.detection.data import VOC_CLASSES, DetectionDataset, decode_mask, read_coco, read_voc, read_voc_xml
+from downstream.detection.scenes import SYNTHETIC, write_fashion_scenes, write_synthetic
 from seed.backbones import available, create_backbone
 from seed.checkpoints import export_model, load_file
 from seed.config import make_config

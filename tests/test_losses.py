@@ -3,7 +3,7 @@ import math
 import torch
 import torch.nn.functional as F
 
-from seed.losses import seed_loss
+from seed.losses import seed_loss, usi_loss
 
 
 def test_seed_loss_equals_its_formula_on_known_vectors():
@@ -53,3 +53,20 @@ def test_seed_loss_exact_values_pin_the_positive_column_the_mean_and_each_temper
     row2 = _soft_cross_entropy([4.0, 3.2, -2.4], [-1.2, 0.0, 2.0])
     assert math.isclose(float(seed_loss(s, t, queue, 0.5, 0.25)), (row1 + row2) / 2, rel_tol=1e-6)
     assert math.isclose((row1 + row2) / 2, 2.23802, abs_tol=1e-5)  # the number itself, so the formula above cannot drift with the code
+
+
+def test_usi_loss_equals_its_formula_on_hand_worked_rows():
+    """Row 1: student softmax (1/4, 3/4), teacher (1/2, 1/2), label class 0; row 2: student (1/2, 1/2), teacher (1/3, 2/3),
+    a mixed label (0.3, 0.7). Cross-entropy to the labels and KL(teacher || student), each averaged over the two rows.
+    Seen to fail with the KL's arguments swapped, with reduction "mean" (divides by classes too) and with kd_only
+    dropping the weight."""
+    student = torch.tensor([[0.0, math.log(3)], [0.0, 0.0]])
+    teacher = torch.tensor([[0.0, 0.0], [0.0, math.log(2)]])
+    target = torch.tensor([[1.0, 0.0], [0.3, 0.7]])
+    cross_entropy = (math.log(4) + math.log(2)) / 2
+    kl = (0.5 * math.log(2) + 0.5 * math.log(2 / 3) + math.log(2 / 3) / 3 + 2 * math.log(4 / 3) / 3) / 2
+    assert math.isclose(usi_loss(student, teacher, target), cross_entropy + 5 * kl, rel_tol=1e-6)
+    assert math.isclose(usi_loss(student, teacher, target, kd_weight=2.0), cross_entropy + 2 * kl, rel_tol=1e-6)
+    assert math.isclose(usi_loss(student, teacher, target, kd_only=True), 5 * kl, rel_tol=1e-6)
+    assert math.isclose(usi_loss(student, teacher, target, kd_weight=0.0), cross_entropy, rel_tol=1e-6)
+    assert usi_loss(teacher, teacher, F.one_hot(torch.tensor([1, 1]), 2).float(), kd_only=True).abs() < 1e-6  # the same softmax: no KL

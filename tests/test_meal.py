@@ -14,12 +14,15 @@ from torch.utils.data import DataLoader, Dataset, TensorDataset
 from seed.backbones import create_backbone
 from seed.checkpoints import export_model, load_classifier, load_file
 from seed.classification import cutmix
-from seed.config import DistillConfig, make_config, resolve
+from seed.classifiers import load_student_init, load_teacher
+from seed.config import DistillConfig, resolve
 from seed.engine import build_trainer, fit
 from seed.errors import SeedError
 from seed.loaders import make_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
-from seed.meal import MEAL, TARGETS, Discriminator, TargetCache, distill, load_student_init, load_teacher
+from seed.meal import MEAL, TARGETS, Discriminator, TargetCache
+from seed.registry import method_config
+from seed.runner import run as distill
 from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
 
@@ -31,7 +34,7 @@ FAST = ["--data", "digits", "--image-size", "16", "--no-small-images", "--batch-
 
 def _config(tmp_path, **values) -> DistillConfig:
     base = {"mode": "meal", "student": "r18", "image_size": 16, "small_images": False, "batch_size": 32, "knn_every": 0, "output": str(tmp_path)}
-    return resolve(make_config(DistillConfig, {**base, **values}), MEAL.DEFAULTS)
+    return resolve(method_config("distill", {**base, **values}), MEAL.DEFAULTS)
 
 
 def _linear_teacher(seed: int, classes: int = 10, scale: float = 3.0) -> FrozenTeacher:
@@ -338,13 +341,13 @@ def test_timm_student_init_starts_from_timms_weights(tmp_path, monkeypatch):
     monkeypatch.setattr(timm, "create_model", offline)
     monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
     config = _config(tmp_path, student="r18", student_init="timm:resnet18.a1_in1k")
-    path, backbone, classifier, small_images = load_student_init(config, demo_teachers=False)
+    path, backbone, classifier, small_images = load_student_init(config)
     assert path == str(tmp_path / "hub" / "checkpoints" / "timm-resnet18.a1_in1k.pth") and len(made) == 1
     assert classifier.out_features == 1000 and small_images is False
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.allclose(classifier(backbone.eval()(images)), made[0](images), atol=1e-4)
-    load_student_init(config, demo_teachers=False)
+    load_student_init(config)
     assert len(made) == 1  # the file is kept in torch.hub's cache: timm is not asked again
 
 
@@ -367,7 +370,7 @@ def test_timm_is_an_extra_and_a_dev_dependency():
 def test_class_mismatch_is_a_one_line_error(teacher_classes, init_classes, message, tmp_path):
     files = [str(_classifier_file(tmp_path / f"t{i}.pt", classes=c)) for i, c in enumerate(teacher_classes)]
     init = _classifier_file(tmp_path / "init.pt", classes=init_classes)
-    config = make_config(DistillConfig, {"mode": "meal", "data": "digits", "teacher_checkpoints": ",".join(files),
+    config = method_config("distill", {"mode": "meal", "data": "digits", "teacher_checkpoints": ",".join(files),
                                          "student_init": str(init), "output": str(tmp_path / "out")})
     with pytest.raises(SeedError, match=message):
         distill(config)
@@ -407,9 +410,8 @@ def test_meal_cli_with_two_teachers_exports_the_student_and_a_table(tmp_path):
 @pytest.mark.parametrize("name, kind", [("meal.yaml", "distill"), ("meal_teacher_a.yaml", "pretrain"), ("meal_teacher_b.yaml", "pretrain"),
                                         ("meal_student_init.yaml", "pretrain")])
 def test_the_demos_meal_configs_are_valid(name, kind):
-    from seed.config import PretrainConfig
 
-    config = make_config(DistillConfig if kind == "distill" else PretrainConfig, {"config": str(CONFIGS / "demo" / name)})
+    config = method_config(kind, {"config": str(CONFIGS / "demo" / name)})
     assert config.mode == "meal" if kind == "distill" else config.method == "supervised"  # not the defaults, seed and mocov2
     assert sorted(p.name for p in (CONFIGS / "demo").glob("meal*.yaml")) == ["meal.yaml", "meal_student_init.yaml", "meal_teacher_a.yaml",
                                                                              "meal_teacher_b.yaml"]
@@ -424,7 +426,7 @@ PAPER = {"mode": "meal", "teachers": "timm:gluon_senet154,timm:gluon_resnet152_v
 def test_the_paper_recipes_hold_the_papers_settings(student, init, tmp_path):
     """configs/distill/meal_v2_<student>.yaml as read: MEAL V2's teachers, schedule and loss; R-50 from timm's 79 % weights
     (the public code's start), R-18 from torchvision's 69.76 %; and the module built from it steps lr 0.01 at batch 512."""
-    config = make_config(DistillConfig, {"config": str(CONFIGS / "distill" / f"meal_v2_{student}.yaml")})
+    config = method_config("distill", {"config": str(CONFIGS / "distill" / f"meal_v2_{student}.yaml")})
     assert {key: getattr(config, key) for key in PAPER} == PAPER
     assert (config.student, config.student_init) == (student, init)
     resolved = resolve(dataclasses.replace(config, student="r18", output=str(tmp_path)), MEAL.DEFAULTS)
@@ -450,10 +452,10 @@ def test_the_papers_schedule_and_defaults(tmp_path):
 def test_without_teachers_or_demo_the_error_says_how_to_make_them(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SeedError, match="no --teacher-checkpoints given and no demo teachers in runs/demo/meal.*meal_teacher_a.yaml"):
-        distill(make_config(DistillConfig, {"mode": "meal"}))
+        distill(method_config("distill", {"mode": "meal"}))
     with pytest.raises(SeedError, match="--teachers names 2 teachers but --teacher-checkpoints gives 1 file"):
-        distill(make_config(DistillConfig, {"mode": "meal", "teachers": "r18,r34", "teacher_checkpoints": "a.pt"}))
+        distill(method_config("distill", {"mode": "meal", "teachers": "r18,r34", "teacher_checkpoints": "a.pt"}))
     with pytest.raises(SeedError, match="r50x2 has no torchvision weights"):
-        distill(make_config(DistillConfig, {"mode": "meal", "teachers": "r50x2"}))
+        distill(method_config("distill", {"mode": "meal", "teachers": "r50x2"}))
     with pytest.raises(SeedError, match="unknown --discriminator 'gan'; choose one of: joint, minimax, off"):
-        distill(make_config(DistillConfig, {"mode": "meal", "discriminator": "gan"}))
+        distill(method_config("distill", {"mode": "meal", "discriminator": "gan"}))

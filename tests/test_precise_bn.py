@@ -3,8 +3,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-from pretrain.simclr import SimCLR
-from seed.config import PretrainConfig
+from pretrain.simclr import SimCLR, SimCLRConfig
 
 
 def batchnorms(module: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
@@ -17,7 +16,7 @@ def test_settled_statistics_are_the_plain_average_over_the_images(arch):
     --precise-bn-images images (two batches, averaged), whatever its momentum (MobileNetV3's is 0.01); the module
     that trains keeps its running averages, so a resumed run still equals an uninterrupted one."""
     torch.manual_seed(0)
-    module = SimCLR(PretrainConfig(arch=arch, image_size=32, precise_bn_images=16, temperature=0.5), num_classes=10)
+    module = SimCLR(SimCLRConfig(arch=arch, image_size=32, precise_bn_images=16, temperature=0.5), num_classes=10)
     images = torch.randn(40, 3, 32, 32) * 2 + 0.5
     loader = DataLoader(TensorDataset(images, torch.zeros(40)), batch_size=8)
     state = {k: v.clone() for k, v in module.state_dict().items()}
@@ -46,7 +45,7 @@ def test_settled_statistics_are_the_plain_average_over_the_images(arch):
 
 
 def test_zero_images_keeps_the_running_averages():
-    module = SimCLR(PretrainConfig(arch="r18", image_size=32, precise_bn_images=0, temperature=0.5), num_classes=10)
+    module = SimCLR(SimCLRConfig(arch="r18", image_size=32, precise_bn_images=0, temperature=0.5), num_classes=10)
     loader = DataLoader(TensorDataset(torch.randn(8, 3, 32, 32), torch.zeros(8)), batch_size=8)
     settled = module.settled_copy(loader).state_dict()
     assert all(torch.equal(settled[k], v) for k, v in module.evaluated().state_dict().items())

@@ -4,12 +4,12 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset
 
-from pretrain.cli import METHODS
 from seed.checkpoints import load_backbone, load_file
-from seed.config import PretrainConfig, make_config, resolve
+from seed.config import resolve
 from seed.engine import build_trainer, fit
+from seed.registry import method_config, methods
 
-from .conftest import run_command
+from .conftest import TINY, run_command
 
 
 class FixedViews(Dataset):
@@ -40,14 +40,14 @@ def _infonce(module, data: FixedViews) -> float:
     return float(F.cross_entropy(logits, torch.zeros(32, dtype=torch.long)))
 
 
-@pytest.mark.parametrize("method", sorted(m for m in METHODS if m != "supervised"))  # supervised: tests/test_supervised.py
+@pytest.mark.parametrize("method", sorted(m for m in methods("pretrain") if m != "supervised"))  # supervised: tests/test_supervised.py
 def test_training_lowers_the_contrastive_loss(method, tmp_path):
     """A few epochs on fixed images teach the encoder to tell the images apart."""
     pl.seed_everything(0, verbose=False)
-    config = make_config(PretrainConfig, {"method": method, "arch": "r18", "image_size": 16, "batch_size": 32, "epochs": 4,
-                                          "queue_size": 64, "knn_every": 0, "output": str(tmp_path), "base_lr": 0.05,
-                                          "optimizer": "sgd", "warmup_epochs": 0.0, "moco_momentum": 0.9})
-    module = METHODS[method](resolve(config, METHODS[method].DEFAULTS), num_classes=10)
+    moco = {"queue_size": 64, "moco_momentum": 0.9} if method == "mocov2" else {}
+    config = method_config("pretrain", {"method": method, "arch": "r18", "image_size": 16, "batch_size": 32, "epochs": 4,
+                                          "knn_every": 0, "output": str(tmp_path), "base_lr": 0.05, "optimizer": "sgd", "warmup_epochs": 0.0, **moco})
+    module = methods("pretrain")[method](resolve(config, methods("pretrain")[method].DEFAULTS), num_classes=10)
     data = FixedViews()
     before = _infonce(module, data)
     build_trainer(module.config, tmp_path).fit(module, DataLoader(data, batch_size=32, shuffle=True))
@@ -63,9 +63,9 @@ def test_channels_last_trains_the_same_network_in_nhwc(tmp_path):
     trained = {}
     for channels_last in (False, True):
         pl.seed_everything(0, verbose=False)
-        config = make_config(PretrainConfig, {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 32, "max_steps": 3,
+        config = method_config("pretrain", {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 32, "max_steps": 3,
                                               "queue_size": 64, "knn_every": 0, "base_lr": 0.05, "channels_last": channels_last})
-        module = METHODS["mocov2"](resolve(config, METHODS["mocov2"].DEFAULTS), num_classes=10)
+        module = methods("pretrain")["mocov2"](resolve(config, methods("pretrain")["mocov2"].DEFAULTS), num_classes=10)
         fit(module, DataLoader(FixedViews(96), batch_size=32), None, module.config, tmp_path / str(channels_last))
         trained[channels_last] = module
     convolutions = [p for p in trained[True].parameters() if p.dim() == 4]
@@ -107,7 +107,7 @@ def test_pretrain_cli_writes_run_folder_and_resumes(tmp_path, tiny_args):
 
 def test_kept_checkpoints_are_the_epoch_ends(tmp_path, tiny_args):
     """--keep-checkpoints: each epoch's last.ckpt stays as checkpoints/epoch-E.ckpt (1,437 digits at batch 256: 5 steps an epoch)."""
-    result = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--batch-size", "256", "--epochs", "2", "--knn-every", "0",
+    result = run_command("seed-pretrain", "--method", "simclr", *TINY, "--batch-size", "256", "--epochs", "2", "--knn-every", "0",
                          "--keep-checkpoints", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     kept = sorted((tmp_path / "checkpoints").iterdir())
@@ -117,14 +117,14 @@ def test_kept_checkpoints_are_the_epoch_ends(tmp_path, tiny_args):
 
 
 def test_simclr_runs(tmp_path, tiny_args):
-    result = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--max-steps", "2", "--output", str(tmp_path))
+    result = run_command("seed-pretrain", "--method", "simclr", *TINY, "--max-steps", "2", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert load_file(tmp_path / "teacher.pt")["method"] == "simclr"
 
 
 def test_epochs_that_end_before_max_steps_are_announced(tmp_path, tiny_args):
     """One epoch of digits at batch 512 is 2 steps: --max-steps 5 cannot be reached, and the run says so up front."""
-    result = run_command("seed-pretrain", "--method", "simclr", *tiny_args, "--batch-size", "512", "--epochs", "1", "--max-steps", "5",
+    result = run_command("seed-pretrain", "--method", "simclr", *TINY, "--batch-size", "512", "--epochs", "1", "--max-steps", "5",
                          "--knn-every", "0", "--output", str(tmp_path))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "note: --epochs 1 is 2 steps, so the run ends before --max-steps 5; raise --epochs to reach it" in result.stdout
@@ -146,7 +146,7 @@ def test_two_process_ddp_on_cpu(tmp_path, tiny_args):
     [
         (["--arch", "r19"], "unknown architecture 'r19'"),
         (["--method", "byol"], "unknown --method 'byol'; choose one of: mocov2, simclr"),
-        (["--batch-size", "5000"], "exceeds the 1437 training images"),
+        (["--batch-size", "5000", "--queue-size", "8192"], "exceeds the 1437 training images"),
         (["--data", "/no/such/folder"], "does not exist"),
     ],
 )
@@ -164,7 +164,7 @@ def test_moco_key_encoder_normalises_shuffled_groups_separately():
 
     from pretrain.mocov2 import MoCoV2
 
-    config = make_config(PretrainConfig, {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 8, "bn_splits": 4, "queue_size": 64})
+    config = method_config("pretrain", {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 8, "bn_splits": 4, "queue_size": 64})
     module = MoCoV2(resolve(config, MoCoV2.DEFAULTS), num_classes=10)
     norm = module.backbone_momentum.bn1
     assert isinstance(norm, SplitBatchNorm) and norm.num_splits == 4
@@ -190,7 +190,7 @@ def test_moco_head_bn_is_split_in_the_key_encoder_only():
     from pretrain.mocov2 import MoCoV2, SplitBatchNorm1d
 
     values = {"method": "mocov2", "arch": "r18", "image_size": 16, "batch_size": 8, "bn_splits": 2, "queue_size": 64, "moco_head_bn": True}
-    module = MoCoV2(resolve(make_config(PretrainConfig, values), MoCoV2.DEFAULTS), num_classes=10)
+    module = MoCoV2(resolve(method_config("pretrain", values), MoCoV2.DEFAULTS), num_classes=10)
     key_norms = [m for m in module.projection_head_momentum.modules() if isinstance(m, SplitBatchNorm)]
     assert key_norms and all(isinstance(m, SplitBatchNorm1d) for m in key_norms)
     query_norms = [m for m in module.projection_head.modules() if isinstance(m, torch.nn.BatchNorm1d)]
@@ -201,7 +201,7 @@ def test_moco_head_bn_is_split_in_the_key_encoder_only():
         members = x[group::2]
         expected = (members - members.mean(0)) / torch.sqrt(members.var(0, unbiased=False) + key_norms[0].eps)
         torch.testing.assert_close(out[group::2], expected, atol=1e-5, rtol=1e-5)
-    without = MoCoV2(resolve(make_config(PretrainConfig, {**values, "moco_head_bn": False}), MoCoV2.DEFAULTS), num_classes=10)
+    without = MoCoV2(resolve(method_config("pretrain", {**values, "moco_head_bn": False}), MoCoV2.DEFAULTS), num_classes=10)
     assert not any(isinstance(m, torch.nn.BatchNorm1d) for m in without.projection_head.modules())
 
 
@@ -210,5 +210,5 @@ def test_moco_head_bn_is_split_in_the_key_encoder_only():
 def test_bn_splits_default_follows_devices_and_divides_the_batch(devices, batch, flag, expected):
     from pretrain.mocov2 import bn_splits
 
-    config = make_config(PretrainConfig, {"devices": devices, "batch_size": batch, "bn_splits": flag})
+    config = method_config("pretrain", {"devices": devices, "batch_size": batch, "bn_splits": flag})
     assert bn_splits(config) == expected

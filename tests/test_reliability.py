@@ -23,14 +23,15 @@ from seed.backbones import create_backbone
 from seed.callbacks import LastCheckpoint, ResumedCSVLogger
 from seed.checkpoints import export_model, load_file
 from seed.cli import distill_main
-from seed.config import DistillConfig, TrainConfig, make_config
+from seed.config import TrainConfig, make_config
 from seed.data import load_dataset, view_transform
 from seed.engine import fit
 from seed.errors import SeedError
 from seed.loaders import make_loader
+from seed.registry import method_config
 from seed.sampling import EpochSampler
 
-from .conftest import BIN, image_folder_of, run_command
+from .conftest import BIN, TINY, image_folder_of, run_command
 
 # ---- resume equals uninterrupted -------------------------------------------------------------------------------
 
@@ -310,9 +311,9 @@ def test_pickled_code_is_refused_by_every_command_and_never_runs(where, tmp_path
         "eval": (eval_main, ["knn", "--data", "digits", "--checkpoint", str(evil), "--output", str(out)]),
         "resume": (pretrain_main, [*tiny_args, "--resume", str(evil), *fast]),
         "auto-resume": (pretrain_main, [*tiny_args, *fast]),
-        "student-init": (distill_main, ["--mode", "meal", *tiny_args, "--teachers", "r18", "--teacher-checkpoints", str(_classifier(tmp_path)),
+        "student-init": (distill_main, ["--mode", "meal", *TINY, "--teachers", "r18", "--teacher-checkpoints", str(_classifier(tmp_path)),
                                         "--student-init", str(evil), *fast]),
-        "meal-teachers": (distill_main, ["--mode", "meal", *tiny_args, "--teacher-checkpoints", str(evil), *fast]),
+        "meal-teachers": (distill_main, ["--mode", "meal", *TINY, "--teacher-checkpoints", str(evil), *fast]),
     }[where]
     if where == "auto-resume":
         out.mkdir()
@@ -472,11 +473,12 @@ def test_bad_configuration_is_one_line_exit_2_and_writes_nothing(command, args, 
     yaml.write_text("bach_size: 8\n")
     args = [arg.replace("{yaml}", str(yaml)) for arg in args]
     message = message.replace("{yaml}", str(yaml))
-    extra = ["--teacher-checkpoint", str(_teacher_file(tmp_path / "t.pt"))] if command == "seed-distill" else []
+    meal = args[:2] == ["--mode", "meal"]
+    extra = ["--teacher-checkpoint", str(_teacher_file(tmp_path / "t.pt"))] if command == "seed-distill" and not meal else []
     main = pretrain_main if command == "seed-pretrain" else distill_main
     before = set(tmp_path.rglob("*"))
     with pytest.raises(SystemExit) as exit_info:
-        main([*tiny_args, *extra, *args, "--output", str(tmp_path / "out")])
+        main([*(TINY if meal else tiny_args), *extra, *args, "--output", str(tmp_path / "out")])
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error, error
     assert len(error.strip().splitlines()) == 1, error
@@ -533,7 +535,7 @@ def test_same_seed_same_loss_curve_other_seed_another(tmp_path, tiny_args, capsy
 def test_seed_fixes_the_queue_start_and_initialisation(tmp_path):
     from seed.distill import SEED, build_teacher
 
-    config = make_config(DistillConfig, {"student": "mbv3s", "queue_size": 32, "image_size": 16, "output": str(tmp_path)})
+    config = method_config("distill", {"student": "mbv3s", "queue_size": 32, "image_size": 16, "output": str(tmp_path)})
     teacher, _ = build_teacher(config, str(_teacher_file(tmp_path / "t.pt")))
     modules = []
     for seed in (5, 5, 6):

@@ -5,21 +5,22 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from pretrain.supervised import Supervised
 from seed.checkpoints import load_classifier, load_file
-from seed.config import PretrainConfig, make_config, resolve
+from seed.config import resolve
 from seed.engine import build_trainer
+from seed.registry import method_config
 
-from .conftest import run_command
+from .conftest import TINY, run_command
 
 
 def test_the_recipe_is_the_standard_one(tmp_path):
-    config = resolve(make_config(PretrainConfig, {"method": "supervised", "batch_size": 512}), Supervised.DEFAULTS)
+    config = resolve(method_config("pretrain", {"method": "supervised", "batch_size": 512}), Supervised.DEFAULTS)
     module = Supervised(config, num_classes=10)
     assert (config.optimizer, config.weight_decay, config.momentum, module.lr()) == ("sgd", 1e-4, 0.9, 0.2)  # 0.1 x 512/256
 
 
 def test_training_fits_the_labels(tmp_path):
     pl.seed_everything(0, verbose=False)
-    config = resolve(make_config(PretrainConfig, {"method": "supervised", "arch": "r18", "image_size": 16, "small_images": False,
+    config = resolve(method_config("pretrain", {"method": "supervised", "arch": "r18", "image_size": 16, "small_images": False,
                                                   "batch_size": 16, "epochs": 8, "knn_every": 0, "lr": 0.05}), Supervised.DEFAULTS)
     module = Supervised(config, num_classes=4)
     images = torch.randn(32, 3, 16, 16, generator=torch.Generator().manual_seed(0))
@@ -37,7 +38,7 @@ def test_training_fits_the_labels(tmp_path):
 
 def test_cli_writes_teacher_with_its_classifier(tmp_path, tiny_args):
     out = tmp_path / "run"
-    result = run_command("seed-pretrain", "--method", "supervised", *tiny_args, "--no-small-images", "--max-steps", "2",
+    result = run_command("seed-pretrain", "--method", "supervised", *TINY, "--no-small-images", "--max-steps", "2",
                          "--knn-every-steps", "2", "--output", str(out))
     assert result.returncode == 0, result.stderr[-2000:]
     assert "r18 supervised" in result.stdout and "val top-1 (360 images)" in result.stdout

@@ -37,16 +37,16 @@ class DetectionConfig(EngineConfig):
                                        "(torchvision engine: a feature pyramid on res2..res5, or on the last three resolutions of "
                                        "MobileNetV3 / EfficientNet)", "c4")
     masks: bool | None = option("Mask R-CNN instead of Faster R-CNN (default: on for coco)")
-    max_iter: int | None = option("training iterations (default: 24000 voc, 90000 coco); lr steps scale with it")
-    lr: float = option("base learning rate for --batch-size images", 0.02)
-    momentum: float = option("SGD momentum", 0.9)
-    weight_decay: float = option("weight decay (none on norm layers, as detectron2)", 1e-4)
-    warmup_iters: int = option("iterations of linear warm-up from lr/1000", 100)
-    image_size: int = option("shorter image side at test; training samples MoCo's sizes scaled to it", 800)
-    batch_size: int = option("images per iteration over all devices (detectron2's IMS_PER_BATCH)", 16)
-    roi_per_image: int = option("sampled RoIs per training image in the box head", 512)
-    max_eval_images: int | None = option("score only the first N test images (smoke runs)")
-    checkpoint_every: int = option("also write last.ckpt (torchvision engine; detectron2's own checkpoints otherwise) every N iterations", 2000)
+    max_iter: int | None = option("training iterations (default: 24000 voc, 90000 coco); lr steps scale with it", at_least=1)
+    lr: float = option("base learning rate for --batch-size images", 0.02, above=0)
+    momentum: float = option("SGD momentum", 0.9, at_least=0, at_most=1)
+    weight_decay: float = option("weight decay (none on norm layers, as detectron2)", 1e-4, at_least=0)
+    warmup_iters: int = option("iterations of linear warm-up from lr/1000", 100, at_least=0)
+    image_size: int = option("shorter image side at test; training samples MoCo's sizes scaled to it", 800, at_least=1)
+    batch_size: int = option("images per iteration over all devices (detectron2's IMS_PER_BATCH)", 16, at_least=1)
+    roi_per_image: int = option("sampled RoIs per training image in the box head", 512, at_least=1)
+    max_eval_images: int | None = option("score only the first N test images (smoke runs)", at_least=1)
+    checkpoint_every: int = option("also write last.ckpt (torchvision engine; detectron2's own checkpoints otherwise) every N iterations", 2000, at_least=1)
 
 
 def resolve_config(config: DetectionConfig) -> DetectionConfig:

@@ -70,7 +70,7 @@ def engine_precision(config: DetectionConfig) -> str:
     if config.precision in ("auto", "32", "32-true"):
         return "32-true"
     if config.precision == "bf16-mixed" or (config.precision == "16-mixed" and on_gpu):
-        return config.precision  # the engine refuses emulated bf16 (seed.engine.check_cpu_bf16)
+        return config.precision  # the engine refuses emulated bf16 (seed.precision.check_cpu_bf16)
     if config.precision == "16-mixed":
         raise SeedError("--precision 16-mixed needs a GPU (fp16 autocast with a gradient scaler); on the CPU use 32 (or bf16-mixed on a CPU with bf16 units)")
     raise SeedError(f"--precision {config.precision}: detection takes auto, 32, bf16-mixed or 16-mixed")
