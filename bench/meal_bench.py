@@ -12,7 +12,7 @@ What it runs, in order (the demo's configs, each into runs/bench/meal/):
 then, in this process, the student init trained as many steps on the labels (the control: more
 training without teachers), one training step timed with and without the teachers (round-robin), and
 short multi-epoch MEAL runs on a Fashion-MNIST subset written as an ImageFolder, with and without
---cache-teacher-logits (top --cache-top-k of the 10 classes kept), once per --seeds seed. Writes
+--teacher-cache (top --cache-top-k of the 10 classes kept), once per --seeds seed. Writes
 bench/results/meal.json in the common format (bench/common.py).
 
 It takes 12+ minutes on a shared 2-core CPU, so ``make bench`` leaves it out: ``python -m bench --only meal``.
@@ -85,9 +85,11 @@ def write_subset(folder: Path, train_images: int, val_images: int, seed: int = 0
 def kd_overhead(teacher_files: list[str], init_file: str, batch_size: int, rounds: int) -> dict[str, float]:
     """Median time of one MEAL step with the teachers' forward and without it (the target given)."""
     from seed.checkpoints import load_classifier
+    from seed.classification import train_transform
+    from seed.classifiers import load_teacher
     from seed.config import resolve
     from seed.data import load_dataset
-    from seed.meal import MEAL, load_teacher, train_transform
+    from seed.meal import MEAL
 
     config = resolve(method_config("distill", {"mode": "meal", "student": "r18", "image_size": 32, "small_images": False,
                                                  "batch_size": batch_size, "knn_every": 0}), MEAL.DEFAULTS)
@@ -132,9 +134,9 @@ def supervised_control(init_file: str, steps: int, lr: float, batch_size: int) -
     from lightly.utils.scheduler import CosineWarmupScheduler
 
     from seed.checkpoints import load_classifier
+    from seed.classification import top1, train_transform, val_loader
     from seed.data import load_dataset
     from seed.loaders import make_loader
-    from seed.meal import top1, train_transform, val_loader
 
     torch.manual_seed(0)
     backbone, classifier, _, _ = load_classifier(init_file)
@@ -198,7 +200,7 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     cache: dict[str, Any] = {"subset-teachers": [], "subset-cached": []}
     common = ["--mode", "meal", "--data", str(subset), "--image-size", "32", "--batch-size", "64", "--epochs", str(args.subset_epochs),
               "--base-lr", "0.05", "--weight-decay", "0", "--lr-schedule", "cosine", "--knn-every", "0", *meal]
-    cached = ["--cache-teacher-logits", "--cache-crops", str(args.cache_crops), "--cache-top-k", str(args.cache_top_k)]
+    cached = ["--teacher-cache", "--cache-views", str(args.cache_crops), "--cache-top-k", str(args.cache_top_k)]
     for seed in seeds(args):
         for name, extra in (("subset-teachers", []), ("subset-cached", cached)):
             folder = RUNS / f"{name}-seed{seed}"
@@ -271,7 +273,7 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
     subset_init = next(value for key, value in runs["subset-teachers"][0]["top1"].items() if key.endswith(" init"))
     seed_text = f"mean ± std over seeds {', '.join(str(r.get('seed', 0)) for r in runs['subset-teachers'])}" if len(runs["subset-teachers"]) > 1 \
         else "one seed"
-    cache_table = {"caption": f"Teacher-target cache (`--cache-teacher-logits --cache-top-k {top_k}`, {crops} fixed crops per image, so epochs "
+    cache_table = {"caption": f"Teacher-target cache (`--teacher-cache --cache-top-k {top_k}`, {crops} fixed crops per image, so epochs "
                               f"0-{crops - 1} run the teachers and epochs {crops}-{args['subset_epochs'] - 1} read the cache; {args['subset_train']} "
                               f"train images, {args['subset_epochs']} epochs, the same init and teachers, {seed_text}; the subset is written as an "
                               "ImageFolder):",
@@ -308,7 +310,7 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
     notes.append(f"Its effect on the student's top-1 here (cached minus teachers every step, per seed): {signed_mean_std(changes)} points"
                  + (", within noise" if abs(change) < 0.5 else "")
                  + f" (targets: {kept}), and the cost to expect on long runs is the loss of augmentation "
-                 "diversity (each image is only ever seen in `--cache-crops` crops).")
+                 "diversity (each image is only ever seen in `--cache-views` views).")
 
     stages = "\n".join(f"    {command}" for command in raw["commands"][:4])
     description = (
@@ -317,7 +319,7 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
         f"then, in-process, a control (the student init trained {raw['control_steps']} more steps on the labels with cross-entropy, "
         "MEAL's optimiser and schedule), one step timed with and without the teachers, and "
         f"{args['subset_epochs']}-epoch MEAL runs on a {args['subset_train']}-image subset with and without "
-        f"`--cache-teacher-logits --cache-crops {crops} --cache-top-k {top_k}` ({seed_text})"
+        f"`--teacher-cache --cache-views {crops} --cache-top-k {top_k}` ({seed_text})"
         + ", and `seed-distill --config configs/demo/meal.yaml --discriminator off|minimax` with the same teachers and init"
         + f". It took {raw['bench_wall_s'] / 60:.1f} min"
         + f" (load average about {raw['load_average_before'][0]:.0f}), one torch thread per process (`--threads {raw['threads']}`; at load 6, "

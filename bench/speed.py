@@ -195,7 +195,7 @@ def ours_step(module: SEED, images: Tensor, device: str, bf16: bool = False, que
 
     def step() -> dict[str, float]:
         with autocast(device, bf16):
-            teacher = module.cached_teacher(images, *rows) if cache is not None else module.teacher(images)
+            teacher = module.cached(*rows, lambda miss: module.teacher(images)[miss]) if cache is not None else module.teacher(images)
             loss = module.seed_step(images, teacher, queue)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()

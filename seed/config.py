@@ -105,7 +105,7 @@ class CommonConfig:
 class EngineConfig(CommonConfig):
     """Flags of everything that trains through the engine (``seed.engine.fit``): checkpoints, resume, determinism."""
 
-    checkpoint_every: int = option("also write last.ckpt every N optimiser steps", 500, at_least=1)
+    checkpoint_every: int = option("also write last.ckpt every N optimiser steps (0: only at epoch ends and at the end)", 500, at_least=0)
     keep_checkpoints: bool = option("also keep a copy of each epoch's last.ckpt as checkpoints/epoch-E.ckpt (learning curves)", False)
     deterministic: bool = option("deterministic algorithms only (torch.use_deterministic_algorithms): bit-identical GPU runs and resumes, "
                                 "slower; CPU runs are already", False)
@@ -166,6 +166,17 @@ class DistillConfig(TrainConfig):
     mode: str = option("seed (self-supervised, SEED), meal (labelled ensemble, MEAL V2) or usi (labelled, one KD recipe for any backbone, USI)", "seed")
     student: str = option("student backbone, one of seed.backbones.available()", "r18")
     teacher_fold_bn: bool = option("fold the teachers' BatchNorm into their convolutions (same outputs, faster)", True)
+    teacher_cache: bool = option("beyond the papers: the teacher's output for each image under --cache-views fixed views is computed once and "
+                                 "kept in fp16 in <run>/teacher_cache/, so epochs after the first --cache-views run no teacher", False)
+    cache_views: int = option("--teacher-cache: fixed views per image, epoch e shows view e mod N (disk, SEED: images x N x embedding dim x "
+                              "2 bytes; ImageNet, N = 10: 3.3 GB)", 10, at_least=1)
+
+
+@dataclasses.dataclass
+class ClassifierDistillConfig(DistillConfig):
+    """What the distillers from classifier teachers (MEAL V2, USI) share."""
+
+    cache_top_k: int = option("--teacher-cache: classes kept per cached probability row, the rest spread evenly (FKD keeps top-k)", 10, at_least=1)
 
 
 def _flag(name: str) -> str:

@@ -39,7 +39,7 @@ from seed.precision import use_channels_last
 from seed.queue import TeacherQueue
 from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
-from seed.teacher_cache import TeacherCache
+from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache
 
 DEMO_TEACHER = Path("runs/demo/pretrain/teacher.pt")
 
@@ -59,10 +59,6 @@ class SEEDConfig(DistillConfig):
     augmentation: Literal["mocov2", "mocov1", "swav"] | None = option(
         "SEED's view recipe: mocov2, mocov1 or swav (default: the official code's for the teacher's method: "
         "swav for SwAV teachers, mocov1 for SimCLR ones, else mocov2)")
-    teacher_cache: bool = option("beyond the paper: the teacher embeds each image under --cache-views fixed views once, kept in fp16 "
-                                "in <run>/teacher_cache/, so epochs after the first --cache-views run no teacher", False)
-    cache_views: int = option("--teacher-cache: fixed views per image, epoch e shows view e mod N "
-                             "(disk: images x N x embedding dim x 2 bytes; ImageNet, N = 10: 3.3 GB)", 10, at_least=1)
 
 
 def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float) -> float:
@@ -77,7 +73,7 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float) 
     return cosine_schedule(step - warmup_steps, total_steps - warmup_steps, 1.0, 0.0)
 
 
-class SEED(TrainModule):
+class SEED(CachedTeacher, TrainModule):
     """Student backbone + MLP head trained with SEED's loss against a frozen teacher."""
 
     STAGE, TITLE, CONFIG = "distill", "SEED", SEEDConfig
@@ -164,19 +160,12 @@ class SEED(TrainModule):
         self._pending.append((queue, teacher[:enqueue]))
         return loss
 
-    def cached_teacher(self, images: Tensor, index: Tensor, view: Tensor) -> Tensor:
-        """The teacher's embeddings of these fixed views, read from the cache. A batch with a miss runs the teacher
-        (on the whole batch, as without the cache) and writes its new rows first: every step reads the fp16 form."""
-        hit = self.cache.hits(index, view)
-        if not bool(hit.all()):
-            self.cache.write(index.cpu()[~hit], view.cpu()[~hit], self.teacher(images).cpu()[~hit])
-        self.log("cache_hits", hit.float().mean(), prog_bar=True)
-        return self.cache.read(index, view).to(images.device)
-
     def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> Tensor:
         if self.cache is not None:  # FixedCrops items (view, label, index, view number); no small crops (check_config)
             images, _, index, view = batch
-            loss = self.seed_step(images, self.cached_teacher(images, index, view), self.queue)
+            # a batch with a miss runs the teacher on the whole batch, as without the cache; every step reads the fp16 rows
+            teacher = self.cached(index, view, lambda miss: self.teacher(images)[miss])
+            loss = self.seed_step(images, teacher, self.queue)
         else:
             views, _ = batch
             big, *small = views if isinstance(views, (list, tuple)) else [views]
@@ -210,21 +199,6 @@ class SEED(TrainModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
-    # --teacher-cache: rank 0 makes (or keeps) the files, then every rank maps them.
-    def on_fit_start(self) -> None:
-        if self.cache is None:
-            return
-        if self.trainer.is_global_zero:
-            filled = self.cache.prepare()
-            images, views, _ = self.cache.shape
-            print(f"teacher cache: {self.cache.folder}, {filled} of {images} images x {views} views embedded")
-        self.trainer.strategy.barrier("teacher cache")
-        self.cache.open()
-
-    def on_train_epoch_end(self) -> None:
-        if self.cache is not None:
-            self.cache.flush()
 
 
 def default_teacher_checkpoint(config: SEEDConfig) -> str:
@@ -262,4 +236,4 @@ def teacher_cache(config: SEEDConfig, checkpoint: str, teacher: FrozenTeacher, r
     """The cache of ``--teacher-cache`` beside the run, keyed by what its embeddings depend on."""
     names = ("teacher", "teacher_head", "teacher_fold_bn", "data", "image_size", "augmentation", "crop_min_scale", "seed")
     key = {"teacher_sha256": file_sha256(checkpoint), "channels_last": teacher.channels_last, **{n: getattr(config, n) for n in names}}
-    return TeacherCache(run_dir / "teacher_cache", key, images, config.cache_views, teacher.embed_dim)
+    return TeacherCache(run_dir / FOLDER, key, images, config.cache_views, teacher.embed_dim)

@@ -26,10 +26,10 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from seed.backbones import available, feature_dim
-from seed.checkpoints import atomic_save, load_file
+from seed.checkpoints import file_sha256
 from seed.classification import Top1Monitor, cutmix, report_top1, top1_meter, train_transform, val_loader
 from seed.classifiers import TORCHVISION_NAMES, load_student_init, load_teacher
-from seed.config import DistillConfig, option, resolve
+from seed.config import ClassifierDistillConfig, option, resolve
 from seed.data import check_classes, dataset_for
 from seed.engine import data_name
 from seed.errors import SeedError
@@ -38,6 +38,7 @@ from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
 from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
+from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache
 
 DEMO = Path("runs/demo/meal")
 DEMO_TEACHERS = (DEMO / "teacher-a" / "teacher.pt", DEMO / "teacher-b" / "teacher.pt")
@@ -45,7 +46,7 @@ DEMO_STUDENT_INIT = DEMO / "student-init" / "teacher.pt"
 
 
 @dataclasses.dataclass
-class MEALConfig(DistillConfig):
+class MEALConfig(ClassifierDistillConfig):
     """``seed-distill --mode meal``."""
 
     teachers: str | None = option("comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
@@ -64,10 +65,6 @@ class MEALConfig(DistillConfig):
     lr_milestones: str | None = option("step schedule: comma-separated epochs (counted from 0) at which the lr is multiplied by 0.1 (default: 101)")
     cutmix: bool = option("CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
     cutmix_alpha: float = option("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0, above=0)
-    cache_teacher_logits: bool = option("keep the ensemble target of every image under --cache-crops fixed crops, "
-                                       "so epochs after the first --cache-crops skip the teachers (as FKD does)", False)
-    cache_crops: int = option("fixed augmentations per image when caching; epoch e uses crop e mod N", 4, at_least=1)
-    cache_top_k: int = option("classes kept per cached target, the rest of the probability spread evenly (FKD keeps top-k)", 10, at_least=1)
 
 
 class Discriminator(nn.Module):
@@ -102,64 +99,11 @@ class _ReverseGradient(torch.autograd.Function):
         return -grad
 
 
-class TargetCache:
-    """Ensemble targets per (image, crop), as top-k probabilities in fp16 and their classes, in CPU memory.
-
-    Not a module and no buffers: DDP broadcasts a module's buffers on every
-    forward (hundreds of MB at ImageNet scale) and Lightning writes them into
-    every ``last.ckpt``. The cache is rebuilt, not restored: a target is always
-    read back from the cache, a miss included, so a target the teachers
-    recompute after a restart is the one the cache held. Once full it is saved
-    beside the run, once (``TARGETS``), and a resumed run reads it back there.
-    A read spreads the probability left outside the top-k evenly over the other classes.
-    """
-
-    def __init__(self, num_images: int, crops: int, num_classes: int, top_k: int) -> None:
-        self.num_classes = num_classes
-        k = min(top_k, num_classes)
-        self.values = torch.zeros(num_images, crops, k, dtype=torch.float16)
-        self.classes = torch.zeros(num_images, crops, k, dtype=torch.int16 if num_classes <= 2**15 else torch.int32)
-        self.filled = torch.zeros(num_images, crops, dtype=torch.bool)
-
-    def hits(self, index: Tensor, crop: Tensor) -> Tensor:
-        return self.filled[index.cpu(), crop.cpu()].to(index.device)
-
-    def read(self, index: Tensor, crop: Tensor) -> Tensor:
-        """The dense (N, C) targets, on ``index``'s device."""
-        rows = index.cpu(), crop.cpu()
-        values, classes = self.values[rows].to(index.device).float(), self.classes[rows].to(index.device).long()
-        rest = self.num_classes - values.shape[1]
-        fill = (1 - values.sum(1, keepdim=True)).clamp_min(0) / max(rest, 1)
-        target = fill.expand(len(index), self.num_classes).clone() if rest else values.new_zeros(len(index), self.num_classes)
-        return target.scatter_(1, classes, values)
-
-    def write(self, index: Tensor, crop: Tensor, target: Tensor) -> None:
-        values, classes = target.detach().float().topk(self.values.shape[2], dim=1)
-        rows = index.cpu(), crop.cpu()
-        self.values[rows] = values.cpu().to(self.values.dtype)
-        self.classes[rows] = classes.cpu().to(self.classes.dtype)
-        self.filled[rows] = True
-
-    def state(self, key: dict[str, Any]) -> dict[str, Any]:
-        """What ``TARGETS`` holds: the tensors and the ``key`` of the run that filled them."""
-        return {"key": key, "values": self.values, "classes": self.classes, "filled": self.filled}
-
-    def load(self, state: dict[str, Any], key: dict[str, Any]) -> bool:
-        """Take a saved cache when it was filled by a run of the same ``key`` (data, crops, teachers); whether it was."""
-        if state.get("key") != key or state["values"].shape != self.values.shape:
-            return False
-        self.values, self.classes, self.filled = state["values"], state["classes"].to(self.classes.dtype), state["filled"].bool()
-        return True
-
-
-#: The full teacher-target cache, saved once beside ``last.ckpt``.
-TARGETS = "teacher_targets.pt"
-
 #: The discriminator's log-probabilities are floored here (p = 1e-6), on both sides alike: a cached target can hold zeros.
 LOG_FLOOR = math.log(1e-6)
 
 
-class MEAL(Top1Monitor, TrainModule):
+class MEAL(CachedTeacher, Top1Monitor, TrainModule):
     """Student classifier (backbone + Linear) trained on the mean softmax of frozen teachers."""
 
     # MEAL V2 (paper Sec. 4.1 and the public code): SGD momentum 0.9, weight decay 0, lr 0.01 at batch 512
@@ -179,15 +123,15 @@ class MEAL(Top1Monitor, TrainModule):
         config = dataclasses.replace(config, **{k: v for k, v in cls.DEFAULTS.items() if getattr(config, k) is None})
         feature_dim(config.student)
         milestones(config)
-        if config.cache_teacher_logits and config.cutmix:
-            raise SeedError("--cutmix mixes new images every step, which no cache holds; drop --cutmix or --cache-teacher-logits")
+        if config.teacher_cache and config.cutmix:
+            raise SeedError("--cutmix mixes new images every step, which no cache holds; drop --cutmix or --teacher-cache")
         return config
 
     @classmethod
     def train_set(cls, config: MEALConfig) -> Dataset:
         transform = train_transform(config.image_size, config.crop_min_scale)
-        if config.cache_teacher_logits:
-            return FixedCrops(dataset_for(config, "train"), transform, config.cache_crops, config.seed)
+        if config.teacher_cache:
+            return FixedCrops(dataset_for(config, "train"), transform, config.cache_views, config.seed)
         return dataset_for(config, "train", transform)
 
     @classmethod
@@ -230,7 +174,11 @@ class MEAL(Top1Monitor, TrainModule):
 
     @classmethod
     def build(cls, config: MEALConfig, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "MEAL":
-        module = cls(config, parts["teachers"], num_classes, num_images=parts["num_images"])
+        cache = None
+        if config.teacher_cache:
+            key = cache_key(config, parts["teachers"])
+            cache = TeacherCache(run_dir / FOLDER, key, parts["num_images"], config.cache_views, num_classes, config.cache_top_k)
+        module = cls(config, parts["teachers"], num_classes, cache=cache)
         backbone, classifier = parts["init"]
         if backbone is not None:
             module.backbone.load_state_dict(backbone.state_dict())
@@ -253,15 +201,14 @@ class MEAL(Top1Monitor, TrainModule):
         students[f"student {self.config.student} MEAL V2"] = settled
         report_top1(students, {f"teacher {n} {t.arch}": t for n, t in enumerate(self.teachers, 1)}, self.config, run_dir)
 
-    def __init__(self, config: MEALConfig, teachers: Sequence[nn.Module], num_classes: int, num_images: int = 0) -> None:
+    def __init__(self, config: MEALConfig, teachers: Sequence[nn.Module], num_classes: int, cache: TeacherCache | None = None) -> None:
         super().__init__(config, config.student, num_classes)
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
         self.teachers = nn.ModuleList(teachers)
         self.discriminator = Discriminator(num_classes) if config.discriminator != "off" else None
-        self.cache = TargetCache(num_images, config.cache_crops, num_classes, config.cache_top_k) if config.cache_teacher_logits else None
+        self.cache = cache  # --teacher-cache: batches are FixedCrops items
         self.strict_loading = False  # the teachers are rebuilt from their own files, not stored in ours
         self.val_top1 = top1_meter(num_classes)
-        self._targets_saved = False
         self.init: nn.Module | None = None  # the student init as it was, for the report
 
     def forward(self, images: Tensor) -> Tensor:
@@ -295,19 +242,7 @@ class MEAL(Top1Monitor, TrainModule):
         A miss is written first and read back like a hit, so every step trains on the cached form (top-k, fp16), and
         a run that restarts without the cache recomputes the very targets it lost.
         """
-        hit = self.cache.hits(index, crop)
-        computed = images.new_zeros(len(images), self.num_classes, dtype=torch.float32)
-        if not hit.all():
-            computed[~hit] = self.teacher_outputs(images[~hit])[0].float()
-        if self.trainer.world_size > 1:  # every rank keeps the whole cache
-            gathered = (self.all_gather(t).flatten(0, 1) for t in (index, crop, hit.to(torch.uint8), computed))  # gloo gathers no bool
-            all_index, all_crop, all_hit, all_computed = gathered
-            miss = all_hit == 0
-            self.cache.write(all_index[miss], all_crop[miss], all_computed[miss])
-        else:
-            self.cache.write(index[~hit], crop[~hit], computed[~hit])
-        self.log("cache_hits", hit.float().mean(), prog_bar=True)
-        target = self.cache.read(index, crop)
+        target = self.cached(index, crop, lambda miss: self.teacher_outputs(images[miss])[0])
         return target, target.clamp_min(math.exp(LOG_FLOOR)).log()
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
@@ -335,28 +270,6 @@ class MEAL(Top1Monitor, TrainModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         super().on_save_checkpoint(checkpoint)
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
-
-    # The teacher-target cache: saved once, when full, beside last.ckpt; read back from beside the checkpoint a run resumes.
-    def cache_key(self) -> dict[str, Any]:
-        """What the cached targets depend on; a saved cache of another key is not used."""
-        names = ("data", "image_size", "crop_min_scale", "seed", "cache_crops", "cache_top_k", "kd_temperature", "teachers",
-                 "teacher_checkpoints")
-        return {**{name: getattr(self.config, name) for name in names}, "images": len(self.cache.filled)}
-
-    def on_train_epoch_end(self) -> None:
-        if self.cache is None or self._targets_saved or not bool(self.cache.filled.all()):
-            return
-        if self.trainer.is_global_zero:
-            atomic_save(self.cache.state(self.cache_key()), Path(self.trainer.default_root_dir) / TARGETS)
-        self._targets_saved = True
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_load_checkpoint(checkpoint)
-        if self.cache is None or not self.trainer.ckpt_path:
-            return
-        path = Path(self.trainer.ckpt_path).parent / TARGETS
-        if path.is_file() and self.cache.load(load_file(path), self.cache_key()):
-            self._targets_saved = path.resolve() == (Path(self.trainer.default_root_dir) / TARGETS).resolve()
 
 
 def milestones(config: MEALConfig) -> list[int]:
@@ -396,3 +309,10 @@ def load_teachers(config: MEALConfig) -> tuple[list[FrozenTeacher], list[str]]:
         source = path or ("torchvision ImageNet weights" if arch in available() else "timm pretrained weights")
         lines.append(f"teacher {number}: {teacher.arch} from {source} ({found}, {teacher.embed_dim} classes)")
     return teachers, lines
+
+
+def cache_key(config: MEALConfig, teachers: Sequence[FrozenTeacher]) -> dict[str, Any]:
+    """What the cached targets depend on: the teachers (their files' SHA-256, or hub weights by name), the data and crops."""
+    names = ("data", "image_size", "crop_min_scale", "seed", "kd_temperature", "teacher_fold_bn")
+    specs = [[arch, file_sha256(path) if path else None] for arch, path in teacher_specs(config)]
+    return {"teachers": specs, "channels_last": teachers[0].channels_last, **{name: getattr(config, name) for name in names}}

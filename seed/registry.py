@@ -55,8 +55,16 @@ def method_of(config: Any) -> type:
     raise SeedError(f"{type(config).__name__} is no method's config")
 
 
+#: Former names of flags, and the name each has now.
+RENAMED = {"cache_teacher_logits": "teacher_cache", "cache_crops": "cache_views"}
+
+
 def owner_of(field: str, stage: str, name: str) -> str | None:
     """For a flag that ``name`` lacks: the methods that have it, as the error's text; None when no method has it."""
+    if field in RENAMED:
+        return f"--{field.replace('_', '-')} is now --{RENAMED[field].replace('_', '-')}"
+    if field.startswith("no_") and owner_of(field[3:], stage, name):
+        return owner_of(field[3:], stage, name).replace("--", "--no-", 1)
     owners = {stage_name: [n for n, m in methods(stage_name).items() if field in {f.name for f in dataclasses.fields(m.CONFIG)}]
               for stage_name in STAGES}
     if not any(owners.values()):

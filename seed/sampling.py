@@ -147,8 +147,8 @@ class EpochSampler(DistributedSampler):
 class FixedCrops(KeyedDataset):
     """Each image under one of ``crops`` fixed augmentations: epoch e shows crop e mod crops.
 
-    The teacher caches rest on it (MEAL V2's ``--cache-teacher-logits``, SEED's
-    ``--teacher-cache``): the augmentation's random draws are seeded by (seed, image, crop),
+    The teacher cache of every distiller (``--teacher-cache``, ``seed.teacher_cache``) rests on it:
+    the augmentation's random draws are seeded by (seed, image, crop),
     so the same crop comes back ``crops`` epochs later and its cached target still fits.
     Items are ``(image, label, index, crop)``, looked up by the ``(index, epoch)``
     keys of the engine's sampler, so the crop follows the epoch in every loader

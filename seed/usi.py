@@ -28,19 +28,22 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from seed.backbones import feature_dim
+from seed.checkpoints import file_sha256
 from seed.classification import Top1Monitor, report_top1, top1, top1_meter, val_loader
 from seed.classifiers import load_teacher, timm_module
-from seed.config import DistillConfig, option, resolve
+from seed.config import ClassifierDistillConfig, option, resolve
 from seed.data import check_classes, dataset_for
 from seed.engine import data_name
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import usi_loss
 from seed.module import TrainModule, precise_bn
+from seed.sampling import FixedCrops
+from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache
 
 
 @dataclasses.dataclass
-class USIConfig(DistillConfig):
+class USIConfig(ClassifierDistillConfig):
     """``seed-distill --mode usi``."""
 
     teacher: str | None = option("teacher classifier: a registry name, timm:NAME or tv:NAME (default: the architecture recorded in "
@@ -77,7 +80,7 @@ def warmup_cosine_lr(step: int, warmup: int, total: int, lr: float, warmup_lr: f
     return (min_lr + (lr - min_lr) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))) / lr
 
 
-class USI(Top1Monitor, TrainModule):
+class USI(CachedTeacher, Top1Monitor, TrainModule):
     """Student classifier (backbone + Linear) trained on mixed labels and a frozen teacher's softmax."""
 
     STAGE, TITLE, CONFIG = "distill", "USI", USIConfig
@@ -98,12 +101,17 @@ class USI(Top1Monitor, TrainModule):
         if not (config.teacher or config.teacher_checkpoint):
             raise SeedError("USI needs a teacher classifier: pass --teacher-checkpoint (seed-pretrain --method supervised makes one) "
                             "or --teacher timm:NAME for its hub weights")
+        if config.teacher_cache and (config.mixup_alpha or config.cutmix_alpha):
+            raise SeedError("--teacher-cache keeps fixed views, Mixup and CutMix mix new images every step; "
+                            "pass --mixup-alpha 0 --cutmix-alpha 0 or drop --teacher-cache")
         if (config.mixup_alpha or config.cutmix_alpha) and config.batch_size % 2:
             raise SeedError(f"--batch-size {config.batch_size}: Mixup and CutMix pair the images of a batch, so it must be even")
         return config
 
     @classmethod
     def train_set(cls, config: USIConfig) -> Dataset:
+        if config.teacher_cache:
+            return FixedCrops(dataset_for(config, "train"), usi_transform(config), config.cache_views, config.seed)
         return dataset_for(config, "train", usi_transform(config))
 
     @classmethod
@@ -119,7 +127,7 @@ class USI(Top1Monitor, TrainModule):
         print(f"teacher: {teacher.arch} from {config.teacher_checkpoint or 'hub weights'} ({found}, {teacher.embed_dim} classes)")
         if len(train_set.classes) != teacher.embed_dim:
             raise SeedError(f"--data {config.data} has {len(train_set.classes)} classes, the teacher {teacher.embed_dim}; distil on the teacher's classes")
-        return config, {"teacher": teacher}
+        return config, {"teacher": teacher, "images": len(train_set)}
 
     @classmethod
     def run_name(cls, config: USIConfig, parts: dict[str, Any]) -> str:
@@ -129,7 +137,17 @@ class USI(Top1Monitor, TrainModule):
     def classes(cls, train_set: Dataset, parts: dict[str, Any]) -> int:
         return parts["teacher"].embed_dim
 
-    def __init__(self, config: USIConfig, teacher: nn.Module, num_classes: int) -> None:
+    @classmethod
+    def build(cls, config: USIConfig, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "USI":
+        cache = None
+        if config.teacher_cache:
+            names = ("teacher", "teacher_fold_bn", "data", "image_size", "crop_min_scale", "rand_augment", "seed")
+            key = {"teacher_sha256": file_sha256(config.teacher_checkpoint) if config.teacher_checkpoint else None,
+                   "channels_last": parts["teacher"].channels_last, **{name: getattr(config, name) for name in names}}
+            cache = TeacherCache(run_dir / FOLDER, key, parts["images"], config.cache_views, num_classes, config.cache_top_k)
+        return cls(config, parts["teacher"], num_classes, cache=cache)
+
+    def __init__(self, config: USIConfig, teacher: nn.Module, num_classes: int, cache: TeacherCache | None = None) -> None:
         super().__init__(config, config.student, num_classes)
         timm = timm_module()
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
@@ -142,19 +160,24 @@ class USI(Top1Monitor, TrainModule):
         if self.ema is not None:
             self.ema.requires_grad_(False)
         self.kept = "model"
+        self.cache = cache  # --teacher-cache: batches are FixedCrops items
         self.val_top1 = top1_meter(num_classes)
 
     def forward(self, images: Tensor) -> Tensor:
         return self.head(self.backbone(images))
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
-        images, labels = batch
+    def training_step(self, batch: tuple[Tensor, ...], batch_idx: int) -> Tensor:
+        images, labels = batch[:2]
         if self.mixup is not None:
             images, target = self.mixup(images, labels)
         else:
             target = F.one_hot(labels, self.num_classes).float()
-        with torch.no_grad():
-            teacher = self.teacher(images)
+        if self.cache is not None:  # FixedCrops items (view, label, index, view number), no mixing: the teacher's softmax, cached
+            probabilities = self.cached(batch[2], batch[3], lambda miss: F.softmax(self.teacher(images[miss]).float(), dim=1))
+            teacher = probabilities.clamp_min(1e-6).log()  # logits whose softmax is the cached row
+        else:
+            with torch.no_grad():
+                teacher = self.teacher(images)
         loss = usi_loss(self(images), teacher, target, self.config.kd_weight, self.config.kd_only)
         self.log("loss", loss, prog_bar=True)
         return loss

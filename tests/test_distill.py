@@ -272,16 +272,16 @@ def test_teacher_cache_equals_the_teacher_on_the_same_fixed_views_and_skips_it_a
         assert torch.allclose(stored, direct, atol=1e-3) and not torch.equal(stored, direct)  # the fp16 form
     # beside the run, not in it: no module buffer (DDP would broadcast it) and nothing in last.ckpt
     assert not any("cache" in name for name in [*cached.state_dict(), *load_file(tmp_path / "cached" / "last.ckpt")["state_dict"]])
-    assert json.loads((tmp_path / "cached" / "teacher_cache" / "key.json").read_text()) == {"run": "test", "images": 24, "views": 2, "dim": 16}
+    assert json.loads((tmp_path / "cached" / "teacher_cache" / "key.json").read_text()) == {"run": "test", "images": 24, "views": 2, "width": 16, "top_k": None}
 
 
 def test_teacher_cache_is_kept_for_its_key_and_emptied_for_another(tmp_path):
-    cache = TeacherCache(tmp_path, {"teacher_sha256": "a"}, images=4, views=2, dim=3)
+    cache = TeacherCache(tmp_path, {"teacher_sha256": "a"}, images=4, views=2, width=3)
     assert cache.prepare() == 0
     cache.open()
     cache.write(torch.tensor([1, 3]), torch.tensor([0, 1]), torch.ones(2, 3))
-    assert TeacherCache(tmp_path, {"teacher_sha256": "a"}, images=4, views=2, dim=3).prepare() == 2  # the same key: kept
-    other = TeacherCache(tmp_path, {"teacher_sha256": "b"}, images=4, views=2, dim=3)
+    assert TeacherCache(tmp_path, {"teacher_sha256": "a"}, images=4, views=2, width=3).prepare() == 2  # the same key: kept
+    other = TeacherCache(tmp_path, {"teacher_sha256": "b"}, images=4, views=2, width=3)
     assert other.prepare() == 0
     other.open()
     assert not other.hits(torch.arange(4), torch.zeros(4, dtype=torch.long)).any() and not other.filled.any()
@@ -304,8 +304,9 @@ def test_two_process_ddp_ranks_read_each_others_cached_views(tmp_path, tiny_args
 @pytest.mark.parametrize("args, message", [
     (["--teacher-cache", "--small-crops", "2"], "--teacher-cache keeps fixed views, --small-crops draws new patches every step"),
     (["--teacher-cache", "--cache-views", "0"], "--cache-views must be at least 1"),
-    (["--cache-teacher-logits"], "--cache-teacher-logits is not a flag of seed-distill --mode seed (SEED); it belongs to --mode meal"),
-    (["--mode", "meal", "--teacher-cache"], "--teacher-cache is not a flag of seed-distill --mode meal (MEAL V2); it belongs to --mode seed"),
+    (["--mode", "meal", "--cache-teacher-logits"], "--cache-teacher-logits is now --teacher-cache"),
+    (["--mode", "meal", "--teacher-cache", "--cutmix"], "--cutmix mixes new images every step, which no cache holds"),
+    (["--mode", "meal", "--no-teacher-head"], "--no-teacher-head is not a flag of seed-distill --mode meal (MEAL V2); it belongs to --mode seed"),
     (["--mode", "meal", "--queue-size", "1024"], "--queue-size is not a flag of seed-distill --mode meal (MEAL V2); it belongs to --mode seed and to "
                                                  "seed-pretrain --method mocov2"),
     (["--temperature", "0.5"], "--temperature is not a flag of seed-distill --mode seed (SEED); it belongs to seed-pretrain --method mocov2, simclr"),

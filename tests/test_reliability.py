@@ -196,7 +196,7 @@ def test_sigkill_mid_epoch_then_same_command_is_bit_identical(stage, tmp_path):
     assert again.returncode == 0, again.stderr[-3000:]
     assert f"resuming from {broken / 'last.ckpt'}" in again.stdout
     if stage == "distill-cached":
-        assert f"{int(filled.sum())} of 80 images x 2 views embedded" in again.stdout  # the cache it had, kept
+        assert f"{int(filled.sum())} of 160 rows cached (80 images x 2 views)" in again.stdout  # the cache it had, kept
         assert _logged(whole, "cache_hits") == {**dict.fromkeys(range(10), "0.0"), **dict.fromkeys(range(10, 12), "1.0")}
 
     expected, got = load_file(whole / "last.ckpt"), load_file(broken / "last.ckpt")

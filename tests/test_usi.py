@@ -5,6 +5,7 @@ import math
 from pathlib import Path
 
 import pytest
+import pytorch_lightning as pl
 import torch
 from torch import nn
 from torch.utils.data import DataLoader
@@ -13,11 +14,14 @@ from seed.checkpoints import load_classifier, load_file
 from seed.cli import distill_main
 from seed.config import read_yaml
 from seed.engine import build_trainer
+from seed.loaders import make_loader
 from seed.registry import method_config
+from seed.sampling import FixedCrops
+from seed.teacher_cache import FOLDER, TeacherCache
 from seed.usi import USI, warmup_cosine_lr
 
 from .conftest import TINY, run_command
-from .test_meal import _classifier_file, _linear_teacher
+from .test_meal import _classifier_file, _Images, _linear_teacher
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 FAST = [*TINY, "--no-small-images", "--knn-query-size", "64"]
@@ -137,3 +141,38 @@ def test_the_paper_recipes_name_their_students_and_results(name, student, top1):
     assert (config.mode, config.student, config.teacher) == ("usi", student, "timm:tresnet_l")
     assert (config.image_size, config.epochs, config.batch_size) == (224, 300, 128)
     assert f"{top1}" in path.read_text() and "mode" in read_yaml(str(path))
+
+
+class _Counting(nn.Module):
+    """A teacher that counts the images it sees."""
+
+    def __init__(self, teacher: nn.Module) -> None:
+        super().__init__()
+        self.inner, self.seen = teacher, 0
+        self.arch, self.embed_dim, self.channels_last = teacher.arch, teacher.embed_dim, False
+
+    def forward(self, images):
+        self.seen += len(images)
+        return self.inner(images)
+
+
+def test_the_teacher_cache_serves_usi_too_and_later_epochs_run_no_teacher(tmp_path):
+    """The one cache of every distiller: the teacher's softmax under 2 fixed views, top-3 of 10 classes, read back for the KL."""
+    config = _config(tmp_path, epochs=3, teacher_cache=True, cache_views=2, cache_top_k=3, mixup_alpha=0.0, cutmix_alpha=0.0, ema_decay=0.0)
+    data = FixedCrops(_Images(), lambda image: image + 0.1 * torch.randn(image.shape), 2, 0)
+    teacher = _Counting(_linear_teacher(0))
+    cache = TeacherCache(tmp_path / FOLDER, {"run": "test"}, images=32, views=2, width=10, top_k=3)
+    module = USI(config, teacher, num_classes=10, cache=cache)
+    seen = []
+    trainer = build_trainer(config, tmp_path, callbacks=[pl.callbacks.LambdaCallback(on_train_epoch_end=lambda *_: seen.append(teacher.seen))])
+    trainer.fit(module, make_loader(data, config, shuffle=True, drop_last=True))
+    assert seen == [32, 64, 64] and bool(module.cache.filled.all())  # epoch 2 shows view 0 again: all cached
+    read = module.cache.read(torch.arange(32), torch.zeros(32, dtype=torch.long))
+    assert torch.allclose(read.sum(1), torch.ones(32), atol=2e-3) and int((read > 1e-3).sum(1).max()) <= 10
+
+
+def test_a_cache_with_mixing_is_refused_in_one_line(tmp_path, capsys):
+    teacher = _classifier_file(tmp_path / "teacher.pt")
+    with pytest.raises(SystemExit):
+        distill_main(["--mode", "usi", *FAST, "--teacher-checkpoint", str(teacher), "--teacher-cache", "--output", str(tmp_path / "out")])
+    assert "--teacher-cache keeps fixed views, Mixup and CutMix mix new images every step" in capsys.readouterr().err
