@@ -46,7 +46,8 @@ class DetectionConfig(EngineConfig):
     batch_size: int = option("images per iteration over all devices (detectron2's IMS_PER_BATCH)", 16, at_least=1)
     roi_per_image: int = option("sampled RoIs per training image in the box head", 512, at_least=1)
     max_eval_images: int | None = option("score only the first N test images (smoke runs)", at_least=1)
-    checkpoint_every: int = option("also write last.ckpt (torchvision engine; detectron2's own checkpoints otherwise) every N iterations (0: only at the end)", 2000, at_least=0)
+    checkpoint_every: int = option("also write last.ckpt (torchvision engine; detectron2's own checkpoints otherwise) every N iterations "
+                                   "(0: only at the end)", 2000, at_least=0)
 
 
 def resolve_config(config: DetectionConfig) -> DetectionConfig:
