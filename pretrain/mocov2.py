@@ -23,8 +23,8 @@ from lightly.utils.scheduler import cosine_schedule
 from torch import Tensor, nn
 
 from seed.config import ContrastiveConfig, option
-from seed.errors import SeedError
 from seed.module import TrainModule
+from seed.queue import check_queue_size
 
 
 @dataclasses.dataclass
@@ -54,9 +54,7 @@ class MoCoV2(TrainModule):
     def configure(cls, config: MoCoV2Config) -> MoCoV2Config:
         """A queue smaller than the global batch would drop keys."""
         config = super().configure(config)
-        global_batch = config.batch_size * config.devices * config.num_nodes
-        if config.queue_size < global_batch:
-            raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (MoCo uses 65536)")
+        check_queue_size(config.queue_size, config.batch_size * config.devices * config.num_nodes, "MoCo")
         return config
 
     def __init__(self, config: MoCoV2Config, num_classes: int) -> None:

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Subset
 from torchmetrics.classification import MulticlassAccuracy
 
 from seed.config import CommonConfig
-from seed.data import dataset_for, eval_transform
+from seed.data import check_classes, dataset_for, eval_transform
 from seed.loaders import make_loader
 from seed.losses import ensemble_target
 
@@ -115,6 +115,13 @@ def report_top1(students: dict[str, nn.Module], teachers: dict[str, nn.Module], 
 class Top1Monitor:
     """The online monitor of a classifier student (a LightningModule mixin): its top-1 on the val loader, as ``val_top1``
     (the module makes ``self.val_top1 = top1_meter(num_classes)``)."""
+
+    @classmethod
+    def monitor(cls, config: CommonConfig) -> list[DataLoader]:
+        """A seeded subset of ``--knn-query-size`` val images (the splits must share their classes)."""
+        loader = val_loader(config, config.knn_query_size)
+        check_classes(dataset_for(config, "train"), loader.dataset, config.data)
+        return [loader]
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int, dataloader_idx: int = 0) -> None:
         images, labels = batch

@@ -29,17 +29,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from seed.checkpoints import file_sha256, load_encoder, read_checkpoint
 from seed.config import DistillConfig, option
-from seed.data import dataset_for, seed_view_transform, small_crop_transforms
+from seed.data import seed_view_transform, small_crop_transforms
 from seed.engine import data_name
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table, random_inits
 from seed.losses import seed_loss
 from seed.module import TrainModule
 from seed.precision import use_channels_last
-from seed.queue import TeacherQueue
-from seed.sampling import FixedCrops
+from seed.queue import TeacherQueue, check_queue_size
 from seed.teacher import FrozenTeacher
-from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache
+from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache, train_views
 
 DEMO_TEACHER = Path("runs/demo/pretrain/teacher.pt")
 
@@ -104,9 +103,7 @@ class SEED(CachedTeacher, TrainModule):
     def configure(cls, config: SEEDConfig) -> SEEDConfig:
         """Defaults, checks, and the view recipe of the teacher's method (its file names it; no model is built yet)."""
         config = super().configure(config)
-        global_batch = config.batch_size * config.devices * config.num_nodes
-        if config.queue_size < global_batch:
-            raise SeedError(f"--queue-size {config.queue_size} is smaller than the global batch {global_batch}; use K >= batch (SEED uses 65536)")
+        check_queue_size(config.queue_size, config.batch_size * config.devices * config.num_nodes, "SEED")
         if config.teacher_cache and config.small_crops:
             raise SeedError("--teacher-cache keeps fixed views, --small-crops draws new patches every step; drop one of them")
         checkpoint = default_teacher_checkpoint(config)
@@ -116,9 +113,7 @@ class SEED(CachedTeacher, TrainModule):
 
     @classmethod
     def train_set(cls, config: SEEDConfig) -> Dataset:
-        if config.teacher_cache:
-            return FixedCrops(dataset_for(config, "train"), train_transform(config), config.cache_views, config.seed)
-        return dataset_for(config, "train", train_transform(config))
+        return train_views(config, train_transform(config))
 
     @classmethod
     def prepare(cls, config: SEEDConfig, train_set: Dataset) -> tuple[SEEDConfig, dict[str, Any]]:

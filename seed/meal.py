@@ -27,18 +27,16 @@ from torch.utils.data import DataLoader, Dataset
 
 from seed.backbones import available, feature_dim
 from seed.checkpoints import file_sha256
-from seed.classification import Top1Monitor, cutmix, report_top1, top1_meter, train_transform, val_loader
+from seed.classification import Top1Monitor, cutmix, report_top1, top1_meter, train_transform
 from seed.classifiers import TORCHVISION_NAMES, load_student_init, load_teacher
 from seed.config import ClassifierDistillConfig, option, resolve
-from seed.data import check_classes, dataset_for
 from seed.engine import data_name
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
-from seed.sampling import FixedCrops
 from seed.teacher import FrozenTeacher
-from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache
+from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache, train_views
 
 DEMO = Path("runs/demo/meal")
 DEMO_TEACHERS = (DEMO / "teacher-a" / "teacher.pt", DEMO / "teacher-b" / "teacher.pt")
@@ -129,17 +127,7 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
 
     @classmethod
     def train_set(cls, config: MEALConfig) -> Dataset:
-        transform = train_transform(config.image_size, config.crop_min_scale)
-        if config.teacher_cache:
-            return FixedCrops(dataset_for(config, "train"), transform, config.cache_views, config.seed)
-        return dataset_for(config, "train", transform)
-
-    @classmethod
-    def monitor(cls, config: MEALConfig) -> list[DataLoader]:
-        """The student's top-1 on a seeded subset of the val split (the splits must share their classes)."""
-        loader = val_loader(config, config.knn_query_size)
-        check_classes(dataset_for(config, "train"), loader.dataset, config.data)
-        return [loader]
+        return train_views(config, train_transform(config.image_size, config.crop_min_scale))
 
     @classmethod
     def prepare(cls, config: MEALConfig, train_set: Dataset) -> tuple[MEALConfig, dict[str, Any]]:

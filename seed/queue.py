@@ -6,6 +6,14 @@ from lightly.models.modules.memory_bank import MemoryBankModule
 from lightly.utils import dist
 from torch import Tensor
 
+from seed.errors import SeedError
+
+
+def check_queue_size(size: int, global_batch: int, method: str) -> None:
+    """A queue smaller than the global batch would drop part of each batch's keys: one line before anything runs."""
+    if size < global_batch:
+        raise SeedError(f"--queue-size {size} is smaller than the global batch {global_batch}; use K >= batch ({method} uses 65536)")
+
 
 class TeacherQueue(MemoryBankModule):
     """lightly's memory bank (random unit vectors at start, all-gather under DDP) as an exact FIFO.

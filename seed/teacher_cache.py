@@ -31,8 +31,11 @@ import numpy as np
 import torch
 from numpy.lib.format import open_memmap
 from torch import Tensor
+from torch.utils.data import Dataset
 
+from seed.data import dataset_for
 from seed.errors import SeedError
+from seed.sampling import FixedCrops
 
 KEY, VALUES, CLASSES, FILLED = "key.json", "values.npy", "classes.npy", "filled.npy"
 #: The cache's folder in the run folder.
@@ -121,6 +124,13 @@ class TeacherCache:
         for array in (self.values, self.classes, self.filled):
             if array is not None:
                 array.flush()
+
+
+def train_views(config: Any, transform: Callable) -> Dataset:
+    """The train split under ``transform``; with ``--teacher-cache``, under ``--cache-views`` fixed views of it."""
+    if config.teacher_cache:
+        return FixedCrops(dataset_for(config, "train"), transform, config.cache_views, config.seed)
+    return dataset_for(config, "train", transform)
 
 
 class CachedTeacher:

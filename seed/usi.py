@@ -29,24 +29,22 @@ from torch.utils.data import DataLoader, Dataset
 
 from seed.backbones import feature_dim
 from seed.checkpoints import file_sha256
-from seed.classification import Top1Monitor, report_top1, top1, top1_meter, val_loader
+from seed.classification import Top1Monitor, report_top1, top1, top1_meter
 from seed.classifiers import load_teacher, timm_module
 from seed.config import ClassifierDistillConfig, option, resolve
-from seed.data import check_classes, dataset_for
 from seed.engine import data_name
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import usi_loss
 from seed.module import TrainModule, precise_bn
-from seed.sampling import FixedCrops
-from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache
+from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache, train_views
 
 
 @dataclasses.dataclass
 class USIConfig(ClassifierDistillConfig):
     """``seed-distill --mode usi``."""
 
-    teacher: str | None = option("teacher classifier: a registry name, timm:NAME or tv:NAME (default: the architecture recorded in "
+    teacher: str | None = option("teacher classifier: a registry name or timm:NAME (default: the architecture recorded in "
                                  "--teacher-checkpoint; the paper's is TResNet-L, timm:tresnet_l)")
     teacher_checkpoint: str | None = option("teacher weights: a classifier of ours (seed-pretrain --method supervised, or a MEAL V2 / USI "
                                             "student.pt), torchvision's or timm's file; none: the hub's ImageNet weights of --teacher")
@@ -110,16 +108,7 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
 
     @classmethod
     def train_set(cls, config: USIConfig) -> Dataset:
-        if config.teacher_cache:
-            return FixedCrops(dataset_for(config, "train"), usi_transform(config), config.cache_views, config.seed)
-        return dataset_for(config, "train", usi_transform(config))
-
-    @classmethod
-    def monitor(cls, config: USIConfig) -> list[DataLoader]:
-        """The student's top-1 on a seeded subset of the val split, which also picks the model or its EMA at the end."""
-        loader = val_loader(config, config.knn_query_size)
-        check_classes(dataset_for(config, "train"), loader.dataset, config.data)
-        return [loader]
+        return train_views(config, usi_transform(config))
 
     @classmethod
     def prepare(cls, config: USIConfig, train_set: Dataset) -> tuple[USIConfig, dict[str, Any]]:
