@@ -1,3 +1,4 @@
+import hashlib
 import json
 import subprocess
 import sys
@@ -180,7 +181,8 @@ def test_teacher_curve_scores_each_kept_epoch_against_random_init(tmp_path, resu
 
 
 def test_quality_table_has_random_init_teachers_and_students_under_one_protocol(tmp_path, results, monkeypatch):
-    """bench.quality end to end on digits: a 2-epoch teacher trained in the run, its epoch-1 self, r18 students for a few steps."""
+    """bench.quality end to end on digits: a 2-epoch teacher trained in the run, its epoch-1 self, r18 students for a few steps;
+    each student's .done marker holds the teacher it learned from (seen to fail, KeyError, when the marker left it out)."""
     from bench import quality
 
     monkeypatch.setenv("SEED_CACHE", str(tmp_path / "cache"))
@@ -214,6 +216,9 @@ def test_quality_table_has_random_init_teachers_and_students_under_one_protocol(
     assert (tmp_path / "runs" / "r18" / "seed0" / "seed_cached" / "teacher_cache" / "key.json").is_file()
     assert "digits 20px" in saved["description"] and "Smoke run" in saved["description"]
     assert (tmp_path / "runs" / "teacher" / "teacher-epoch001.pt").is_file()
+    marker = json.loads((tmp_path / "runs" / "r18" / "seed0" / "seed.done").read_text())  # what a rerun on the same code would keep
+    assert marker["teacher"] == hashlib.sha256((tmp_path / "runs" / "teacher" / "teacher.pt").read_bytes()).hexdigest()
+    assert marker["source_hash"] and saved["reused"] == [] and saved["provenance"]["source_hash"]
 
 
 def test_detection_bench_on_fashion_scenes_compares_teacher_student_and_random_init(tmp_path, results, monkeypatch):
