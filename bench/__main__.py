@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 
 from bench import common
 from bench.common import ROOT, write_result
@@ -54,29 +55,55 @@ register("detection", "bench/detection_bench.py", ["--threads", "1"])
 register("detection_fashion", "bench/detection_bench.py", ["--scenes", "fashion"], default=False)  # needs make teacher and quality's r18 student
 
 
-def record_suite(seconds: dict[str, float], failed: list[str]) -> None:
-    """Minutes per benchmark, each from the last ``python -m bench`` run that ran it, and the ``make bench`` total.
+def failures(run: dict) -> str:
+    """A complete run's status cell: ok, or how many of its benchmarks failed."""
+    return f"{len(run['failed'])} failed" if run["failed"] else "ok"
 
-    The total is what ``make bench`` takes; a rerun of some benchmarks (``--only``) updates their rows.
+
+def record_suite(seconds: dict[str, float], failed: list[str], wall: float | None = None) -> None:
+    """Minutes per benchmark, each from the last ``python -m bench`` run that ran it, and a total that says what it is.
+
+    ``wall``: this invocation's wall time when it ran every benchmark of ``make bench`` (None otherwise). The total is that one
+    run's wall time while every ``make bench`` row still comes from it; once a partial rerun (``--only``) replaced some rows, it is
+    the sum of the last runs, labelled so with each row's date (and the last complete run, if any, on a row of its own).
     """
     path = common.RESULTS / "suite.json"
-    last = json.loads(path.read_text()).get("data", {}).get("runs", {}) if path.is_file() else {}  # never lose a finished suite over an old file
-    day = time.strftime("%Y-%m-%d")
-    last.update({name: {"seconds": value, "status": "failed" if name in failed else "ok", "date": day} for name, value in seconds.items()})
+    old = json.loads(path.read_text()).get("data", {}) if path.is_file() else {}  # never lose a finished suite over an old file
+    last = old.get("runs", {})
+    run, day = uuid.uuid4().hex[:12], common.utc_now()[:10]
+    last.update({name: {"seconds": value, "status": "failed" if name in failed else "ok", "date": day, "run": run} for name, value in seconds.items()})
     runs = {name: last[name] for name in SUITE if name in last}
-    rows = [[name, f"{run['seconds'] / 60:.1f}", run["status"], run["date"], "no (--only)" if name in OPTIONAL else "yes"]
-            for name, run in runs.items()]
+    complete = {"run": run, "date": day, "seconds": wall, "failed": failed} if wall is not None else old.get("complete_run")
+    rows = [[name, f"{entry['seconds'] / 60:.1f}", entry["status"], entry["date"], "no (--only)" if name in OPTIONAL else "yes"]
+            for name, entry in runs.items()]
     default = [name for name in SUITE if name not in OPTIONAL]
-    if all(name in runs for name in default):
-        rows.append(["**make bench**", f"**{sum(runs[name]['seconds'] for name in default) / 60:.1f}**", "", "", ""])
+    one_run = complete is not None and all(runs.get(name, {}).get("run") == complete["run"] for name in default)
+    if one_run:
+        total = {"kind": "one run", "seconds": complete["seconds"], "date": complete["date"]}
+        rows.append([f"**make bench: one run** ({len(default)} benchmarks in one invocation)", f"**{complete['seconds'] / 60:.1f}**", failures(complete),
+                     complete["date"], ""])
+        caption = f"Total: the wall time of one `make bench` run, {complete['date']}, that ran every benchmark above marked yes."
+    elif all(name in runs for name in default):
+        dates = sorted({runs[name]["date"] for name in default})
+        total = {"kind": "sum of the last runs", "seconds": sum(runs[name]["seconds"] for name in default), "dates": dates}
+        rows.append(["**sum of the last runs** (not one `make bench` run)", f"**{total['seconds'] / 60:.1f}**", "",
+                     dates[0] if len(dates) == 1 else f"{dates[0]} to {dates[-1]}", ""])
+        caption = ("Total: the sum of each benchmark's last run, from different invocations (each row's date says when), not the wall time of "
+                   "one `make bench` run.")
+        if complete is not None:
+            rows.append(["the last complete `make bench` run (one invocation; some rows above are newer)", f"{complete['seconds'] / 60:.1f}",
+                         failures(complete), complete["date"], ""])
+    else:
+        total = None
+        caption = "Total: none yet; some benchmarks of `make bench` have no recorded run."
     write_result("suite", {
         "title": "The suite: `make bench` wall time",
         "order": 0,
         "command": "make bench",
-        "description": "Minutes each benchmark took the last time `python -m bench` ran it, on the machine named above, and their sum over "
-                       "the benchmarks `make bench` runs.",
-        "tables": [{"caption": "", "columns": ["benchmark", "minutes", "status", "ran on", "in make bench"], "rows": rows}],
-        "data": {"runs": runs},
+        "description": "Minutes each benchmark took the last time `python -m bench` ran it, on the machine named above, and a total: the wall "
+                       "time of one `make bench` run when every row comes from it, otherwise the sum of the last runs (labelled so).",
+        "tables": [{"caption": caption, "columns": ["benchmark", "minutes", "status", "ran on", "in make bench"], "rows": rows}],
+        "data": {"runs": runs, "complete_run": complete, "total": total},
     })
 
 
@@ -111,6 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"unknown benchmark(s) {', '.join(unknown)}; choose from {', '.join(SUITE)}")
     failed = []
     seconds: dict[str, float] = {}
+    started = time.perf_counter()
     for name in names:
         script, cpu_args, gpu_args = SUITE[name]
         if args.gpu and gpu_args is None:
@@ -125,7 +153,8 @@ def main(argv: list[str] | None = None) -> int:
         seconds[name] = time.perf_counter() - start
         print(f"=== {name}: {seconds[name]:.0f} s", flush=True)
     if not args.gpu:
-        record_suite(seconds, failed)
+        complete = set(default_names(gpu=False)) <= set(seconds)  # every benchmark of make bench ran in this one invocation
+        record_suite(seconds, failed, time.perf_counter() - started if complete else None)
     render()
     if failed:
         print(f"failed: {', '.join(failed)}", file=sys.stderr)

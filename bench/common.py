@@ -9,6 +9,11 @@ Result format (one JSON file per benchmark)::
     {"name": "knn", "title": "kNN search", "order": 40,
      "command": "python bench/knn_bench.py",
      "machine": {...},                      # machine(), filled in by write_result
+     "provenance": {"date": "2026-12-02T05:50:09+00:00", "commit": "8a621f6...", "dirty": false,
+                    "source_hash": "sha256 hex", "sources": ["seed/**/*.py", ..., "configs"], "machine": {...}},
+                                            # provenance(), filled in by write_result
+     "reused": [{"row": "r18 SimCLR alone, seed 0", "date": "...", "commit": "...", "run": "runs/..."}],
+                                            # optional: rows read from runs an earlier invocation finished
      "description": "markdown paragraph(s): what is measured and how",
      "tables": [{"caption": "...", "columns": ["bank N", "faiss"], "rows": [["10k", "0.6 s"]]}],
      "plots": [{"file": "knn.png", "title": "...", "xlabel": "...", "ylabel": "...",
@@ -19,10 +24,13 @@ Result format (one JSON file per benchmark)::
 """
 
 import csv
+import datetime
+import hashlib
 import json
 import os
 import platform
 import statistics
+import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -32,6 +40,8 @@ import yaml
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "bench" / "results"
+#: The packages every benchmark measures: all their ``*.py`` enter :func:`source_hash`.
+PACKAGES = ("seed", "pretrain", "downstream")
 #: `make teacher` writes the reference teacher here (configs/teacher/reference.yaml); never in git.
 MAKE_TEACHER = "make teacher"
 
@@ -101,12 +111,99 @@ def mean_std(values: Sequence[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def write_result(name: str, result: dict[str, Any], device: str = "cpu") -> Path:
-    """Write ``bench/results/<name>.json`` in the format above, with the machine filled in."""
+def hashed_files(configs: Sequence[Path] | None = None) -> list[Path]:
+    """What :func:`source_hash` reads: every ``*.py`` under the packages, and the config files (a folder: every file in it;
+    default: all of ``configs/``), sorted and without repeats."""
+    configs = [ROOT / "configs"] if configs is None else [Path(c) for c in configs]
+    files = {path for package in PACKAGES for path in (ROOT / package).rglob("*.py") if "__pycache__" not in path.parts}
+    for config in configs:
+        files |= {path for path in config.rglob("*") if path.is_file()} if config.is_dir() else {config} if config.is_file() else set()
+    return sorted(files, key=relative_name)
+
+
+def relative_name(path: Path) -> str:
+    """``path`` relative to the repository root (POSIX), or as given when it lies outside it."""
+    path = Path(path).absolute()
+    return path.relative_to(ROOT).as_posix() if path.is_relative_to(ROOT) else path.as_posix()
+
+
+def source_hash(configs: Sequence[Path] | None = None) -> str:
+    """sha256 over the sorted relative paths and contents of :func:`hashed_files`: equal hashes, the same code and configs.
+
+    Each file enters as its name, a NUL, its size, a NUL and its bytes, so no two different trees hash alike by moving
+    bytes between names and contents.
+    """
+    digest = hashlib.sha256()
+    for path in hashed_files(configs):
+        content = path.read_bytes()
+        digest.update(relative_name(path).encode() + b"\0" + str(len(content)).encode() + b"\0" + content)
+    return digest.hexdigest()
+
+
+def git_state() -> tuple[str | None, bool | None]:
+    """The commit checked out at the repository root and whether the tree differs from it (untracked files count);
+    ``(None, None)`` without git or outside a git checkout."""
+    def git(*args: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(ROOT), *args], capture_output=True, text=True, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout if done.returncode == 0 else None
+
+    commit = git("rev-parse", "--verify", "HEAD")
+    if commit is None:
+        return None, None
+    status = git("status", "--porcelain")
+    return commit.strip(), None if status is None else bool(status.strip())
+
+
+def utc_now() -> str:
+    """Now, ISO 8601 in UTC to the second."""
+    return datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds")
+
+
+def provenance(configs: Sequence[Path] | None = None, machine_info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Where a result came from: date (UTC), git commit and dirtiness, the source hash of the code and ``configs``
+    (default: all of ``configs/``) and the machine (default :func:`machine`)."""
+    commit, dirty = git_state()
+    configs = [ROOT / "configs"] if configs is None else list(configs)
+    return {"date": utc_now(), "commit": commit, "dirty": dirty, "source_hash": source_hash(configs),
+            "sources": [f"{package}/**/*.py" for package in PACKAGES] + [relative_name(config) for config in configs],
+            "machine": machine() if machine_info is None else machine_info}
+
+
+def finished_marker(source: str, **fields: Any) -> dict[str, Any]:
+    """What a benchmark writes beside a run of ours once it finished: ``fields`` (its command, its recipe, ...), the source hash
+    it ran on, and when (UTC) and at which commit it finished; :func:`reusable` reads it back."""
+    commit, dirty = git_state()
+    return {**fields, "source_hash": source, "date": utc_now(), "commit": commit, "dirty": dirty}
+
+
+def reusable(marker: Path, source: str, **fields: Any) -> dict[str, Any] | None:
+    """The :func:`finished_marker` at ``marker`` when its run may stand for the one asked for: the same ``fields`` and the same
+    ``source`` hash (the code and configs of now); None when there is no marker, an unreadable or older-format one, or any difference."""
+    try:
+        kept = json.loads(marker.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(kept, dict) or kept.get("source_hash") != source or any(kept.get(key) != value for key, value in fields.items()):
+        return None
+    return kept
+
+
+def reused_entry(row: str, kept: dict[str, Any], run: Path) -> dict[str, Any]:
+    """One entry of a result's ``reused`` list: the row, the run folder, and that run's own date and commit."""
+    return {"row": row, "run": relative_name(run), "date": kept.get("date"), "commit": kept.get("commit"), "dirty": kept.get("dirty")}
+
+
+def write_result(name: str, result: dict[str, Any], device: str = "cpu", configs: Sequence[Path] | None = None) -> Path:
+    """Write ``bench/results/<name>.json`` in the format above, with the machine and the provenance filled in
+    (``configs``: the config files or folders the benchmark reads; default all of ``configs/``)."""
     missing = {"title", "description", "tables"} - result.keys()
     if missing:
         raise ValueError(f"benchmark result {name} lacks {sorted(missing)}")
     payload = {"name": name, "machine": machine(device), "plots": [], "notes": [], **result}
+    payload["provenance"] = provenance(configs, payload["machine"])
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(payload, indent=2) + "\n")

@@ -19,11 +19,16 @@ It takes 12+ minutes on a shared 2-core CPU, so ``make bench`` leaves it out: ``
 
     python -m bench.meal_bench                 # the whole benchmark
     python -m bench.meal_bench --reuse         # keep finished runs, redo the rest
+
+With --reuse a run is kept only when the ``<run>.provenance.json`` it wrote beside its folder on
+finishing holds the same command, the current source hash (the packages and configs/demo) and,
+for the MEAL runs, the same teacher and init files;
+the result names each kept run, with its own date and commit, under ``reused``.
 """
 
 import argparse
 import csv
-import datetime
+import hashlib
 import json
 import os
 import statistics
@@ -37,12 +42,13 @@ import numpy as np
 import torch
 from PIL import Image
 
-from bench.common import ROOT, machine, write_result
+from bench.common import ROOT, finished_marker, machine, reusable, reused_entry, source_hash, utc_now, write_result
 from seed.config import read_yaml
 from seed.registry import method_config
 
 BIN = Path(sys.executable).parent
 RUNS = Path("runs/bench/meal")
+CONFIGS = Path("configs/demo")  # the recipes every stage reads
 STAGES = {  # name -> (command, config, file it writes)
     "teacher-a": ("seed-pretrain", "configs/demo/meal_teacher_a.yaml", "teacher.pt"),
     "teacher-b": ("seed-pretrain", "configs/demo/meal_teacher_b.yaml", "teacher.pt"),
@@ -163,26 +169,39 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     started, load_before = time.perf_counter(), os.getloadavg()
     wall: dict[str, float] = {}
     commands: list[str] = []
+    reused: list[dict[str, Any]] = []
+    source = source_hash([ROOT / CONFIGS])
 
-    def stage(name: str, command: list[str], done: Path) -> None:
+    def stage(name: str, command: list[str], done: Path, **inputs: Any) -> None:
+        """Run ``command`` unless --reuse and it finished before on the same sources (``inputs``: what else its marker must match)."""
         commands.append(" ".join(command))
-        if args.reuse and done.is_file():
-            print(f"reusing {done}")
+        folder = Path(command[command.index("--output") + 1])
+        marker = provenance_file(folder)
+        kept = reusable(marker, source, command=" ".join(command), **inputs) if args.reuse and done.is_file() else None
+        if kept is not None:
+            print(f"reusing {folder}: finished {kept['date']} at commit {kept['commit']} on the same sources")
+            reused.append(reused_entry(name, kept, folder))
             return
+        if args.reuse and done.is_file():
+            print(f"not reusing {folder}: its command or the sources changed since (or it kept no provenance)")
+        marker.unlink(missing_ok=True)
         wall[name] = run(command, args.threads)
+        marker.write_text(json.dumps(finished_marker(source, command=" ".join(command), **inputs), indent=2) + "\n")
 
     for name, (command, config, done) in STAGES.items():
         stage(name, [command, "--config", config, "--output", str(RUNS / name), "--resume", "never"], RUNS / name / done)
     teacher_files = [str(RUNS / name / "teacher.pt") for name in ("teacher-a", "teacher-b")]
     init_file = str(RUNS / "student-init" / "teacher.pt")
+    networks = {path: hashlib.sha256(Path(path).read_bytes()).hexdigest() for path in [*teacher_files, init_file]}  # a rerun teacher: rerun what follows
     meal = ["--teacher-checkpoints", ",".join(teacher_files), "--student-init", init_file, "--resume", "never"]
-    stage("meal", ["seed-distill", "--config", "configs/demo/meal.yaml", *meal, "--output", str(RUNS / "student")], RUNS / "student" / "top1.json")
+    stage("meal", ["seed-distill", "--config", "configs/demo/meal.yaml", *meal, "--output", str(RUNS / "student")], RUNS / "student" / "top1.json",
+          networks=networks)
     scores = json.loads((RUNS / "student" / "top1.json").read_text())
     variants = {}
     for mode in ("off", "minimax"):
         folder = RUNS / f"student-discriminator-{mode}"
         stage(f"meal-{mode}", ["seed-distill", "--config", "configs/demo/meal.yaml", *meal, "--discriminator", mode, "--output", str(folder)],
-              folder / "top1.json")
+              folder / "top1.json", networks=networks)
         variants[mode] = meal_score(json.loads((folder / "top1.json").read_text())["scores"])
 
     meal_config = read_yaml("configs/demo/meal.yaml")
@@ -195,8 +214,11 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     overhead = kd_overhead(teacher_files, init_file, batch_size=64, rounds=args.rounds)
 
     subset = RUNS / "fashion-subset"
-    if not (args.reuse and (subset / "val").is_dir()):
+    sizes = [args.subset_train, args.subset_val]
+    if not (args.reuse and (subset / "val").is_dir() and reusable(provenance_file(subset), source, images=sizes)):
+        provenance_file(subset).unlink(missing_ok=True)
         write_subset(subset, args.subset_train, args.subset_val)
+        provenance_file(subset).write_text(json.dumps(finished_marker(source, images=sizes), indent=2) + "\n")
     cache: dict[str, Any] = {"subset-teachers": [], "subset-cached": []}
     common = ["--mode", "meal", "--data", str(subset), "--image-size", "32", "--batch-size", "64", "--epochs", str(args.subset_epochs),
               "--base-lr", "0.05", "--weight-decay", "0", "--lr-schedule", "cosine", "--knn-every", "0", *meal]
@@ -204,7 +226,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     for seed in seeds(args):
         for name, extra in (("subset-teachers", []), ("subset-cached", cached)):
             folder = RUNS / f"{name}-seed{seed}"
-            stage(folder.name, ["seed-distill", *common, *extra, "--seed", str(seed), "--output", str(folder)], folder / "top1.json")
+            stage(folder.name, ["seed-distill", *common, *extra, "--seed", str(seed), "--output", str(folder)], folder / "top1.json", images=sizes,
+                  networks=networks)
             rates = step_rates(folder)
             late = [rate for epoch, rate in rates if epoch >= args.cache_crops]
             cache[name].append({"seed": seed, "top1": json.loads((folder / "top1.json").read_text())["scores"],
@@ -213,10 +236,15 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
     pairs = list(zip(cache["subset-teachers"], cache["subset-cached"], strict=True))
     cache["speedup_later_epochs"] = statistics.mean(c["img_s_later_epochs"] / t["img_s_later_epochs"] for t, c in pairs)
     cache["speedup_whole_run"] = statistics.mean(t["train_s"] / c["train_s"] for t, c in pairs)
-    return {"measured": datetime.date.today().isoformat(), "threads": args.threads, "load_average_before": load_before,
+    return {"measured": utc_now()[:10], "reused": reused, "threads": args.threads, "load_average_before": load_before,
             "load_average_after": os.getloadavg(), "bench_wall_s": time.perf_counter() - started, "stage_wall_s": wall, "commands": commands,
             "top1": scores, "discriminator_variants": variants, "control_top1": control, "control_steps": meal_config["max_steps"],
             "kd_overhead": overhead, "cache": cache, "args": vars(args)}
+
+
+def provenance_file(folder: Path) -> Path:
+    """Beside a run's folder, what the run wrote when it finished (bench.common.finished_marker)."""
+    return folder.parent / f"{folder.name}.provenance.json"
 
 
 def meal_score(scores: dict[str, float]) -> float:
@@ -239,6 +267,13 @@ def mean_std(values: list[float], digits: int) -> str:
     if len(values) == 1:
         return f"{values[0]:.{digits}f}"
     return f"{statistics.mean(values):.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def reused_text(reused: list[dict[str, Any]]) -> str:
+    """", except ..." naming the runs kept from earlier invocations, with their own dates ("" when none was)."""
+    if not reused:
+        return ""
+    return ", except the runs kept from earlier invocations on the same sources: " + ", ".join(f"{r['row']} ({r['date'][:10]})" for r in reused)
 
 
 def to_result(raw: dict[str, Any]) -> dict[str, Any]:
@@ -321,13 +356,14 @@ def to_result(raw: dict[str, Any]) -> dict[str, Any]:
         f"{args['subset_epochs']}-epoch MEAL runs on a {args['subset_train']}-image subset with and without "
         f"`--teacher-cache --cache-views {crops} --cache-top-k {top_k}` ({seed_text})"
         + ", and `seed-distill --config configs/demo/meal.yaml --discriminator off|minimax` with the same teachers and init"
-        + f". It took {raw['bench_wall_s'] / 60:.1f} min"
-        + f" (load average about {raw['load_average_before'][0]:.0f}), one torch thread per process (`--threads {raw['threads']}`; at load 6, "
-        "two threads made an r18 step 5x slower than one). Measured " + raw["measured"] + ". "
+        + f". It took {raw['bench_wall_s'] / 60:.1f} min (load average about {raw['load_average_before'][0]:.0f}"
+        + ("; this invocation alone, the reused runs not counted" if raw.get("reused") else "")
+        + f"), one torch thread per process (`--threads {raw['threads']}`; at load 6, "
+        "two threads made an r18 step 5x slower than one). Measured " + raw["measured"] + reused_text(raw.get("reused", [])) + ". "
         "Not part of `make bench` (over 10 minutes): `python -m bench --only meal` reruns it."
     )
     return {"title": "MEAL V2", "order": 60, "command": "python -m bench.meal_bench", "description": description,
-            "tables": [top1, kd, cache_table], "notes": notes, "data": raw}
+            "tables": [top1, kd, cache_table], "notes": notes, "reused": raw.get("reused", []), "data": raw}
 
 
 def main() -> None:
@@ -346,7 +382,7 @@ def main() -> None:
     raw = measure(args)
     result = to_result(raw)
     raw["machine"] = result["machine"] = {**machine(), "threads": raw["threads"]}
-    write_result("meal", result)
+    write_result("meal", result, configs=[ROOT / CONFIGS])
     for table in result["tables"]:
         print(f"\n{table['caption']}")
         for row in table["rows"]:

@@ -23,11 +23,17 @@ by ``seed-eval compare``'s protocol (downstream/compare.py): the whole train spl
 probe training set, the whole val split as queries, kNN k = 200 and 20 (tau 0.07), the fast
 linear probe. Results: ``bench/results/quality.json``.
 
+A rerun keeps a student run that finished before with the same command, recipe, teacher file and
+source hash (:func:`bench.common.source_hash` of the packages and the recipe), as its ``.done``
+marker records; the result lists each kept run under ``reused`` with its own date and commit.
+
     python -m bench.quality                        # 3 seeds, students r18 and mbv3s (make bench)
     python -m bench.quality --seeds 0 --students r18 --quick   # a smoke run: minutes, not a result
 """
 
 import argparse
+import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -38,7 +44,18 @@ from typing import Any
 import torch
 import yaml
 
-from bench.common import MAKE_TEACHER, ROOT, mean_std, reference_teacher_dir, training_minutes, write_result
+from bench.common import (
+    MAKE_TEACHER,
+    ROOT,
+    finished_marker,
+    mean_std,
+    reference_teacher_dir,
+    reusable,
+    reused_entry,
+    source_hash,
+    training_minutes,
+    write_result,
+)
 from downstream.compare import METRICS, CompareConfig, Row, compare
 from seed.checkpoints import export_model, load_encoder
 from seed.loaders import monitor_loaders
@@ -68,6 +85,30 @@ def run(command: list[str], log: Path, threads: int) -> float:
             said = (text.strip().splitlines() or ["(no output)"])[-1][-400:]
         sys.exit(f"{command[0]} failed (exit {code}): {said}; see {log}")
     return time.perf_counter() - start
+
+
+def finished_run(folder: Path, exported: str, argv: list[str], recipe: str, teacher: str | None, source: str) -> dict[str, Any] | None:
+    """The ``.done`` marker of a finished run in ``folder`` that this benchmark may keep instead of running ``argv`` again: the run
+    exported ``exported``, and its marker holds the same command, the same recipe text, the same teacher (``teacher``: the sha256
+    of its file) and the same source hash (package sources and the recipe); None means run it."""
+    if not (folder / exported).is_file():
+        return None
+    return reusable(folder.with_suffix(".done"), source, command=" ".join(argv), recipe=recipe, teacher=teacher)
+
+
+def run_or_keep(argv: list[str], folder: Path, exported: str, recipe_file: Path, teacher: str | None, threads: int) -> dict[str, Any] | None:
+    """Run ``argv`` into ``folder`` and mark it finished (``<folder>.done``), unless :func:`finished_run` finds a finished run that
+    may stand for it: then returns that run's marker (its date and commit), else None."""
+    recipe, source = recipe_file.read_text(), source_hash([recipe_file])
+    kept = finished_run(folder, exported, argv, recipe, teacher, source)
+    if kept is not None:
+        print(f"finished {kept['date']} at commit {kept['commit']} on the same sources, kept: {folder}", flush=True)
+        return kept
+    marker = folder.with_suffix(".done")
+    marker.unlink(missing_ok=True)
+    run(argv, folder.with_suffix(".log"), threads)
+    marker.write_text(json.dumps(finished_marker(source, command=" ".join(argv), recipe=recipe, teacher=teacher), indent=2) + "\n")
+    return None
 
 
 def teachers(weak_epoch: int, run_dir: Path) -> tuple[dict[str, Path], Any]:
@@ -119,6 +160,7 @@ def main() -> None:
             teacher_dir.with_suffix(".log"), args.threads)
     teacher_files, teacher_config = teachers(args.weak_epoch, teacher_dir)
     teacher_label = load_encoder(teacher_files["strong"], use_head=False)[0].arch
+    digests = {key: hashlib.sha256(path.read_bytes()).hexdigest() for key, path in teacher_files.items()}  # a retrained teacher: students rerun
     variants = {  # row key -> (label, command, config, teacher, exported file, extra flags)
         "alone": ("{arch} SimCLR alone", "seed-pretrain", "quality_{arch}_simclr.yaml", None, "teacher.pt", []),
         "seed": ("{arch} SEED from the reference teacher", "seed-distill", "quality_{arch}_seed.yaml", "strong", "student.pt", []),
@@ -129,6 +171,7 @@ def main() -> None:
                       "student.pt", ["--precision", "bf16-mixed"]),
     }
     files: dict[tuple[str, str], list[str]] = {}
+    reused: list[dict[str, Any]] = []
     minutes: dict[tuple[str, str], list[float]] = {}
     for arch in students:
         for seed in seeds:
@@ -139,14 +182,9 @@ def main() -> None:
                 extra = [*(["--teacher-checkpoint", str(teacher_files[teacher])] if teacher else []), *flags]
                 argv = [command, "--config", str(recipe_file), "--seed", str(seed), "--output", str(folder),
                         "--resume", "never", *extra, *(QUICK if args.quick else [])]
-                marker = folder.with_suffix(".done")  # a finished run's command and recipe: a rerun of the benchmark keeps that run
-                done = " ".join(argv) + "\n" + recipe_file.read_text()
-                if not (marker.is_file() and marker.read_text() == done and (folder / exported).is_file()):
-                    marker.unlink(missing_ok=True)
-                    run(argv, folder.with_suffix(".log"), args.threads)
-                    marker.write_text(done)
-                else:
-                    print(f"finished before, kept: {folder}", flush=True)
+                kept = run_or_keep(argv, folder, exported, recipe_file, digests[teacher] if teacher else None, args.threads)
+                if kept is not None:
+                    reused.append(reused_entry(f"{variants[key][0].format(arch=arch)}, seed {seed}", kept, folder))
                 minutes.setdefault((arch, key), []).append(max(training_minutes(folder).values()))
                 files.setdefault((arch, key), []).append(str(folder / exported))
 
@@ -205,9 +243,10 @@ def main() -> None:
                         + (" **Smoke run (--quick): not a result.**" if args.quick else "")),
         "tables": [{"caption": "", "columns": ["network", "n", *METRICS.values(), "budget / recipe"], "rows": table}],
         "notes": notes,
+        "reused": reused,
         "data": {"rows": [{"label": r.label, "files": r.files, "scores": r.scores} for r in rows],
                  "minutes": {f"{a} {k}": v for (a, k), v in minutes.items()}, "wall_minutes": (time.perf_counter() - started) / 60},
-    }, device)
+    }, device, configs=[Path(args.configs), Path(args.teacher_config) if args.teacher_config else ROOT / "configs" / "teacher" / "reference.yaml"])
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 import gzip
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -17,11 +18,25 @@ TINY = ["--data", "digits", "--image-size", "16", "--batch-size", "16", "--num-w
 QUEUE = ["--queue-size", "64"]
 
 
-def run_command(name: str, *args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    """Run one of our console scripts as a user would, capturing its output."""
+def run_command(name: str, *args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run one of our console scripts as a user would, capturing its output; ``env``: variables to add to ours."""
     script = shutil.which(name, path=str(BIN)) or name
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
     return subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def free_port() -> int:
+    """A TCP port that no process listens on now: the one the OS picks for a socket bound to port 0, then closed."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def ddp_env() -> dict[str, str]:
+    """The environment of a multi-process run of this test alone: its own rendezvous port (Lightning reads
+    MASTER_PORT, else picks one itself in each run), so two DDP tests on two pytest-xdist workers never share one."""
+    return {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())}
 
 
 @pytest.fixture(autouse=True)

@@ -189,9 +189,9 @@ def test_small_crops_use_a_second_queue(tmp_path, tiny_args, teacher_file):
     assert int(banks["queue"]["ptr"]) == 32 and int(banks["small_queue"]["ptr"]) == 32  # one small patch per image and step
 
 
-def test_two_process_ddp_gathers_into_one_queue(tmp_path, tiny_args, teacher_file):
+def test_two_process_ddp_gathers_into_one_queue(tmp_path, tiny_args, teacher_file, ddp_env):
     result = run_command("seed-distill", *tiny_args, "--teacher-checkpoint", str(teacher_file), "--queue-size", "200",
-                         "--devices", "2", "--accelerator", "cpu", "--max-steps", "2", "--output", str(tmp_path))
+                         "--devices", "2", "--accelerator", "cpu", "--max-steps", "2", "--output", str(tmp_path), env=ddp_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert int(load_file(tmp_path / "last.ckpt")["memory_banks"]["queue"]["ptr"]) == 2 * 2 * 16  # both ranks' embeddings
 
@@ -287,13 +287,13 @@ def test_teacher_cache_is_kept_for_its_key_and_emptied_for_another(tmp_path):
     assert not other.hits(torch.arange(4), torch.zeros(4, dtype=torch.long)).any() and not other.filled.any()
 
 
-def test_two_process_ddp_ranks_read_each_others_cached_views(tmp_path, tiny_args, teacher_file):
+def test_two_process_ddp_ranks_read_each_others_cached_views(tmp_path, tiny_args, teacher_file, ddp_env):
     """64 images, 2 ranks of 16: each rank embeds its half of epoch 0; in epoch 1 it draws images of the other's half too,
     and finds them all cached."""
     data = image_folder_of(tmp_path / "data", train=32, val=8)
     result = run_command("seed-distill", *tiny_args, "--data", str(data), "--teacher-checkpoint", str(teacher_file), "--devices", "2",
                          "--accelerator", "cpu", "--epochs", "2", "--teacher-cache", "--cache-views", "1", "--knn-bank-size", "40",
-                         "--knn-query-size", "16", "--output", str(tmp_path / "run"))
+                         "--knn-query-size", "16", "--output", str(tmp_path / "run"), env=ddp_env)
     assert result.returncode == 0, result.stderr[-3000:]
     with open(tmp_path / "run" / "logs" / "metrics.csv") as handle:
         hits = [row["cache_hits"] for row in csv.DictReader(handle) if row.get("cache_hits")]

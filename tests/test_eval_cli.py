@@ -23,7 +23,9 @@ DIGITS = ["--data", "digits", "--image-size", "16", "--num-workers", "0"]
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """A folder with a random r18 export (stride-4 stem: fast at 16px) and its own feature cache, shared by this module."""
+    """A folder with a random r18 export (stride-4 stem: fast at 16px) and its own feature cache, shared by this module.
+    Tests only read the export; each writes its runs to its own tmp_path, so what one test counts or reads there
+    (results.json, report rows) does not depend on which other tests ran before it."""
     root = tmp_path_factory.mktemp("eval")
     torch.manual_seed(0)
     export_model(root / "student.pt", "r18", create_backbone("r18"), None, None, "seed", {}, small_images=False)
@@ -44,11 +46,11 @@ def results(folder: Path) -> dict:
     return json.loads((folder / "results.json").read_text())
 
 
-def test_knn_linear_semi_report_end_to_end(workspace, monkeypatch, capsys):
-    monkeypatch.chdir(workspace)
+def test_knn_linear_semi_report_end_to_end(workspace, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
     checkpoint = str(workspace / "student.pt")
     seed_eval("knn", "--checkpoint", checkpoint, *DIGITS)
-    knn = results(workspace / "runs/eval/knn-student-digits")
+    knn = results(tmp_path / "runs/eval/knn-student-digits")
     assert knn["protocol"] == "knn" and knn["primary"] == "top1_k200" and knn["data"] == "digits" and knn["image_size"] == 16
     assert knn["metrics"]["top1_k200"] > 50  # random r18 features of digits: far above the 10% of chance
     assert len(knn["checkpoint"]["sha256"]) == 64 and knn["checkpoint"]["arch"] == "r18"
@@ -56,23 +58,23 @@ def test_knn_linear_semi_report_end_to_end(workspace, monkeypatch, capsys):
     assert "weighted k=200" in capsys.readouterr().out
 
     seed_eval("linear", "--fast", "--checkpoint", checkpoint, *DIGITS, "--epochs", "30")
-    linear = results(workspace / "runs/eval/linear-student-digits")
+    linear = results(tmp_path / "runs/eval/linear-student-digits")
     assert linear["metrics"]["top1"] > 80 and linear["settings"]["lr"] == 0.1
-    assert (workspace / "runs/eval/linear-student-digits/classifier.pt").is_file()
+    assert (tmp_path / "runs/eval/linear-student-digits/classifier.pt").is_file()
     assert "train features: (1437, 512) from the cache" in capsys.readouterr().out  # knn extracted them
 
     seed_eval("semi", "--checkpoint", checkpoint, *DIGITS, "--fraction", "0.1", "--epochs", "30", "--output", "semi")
-    semi = results(workspace / "semi")
+    semi = results(tmp_path / "semi")
     assert semi["settings"]["recipe"] == LINEAR_NOTE and "NOT the fine-tuning protocol" in LINEAR_NOTE
     assert f"recipe: {LINEAR_NOTE}" in capsys.readouterr().out
-    split = (workspace / "semi/split.txt").read_text().split()
+    split = (tmp_path / "semi/split.txt").read_text().split()
     assert semi["settings"]["labelled_images"] == len(split) == 145  # round(0.1 x ~144 per class) per class
     seed_eval("semi", "--checkpoint", checkpoint, *DIGITS, "--split-file", "semi/split.txt", "--epochs", "30", "--output", "semi-again")
-    again = results(workspace / "semi-again")
+    again = results(tmp_path / "semi-again")
     assert again["settings"]["labelled_images"] == 145 and again["metrics"] == semi["metrics"]
 
     seed_eval("transfer", "--checkpoint", checkpoint, *DIGITS, "--epochs", "5")
-    assert results(workspace / "runs/eval/transfer-student-digits")["protocol"] == "transfer"
+    assert results(tmp_path / "runs/eval/transfer-student-digits")["protocol"] == "transfer"
 
     capsys.readouterr()
     seed_eval("report", ".", "--png", "chart.png")
@@ -81,16 +83,16 @@ def test_knn_linear_semi_report_end_to_end(workspace, monkeypatch, capsys):
     assert lines[0] == "| run | protocol | metric | value | checkpoint | data |"
     assert len(lines) == 2 + 5
     assert any(line.startswith("| runs/eval/knn-student-digits | knn | top1_k200 |") for line in lines)
-    assert (workspace / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert (tmp_path / "chart.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "chart.png" in captured.err
     seed_eval("report", "runs", "--all-metrics")
     assert len(capsys.readouterr().out.splitlines()) == 2 + 8 + 2 + 2
-    assert (workspace / "runs/report.png").is_file()
+    assert (tmp_path / "runs/report.png").is_file()
 
 
-def test_linear_and_finetune_through_the_engine(workspace, capsys):
+def test_linear_and_finetune_through_the_engine(workspace, tmp_path, capsys):
     checkpoint = str(workspace / "student.pt")
-    out = workspace / "engine"
+    out = tmp_path / "engine"
     seed_eval("linear", "--checkpoint", checkpoint, *DIGITS, "--batch-size", "32", "--max-steps", "2", "--output", str(out / "linear"))
     linear = results(out / "linear")
     assert linear["settings"]["lr"] == 30.0 and linear["settings"]["mode"].startswith("full")
@@ -114,11 +116,11 @@ def test_linear_and_finetune_through_the_engine(workspace, capsys):
     assert own["differs_from_simclr"] == ["lr"] and own["recipe"].startswith("own fine-tuning recipe") and own["recipe"].endswith("except lr")
 
 
-def test_console_script_runs_a_protocol(workspace):
+def test_console_script_runs_a_protocol(workspace, tmp_path):
     result = run_command("seed-eval", "knn", "--checkpoint", str(workspace / "student.pt"), *DIGITS, "--k", "20",
-                         "--backend", "torch", "--output", str(workspace / "script"))
+                         "--backend", "torch", "--output", str(tmp_path / "script"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert results(workspace / "script")["primary"] == "top1_k20"
+    assert results(tmp_path / "script")["primary"] == "top1_k20"
     assert "results:" in result.stdout
 
 

@@ -70,6 +70,42 @@ def test_ensemble_target_is_the_mean_of_the_teachers_softmaxes():
     assert torch.allclose(ensemble_target(logits, temperature=2.0), (F.softmax(logits[0] / 2, 1) + F.softmax(logits[1] / 2, 1)) / 2)
 
 
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+@pytest.mark.parametrize("temperature", [1.0, 2.0])
+def test_the_module_trains_on_the_mean_softmax_of_two_teachers_that_disagree(temperature, tmp_path, monkeypatch):
+    """A training step with two different teachers: its target is the mean of their softmaxes (worked out here with
+    torch.softmax, not the product's function), the discriminator's teacher input the mean of their logits, and the loss
+    the KD cross-entropy plus the weighted BCE on those, as the module's docstrings say.
+
+    Seen to fail when the product takes the softmax of the mean logits, and when it uses the first teacher only.
+    """
+    teachers = [_linear_teacher(1), _linear_teacher(2)]
+    module = MEAL(_config(tmp_path, kd_temperature=temperature, discriminator_weight=0.5), teachers, num_classes=10)
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        first, second = (teacher(images) for teacher in teachers)
+    expected = (torch.softmax(first / temperature, 1) + torch.softmax(second / temperature, 1)) / 2
+    for wrong in (torch.softmax((first + second) / 2 / temperature, 1), torch.softmax(first / temperature, 1)):
+        assert (expected - wrong).abs().max() > 0.05  # the teachers disagree: either mistake moves the target far
+    seen = {}
+    losses = module.losses
+
+    def spy(student, target, teacher, log_probs=False):
+        seen.update(student=student, target=target, teacher=teacher)
+        return losses(student, target, teacher, log_probs)
+
+    monkeypatch.setattr(module, "losses", spy)
+    module.train()
+    loss = module.training_step((images, torch.zeros(8, dtype=torch.long)), 0)
+    torch.testing.assert_close(seen["target"], expected)
+    torch.testing.assert_close(seen["teacher"], (first + second) / 2)
+    student = seen["student"]
+    kd = -(expected * torch.log_softmax(student / temperature, 1)).sum(1).mean() * temperature**2
+    scores = module.discriminator(torch.cat([student, (first + second) / 2]))
+    labels = torch.cat([torch.tensor([[1.0, 0.0]]).expand(8, 2), torch.tensor([[0.0, 1.0]]).expand(8, 2)])  # student rows, teacher rows
+    torch.testing.assert_close(loss, kd + 0.5 * F.binary_cross_entropy_with_logits(scores, labels))
+
+
 def test_soft_cross_entropy_equals_its_formula():
     student = torch.tensor([[0.0, math.log(3.0)], [0.0, 0.0]])  # softmax rows [1/4, 3/4] and [1/2, 1/2]
     target = torch.tensor([[0.5, 0.5], [1.0, 0.0]])

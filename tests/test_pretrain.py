@@ -131,9 +131,10 @@ def test_epochs_that_end_before_max_steps_are_announced(tmp_path, tiny_args):
     assert load_file(tmp_path / "last.ckpt")["global_step"] == 2
 
 
-def test_two_process_ddp_on_cpu(tmp_path, tiny_args):
-    """The multi-GPU/multi-node path (Lightning DDP) exercised with 2 CPU processes over gloo."""
-    result = run_command("seed-pretrain", *tiny_args, "--devices", "2", "--accelerator", "cpu", "--max-steps", "3", "--output", str(tmp_path))
+def test_two_process_ddp_on_cpu(tmp_path, tiny_args, ddp_env):
+    """The multi-GPU/multi-node path (Lightning DDP) exercised with 2 CPU processes over gloo, on a port of its own."""
+    result = run_command("seed-pretrain", *tiny_args, "--devices", "2", "--accelerator", "cpu", "--max-steps", "3", "--output", str(tmp_path),
+                         env=ddp_env)
     assert result.returncode == 0, result.stderr[-3000:]
     assert load_file(tmp_path / "last.ckpt")["global_step"] == 3
     ckpt_files = sorted(p.name for p in tmp_path.rglob("*.ckpt"))

@@ -29,11 +29,16 @@ def _prefixed(prefix: str, state: dict) -> dict:
     return {prefix + k: v for k, v in state.items()}
 
 
+#: The other encoder of a two-encoder file (MoCo's key encoder, SEED's teacher): the same keys and shapes, other values,
+#: so that a reader taking that copy instead of the query encoder / student is caught.
+OTHER = {k: v + 1.0 if v.is_floating_point() else v for k, v in BACKBONE.items()}
+
+
 LAYOUTS = {
     # facebookresearch/moco main_moco.py: {'epoch', 'arch', 'state_dict', 'optimizer'}; v2 MLP head fc.0/fc.2
     "MoCo v2": lambda: {"epoch": 800, "arch": "resnet18", "optimizer": {"state": {}, "param_groups": [{"lr": 0.03, "params": [0, 1]}]},
                         "state_dict": {**_prefixed("module.encoder_q.", {**BACKBONE, **_mlp("fc.", DIM, 128, False)}),
-                                       **_prefixed("module.encoder_k.", BACKBONE), "module.queue": torch.randn(128, 4096),
+                                       **_prefixed("module.encoder_k.", {**OTHER, **_mlp("fc.", DIM, 128, False)}), "module.queue": torch.randn(128, 4096),
                                        "module.queue_ptr": torch.zeros(1, dtype=torch.long)}},
     "MoCo v1": lambda: {"epoch": 200, "arch": "resnet18",
                         "state_dict": _prefixed("module.encoder_q.", {**BACKBONE, "fc.weight": torch.randn(128, DIM), "fc.bias": torch.randn(128)})},
@@ -41,7 +46,8 @@ LAYOUTS = {
     "SwAV": lambda: _prefixed("module.", {**BACKBONE, **_mlp("projection_head.", 2 * DIM, 128, True), "prototypes.weight": torch.randn(3000, 128)}),
     # official SEED: the whole distiller; the student's fc is the MLP head
     "SEED official student": lambda: {"epoch": 200, "state_dict": {**_prefixed("module.student.", {**BACKBONE, **_mlp("fc.", DIM, 128, False)}),
-                                                                   **_prefixed("module.teacher.", BACKBONE), "module.queue": torch.randn(4096, 128)}},
+                                                                   **_prefixed("module.teacher.", {**OTHER, **_mlp("fc.", DIM, 128, False)}),
+                                                                   "module.queue": torch.randn(4096, 128)}},
     # SimCLR converted to PyTorch: {'model': ...} with an encoder prefix and the BN MLP head
     "SimCLR (converted)": lambda: {"model": {**_prefixed("encoder.", BACKBONE), **_mlp("head.", DIM, 128, True)}},
     # SEED's released simclr_200.pth: SimCLRResNet (the ResNet as .module) in two DataParallels; fc = Linear-BN-ReLU-Linear
@@ -52,20 +58,53 @@ LAYOUTS = {
 }
 
 
+#: Where each layout keeps the head that must be loaded: the query encoder's / the student's, never the key encoder's or teacher's.
+HEADS = {"MoCo v2": "module.encoder_q.fc.", "MoCo v1": "module.encoder_q.fc.", "SwAV": "module.projection_head.",
+         "SEED official student": "module.student.fc.", "SimCLR (converted)": "head.", "SimCLR (SEED release)": "module.module.module.fc.",
+         "ResNet state_dict with an MLP head (fc.0...)": "fc."}
+#: The second encoder of the two-encoder layouts.
+SECOND = {"MoCo v2": "module.encoder_k.", "SEED official student": "module.teacher."}
+
+
 @pytest.mark.parametrize("name", sorted(LAYOUTS))
 def test_published_layouts_load(name, tmp_path):
+    """The backbone and head are the query encoder's (MoCo) / the student's (SEED), whose twin in the file holds other values.
+
+    Seen to fail when the MoCo reader's prefix is changed to ``module.encoder_k.`` and the SEED reader's to ``module.teacher.``.
+    """
     path = tmp_path / "teacher.pth.tar"
     content = LAYOUTS[name]()
     torch.save(content, path)
     backbone, head, found = load_encoder(path, "r18")
     assert found == name
+    loaded = backbone.state_dict()
     for key, value in BACKBONE.items():
-        assert torch.equal(backbone.state_dict()[key], value), key
+        assert torch.equal(loaded[key], value), key
+    tensors = content.get("state_dict", content.get("model", content))
+    if name in SECOND:
+        twin = {k[len(SECOND[name]):]: v for k, v in tensors.items() if k.startswith(SECOND[name])}
+        assert twin.keys() >= BACKBONE.keys() and not any(torch.equal(loaded[k], twin[k]) for k in BACKBONE if twin[k].is_floating_point())
     if name == "plain state_dict (torchvision)":
         assert head is None  # a 1000-class classifier is not a projection head
     else:
+        expected = {k[len(HEADS[name]):]: v for k, v in tensors.items() if k.startswith(HEADS[name])}
+        expected = {f"0.{k}": v for k, v in expected.items()} if "weight" in expected else expected  # MoCo v1: one Linear
+        assert head.state_dict().keys() == expected.keys()
+        assert all(torch.equal(v, expected[k]) for k, v in head.named_parameters())  # BatchNorm statistics: the test below
         assert head(torch.randn(2, DIM)).shape == (2, 128)
     assert load_encoder(path, "r18", use_head=False)[1] is None
+
+
+def test_a_loaded_projection_head_keeps_its_batchnorm_statistics(tmp_path):
+    """SwAV's and SimCLR's heads hold a BatchNorm1d whose running statistics the frozen teacher uses: they must be the file's.
+
+    Seen to fail when load_encoder probes the head's input size in train mode (mean x0.9, var x0.9 + 0.1 x 0).
+    """
+    torch.save(LAYOUTS["SwAV"](), tmp_path / "swav.pth.tar")
+    expected = {k.removeprefix("module.projection_head."): v for k, v in torch.load(tmp_path / "swav.pth.tar").items()
+                if k.startswith("module.projection_head.1.")}
+    head = load_encoder(tmp_path / "swav.pth.tar", "r18")[1]
+    assert [k for k, v in head.state_dict().items() if k in expected and not torch.equal(v, expected[k])] == []
 
 
 def test_head_rebuilt_from_weights_computes_the_published_function():
