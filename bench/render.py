@@ -20,6 +20,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 from bench.common import RESULTS, ROOT, describe_machine  # noqa: E402
+from bench.suite import SUITE  # noqa: E402
 
 DOC = ROOT / "docs" / "BENCHMARKS.md"
 PLOTS = ROOT / "docs" / "bench"
@@ -127,8 +128,6 @@ def section(result: dict[str, Any], plots_link: str, plots: Path | None = None) 
 
 def gpu_pending(results: list[dict[str, Any]]) -> str:
     """A section naming the suite's GPU benchmarks that have no ``<name>_gpu`` result yet ("" when every one has)."""
-    from bench.__main__ import SUITE
-
     measured = {result["name"] for result in results}
     missing = {name: (script, args) for name, (script, _, args) in SUITE.items() if args is not None and f"{name}_gpu" not in measured}
     if not missing:

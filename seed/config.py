@@ -47,12 +47,16 @@ def check_ranges(config: Any) -> None:
         if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
             continue
         meta, flag = field.metadata, _flag(field.name)
-        if "at_least" in meta and value < meta["at_least"]:
-            raise SeedError(f"{flag} must be at least {meta['at_least']}, got {value}")
-        if "above" in meta and value <= meta["above"]:
-            raise SeedError(f"{flag} must be " + ("positive" if meta["above"] == 0 else f"greater than {meta['above']}") + f", got {value}")
-        if "at_most" in meta and value > meta["at_most"]:
-            raise SeedError(f"{flag} must be at most {meta['at_most']}, got {value}")
+        low, high = meta.get("at_least", meta.get("above")), meta.get("at_most")
+        if low is not None and high is not None:
+            if not (value > low if "above" in meta else value >= low) or value > high:
+                raise SeedError(f"{flag} must be in {'(' if 'above' in meta else '['}{low}, {high}], got {value}")
+        elif "at_least" in meta and value < low:
+            raise SeedError(f"{flag} must be at least {low}, got {value}")
+        elif "above" in meta and value <= low:
+            raise SeedError(f"{flag} must be " + ("positive" if low == 0 else f"greater than {low}") + f", got {value}")
+        elif high is not None and value > high:
+            raise SeedError(f"{flag} must be at most {high}, got {value}")
 
 
 def choices_of(annotation: Any) -> tuple[str, ...]:

@@ -11,6 +11,10 @@ import pytest
 import torch
 from PIL import Image
 
+from downstream.detection.scenes import write_synthetic
+from seed.backbones import create_backbone
+from seed.checkpoints import export_model
+
 BIN = Path(sys.executable).parent
 TINY = ["--data", "digits", "--image-size", "16", "--batch-size", "16", "--num-workers", "0",
         "--knn-bank-size", "200", "--knn-query-size", "100"]
@@ -93,3 +97,26 @@ def garment_fashion_mnist(root: Path, train: int = 40, val: int = 30) -> Path:
         write_idx(folder / f"{prefix}-images-idx3-ubyte", images)
         write_idx(folder / f"{prefix}-labels-idx1-ubyte", np.arange(count) % 10)
     return folder
+
+
+# ---- detection: a synthetic VOC/COCO set and exported students, made once per test module
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory) -> tuple[Path, Path]:
+    return write_synthetic(tmp_path_factory.mktemp("detection-data"), train_images=12, test_images=4, size=64, seed=1)
+
+
+@pytest.fixture(scope="module")
+def student(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("detection-ckpt") / "student.pt"
+    export_model(path, "r18", create_backbone("r18"), None, None, "seed", {}, False)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mobile_student(tmp_path_factory) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("detection-mbv3s") / "student.pt"
+    export_model(path, "mbv3s", create_backbone("mbv3s"), None, None, "seed", {}, False)
+    return path
