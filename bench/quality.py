@@ -12,7 +12,7 @@ about the same minutes on 2 cores; the table shows the minutes measured):
 2. the student distilled with SEED from the reference teacher;
 3. the student distilled with SEED from the weaker teacher;
 4. the student distilled with SEED from the reference teacher through ``--teacher-cache
-   --cache-views 1`` (issue 15's accuracy cost: each image's one fixed view, embedded in
+   --cache-views 1`` (the cache's accuracy cost: each image's one fixed view, embedded in
    the first epoch, read back from the fp16 cache after it; same steps);
 5. the student distilled with SEED from the reference teacher under ``--precision bf16-mixed``
    (bf16 autocast, 1.8x the fp32 step on a CPU with bf16 units: what it costs in accuracy; same steps;

@@ -26,11 +26,11 @@ STAGES = {"pretrain": ("seed-pretrain", "method", PretrainConfig), "distill": ("
 
 @functools.cache
 def registered() -> dict[str, type]:
-    """Name -> method class, from the installed package's entry points."""
+    """Name -> method class, from the installed package's entry points, by name."""
     found = {point.name: point for point in entry_points(group=GROUP)}
     if not found:
         raise SeedError(f"no methods are registered under the {GROUP} entry points; install the package (make setup, or pip install -e .)")
-    return {name: point.load() for name, point in found.items()}
+    return {name: found[name].load() for name in sorted(found)}
 
 
 def methods(stage: str) -> dict[str, type]:

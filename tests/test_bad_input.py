@@ -197,7 +197,7 @@ def test_bad_dataset_folders_stop_before_any_model_is_built(make, message, comma
     [
         ("seed-pretrain", ["--arch", "resnet18"], "unknown architecture 'resnet18'; choose one of: r18"),
         ("seed-pretrain", ["--method", "byol"], "unknown --method 'byol'; choose one of: mocov2, simclr, supervised"),
-        ("seed-distill", ["--mode", "kd"], "unknown --mode 'kd'; choose one of: seed, meal"),
+        ("seed-distill", ["--mode", "kd"], "unknown --mode 'kd'; choose one of: meal, seed, usi"),
         ("seed-distill", ["--teacher", "r50"], "of a r50 backbone"),
         ("seed-pretrain", ["--batch-size", "2000", "--queue-size", "4096"], "--batch-size 2000 x 1 devices exceeds the 1437 training images"),
         ("seed-pretrain", ["--queue-size", "8"], "--queue-size 8 is smaller than the global batch 16"),

@@ -86,7 +86,7 @@ def _cli(main, argv, capsys) -> str:
     "command, argv, message",
     [
         ("seed-distill", ["--optimizer", "adam"], "unknown --optimizer 'adam'; choose one of: sgd, lars"),
-        ("seed-distill", ["--mode", "kd"], "unknown --mode 'kd'; choose one of: seed, meal"),
+        ("seed-distill", ["--mode", "kd"], "unknown --mode 'kd'; choose one of: meal, seed, usi"),
         ("seed-distill", ["--mode", "meal", "--discriminator", "gan"], "unknown --discriminator 'gan'; choose one of: joint, minimax, off"),
         ("seed-distill", ["--mode", "meal", "--lr-schedule", "linear"], "unknown --lr-schedule 'linear'; choose one of: step, cosine"),
         ("seed-distill", ["--precision", "8-mixed"], "unknown --precision '8-mixed'; choose one of: auto, 32-true, 16-mixed, bf16-mixed"),

@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def test_every_method_is_registered_with_its_stage_title_and_own_config():
     assert list(methods("pretrain")) == ["mocov2", "simclr", "supervised"]
-    assert list(methods("distill")) == ["seed", "meal", "usi"]
+    assert list(methods("distill")) == ["meal", "seed", "usi"]
     for name, method in registered().items():
         base = PretrainConfig if method.STAGE == "pretrain" else DistillConfig
         assert issubclass(method, TrainModule) and issubclass(method.CONFIG, base) and method.TITLE, name

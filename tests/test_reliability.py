@@ -1,5 +1,5 @@
-"""Issue 6: resume after SIGKILL, atomic checkpoints, untrusted files, bad data, bad configuration,
-numerical faults and determinism. docs/RELIABILITY.md lists each fault and the test here that proves it."""
+"""Resume after SIGKILL, atomic checkpoints, numerical faults and determinism (untrusted files and bad input:
+tests/test_bad_input.py). docs/RELIABILITY.md lists each fault and the test that proves it."""
 
 import csv
 import os
