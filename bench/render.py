@@ -58,7 +58,9 @@ def markdown_table(table: dict[str, Any]) -> str:
 
 def draw(plot: dict[str, Any], folder: Path) -> Path:
     """One PNG: line plots (x numeric, optional error bars) or grouped bars (x categories)."""
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    bars = plot.get("kind", "line") == "bar"
+    width = max(6.4, 2.0 + 0.6 * len(plot["series"][0]["x"])) if bars else 6.4  # room for every category's label
+    fig, ax = plt.subplots(figsize=(width, 4.4 if bars else 4.0), dpi=110)
     ax.set_xscale("log" if plot.get("logx") else "linear")  # before the bars' category ticks, which a later set_xscale would reset
     ax.set_yscale("log" if plot.get("logy") else "linear")
     series = plot["series"]
@@ -68,7 +70,8 @@ def draw(plot: dict[str, Any], folder: Path) -> Path:
         for i, s in enumerate(series):
             positions = [j + (i - (len(series) - 1) / 2) * width for j in range(len(categories))]
             ax.bar(positions, s["y"], width, yerr=s.get("yerr"), label=s["label"], capsize=3)
-        ax.set_xticks(range(len(categories)), categories, rotation=15 if len(categories) > 4 else 0)
+        slanted = len(categories) > 4  # slanted and right-aligned, so that long labels never overlap
+        ax.set_xticks(range(len(categories)), categories, rotation=35 if slanted else 0, ha="right" if slanted else "center")
     else:
         for s in series:
             ax.errorbar(s["x"], s["y"], yerr=s.get("yerr"), label=s["label"], marker="o", capsize=3)

@@ -91,7 +91,7 @@ def eval_folder(config: EvalConfig, protocol: str, checkpoint: Checkpoint) -> Pa
 
 def seed_version() -> str:
     try:
-        return importlib.metadata.version("seed")
+        return importlib.metadata.version("seed-distill")
     except importlib.metadata.PackageNotFoundError:
         return "unknown"
 

@@ -274,11 +274,31 @@ def _coerce(value: Any, annotation: Any, key: str, source: str) -> Any:
     raise SeedError(f"config key '{key}' in {source} must be {kind.__name__}, got {value!r}")
 
 
-def read_yaml(path: str) -> dict[str, Any]:
-    """Read a flat YAML mapping of config keys."""
+def recipe_folder() -> Path:
+    """The shipped recipes: ``seed/recipes/`` in an installed wheel, the repository's ``configs/`` in a clone."""
+    here = Path(__file__).resolve().parent
+    return here / "recipes" if (here / "recipes").is_dir() else here.parent / "configs"
+
+
+def find_config(path: str) -> Path:
+    """``--config``: a YAML file, else a shipped recipe by name (``distill/seed_r50_r18``, or its ``configs/...yaml`` path
+    run from another folder); one line with close names when neither exists."""
     file = Path(path)
-    if not file.is_file():
-        raise SeedError(f"config file {path} does not exist; pass an existing YAML file to --config")
+    if file.is_file():
+        return file
+    folder = recipe_folder()
+    name = path.removeprefix("configs/").removesuffix(".yaml")
+    if (folder / f"{name}.yaml").is_file():
+        return folder / f"{name}.yaml"
+    recipes = sorted(str(p.relative_to(folder).with_suffix("")) for p in folder.rglob("*.yaml"))
+    close = difflib.get_close_matches(name, recipes, n=3, cutoff=0.5)
+    hint = f"did you mean {' or '.join(close)}?" if close else f"the recipes are in {folder}"
+    raise SeedError(f"config file {path} does not exist, nor a shipped recipe of that name; pass a YAML file or a recipe name ({hint})")
+
+
+def read_yaml(path: str) -> dict[str, Any]:
+    """Read a flat YAML mapping of config keys from a file or a shipped recipe (:func:`find_config`)."""
+    file = find_config(path)
     try:
         values = yaml.safe_load(file.read_text()) or {}
     except yaml.YAMLError as error:

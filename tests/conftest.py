@@ -22,11 +22,12 @@ TINY = ["--data", "digits", "--image-size", "16", "--batch-size", "16", "--num-w
 QUEUE = ["--queue-size", "64"]
 
 
-def run_command(name: str, *args: str, timeout: int = 300, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    """Run one of our console scripts as a user would, capturing its output; ``env``: variables to add to ours."""
+def run_command(name: str, *args: str, timeout: int = 300, env: dict[str, str] | None = None, cwd: Path | None = None) -> subprocess.CompletedProcess:
+    """Run one of our console scripts as a user would, capturing its output; ``env``: variables to add to ours; ``cwd``: the
+    folder it runs in."""
     script = shutil.which(name, path=str(BIN)) or name
     env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
-    return subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout, env=env)
+    return subprocess.run([script, *args], capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
 
 
 def free_port() -> int:
