@@ -140,8 +140,13 @@ def source_hash(configs: Sequence[Path] | None = None) -> str:
     return digest.hexdigest()
 
 
+#: What a benchmark run writes itself: its changes do not make the tree dirty.
+OUTPUTS = ("bench/results", "docs/BENCHMARKS.md", "docs/bench")
+
+
 def git_state() -> tuple[str | None, bool | None]:
-    """The commit checked out at the repository root and whether the tree differs from it (untracked files count);
+    """The commit checked out at the repository root and whether the tree differs from it (untracked files count; the
+    benchmarks' own outputs do not, so that a suite's later results are not dirty by its earlier ones);
     ``(None, None)`` without git or outside a git checkout."""
     def git(*args: str) -> str | None:
         try:
@@ -153,7 +158,7 @@ def git_state() -> tuple[str | None, bool | None]:
     commit = git("rev-parse", "--verify", "HEAD")
     if commit is None:
         return None, None
-    status = git("status", "--porcelain")
+    status = git("status", "--porcelain", "--", ".", *(f":(exclude){path}" for path in OUTPUTS))
     return commit.strip(), None if status is None else bool(status.strip())
 
 

@@ -47,7 +47,8 @@ def test_source_hash_changes_with_a_source_or_config_file_and_only_with_what_it_
 
 
 def test_write_result_records_provenance_without_git_then_in_a_checkout(tree):
-    """Seen to fail when git_state kept the commit of a failed `git rev-parse` (the tree is no checkout at first)."""
+    """Seen to fail when git_state kept the commit of a failed `git rev-parse` (the tree is no checkout at first), and when
+    a rendered page counted as a dirty tree."""
     result = {"title": "t", "description": "d", "tables": []}
     saved = json.loads(write_result("toy", result).read_text())
     kept = saved["provenance"]
@@ -58,11 +59,15 @@ def test_write_result_records_provenance_without_git_then_in_a_checkout(tree):
     assert date.utcoffset() == datetime.timedelta(0) and abs(datetime.datetime.now(datetime.UTC) - date) < datetime.timedelta(minutes=5)
 
     (tree / ".gitignore").write_text("bench/results/\n")
+    (tree / "docs").mkdir(exist_ok=True)
+    (tree / "docs" / "BENCHMARKS.md").write_text("the page\n")
     for command in (["init", "-q"], ["add", "."], ["commit", "-q", "-m", "tiny"]):
         subprocess.run([*GIT, "-C", str(tree), *command], check=True, capture_output=True)
     head = subprocess.run(["git", "-C", str(tree), "rev-parse", "HEAD"], check=True, capture_output=True, text=True).stdout.strip()
     kept = json.loads(write_result("toy", result, configs=[tree / "configs" / "recipe.yaml"]).read_text())["provenance"]
     assert (kept["commit"], kept["dirty"]) == (head, False) and kept["sources"][-1] == "configs/recipe.yaml"
+    (tree / "docs" / "BENCHMARKS.md").write_text("the page, rendered again\n")  # a benchmark's own output: still clean
+    assert provenance()["dirty"] is False
     (tree / "pretrain" / "core.py").write_text("NAME = 'edited'\n")
     assert provenance()["dirty"] is True
 
