@@ -19,11 +19,13 @@ def default_workers(config: CommonConfig) -> int:
     return min(8, os.cpu_count() or 1)
 
 
-def make_loader(dataset: Dataset, config: CommonConfig, shuffle: bool, drop_last: bool = False, batch_size: int | None = None) -> DataLoader:
+def make_loader(dataset: Dataset, config: CommonConfig, shuffle: bool, drop_last: bool = False, batch_size: int | None = None,
+                repeats: int = 1) -> DataLoader:
     """A DataLoader with the run's workers.
 
     ``shuffle=True`` (training): keys from :class:`~seed.sampling.EpochSampler` (its own share under DDP, resumable
-    mid-epoch) into a :class:`~seed.sampling.KeyedDataset`, each image augmented under its own seed. Otherwise
+    mid-epoch; ``repeats``: repeated augmentation under DDP) into a :class:`~seed.sampling.KeyedDataset`, each image
+    augmented under its own seed. Otherwise
     (evaluation) in order; Lightning adds a DistributedSampler under DDP.
     """
     workers = default_workers(config)
@@ -31,7 +33,7 @@ def make_loader(dataset: Dataset, config: CommonConfig, shuffle: bool, drop_last
     sampler = None
     if shuffle:
         dataset = dataset if isinstance(dataset, KeyedDataset) else SeededSamples(dataset, config.seed)
-        sampler = EpochSampler(len(dataset), config.seed, batch_size)
+        sampler = EpochSampler(len(dataset), config.seed, batch_size, repeats)
     return DataLoader(
         dataset,
         batch_size=batch_size,

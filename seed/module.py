@@ -80,6 +80,11 @@ class TrainModule(pl.LightningModule):
         return dataset_for(config, "train", view_transform(config.method, config.image_size, min_scale=config.crop_min_scale))
 
     @classmethod
+    def repeats(cls, config: Any) -> int:
+        """Repeated augmentation under DDP: how many times an image comes back in an epoch (1: off)."""
+        return 1
+
+    @classmethod
     def monitor(cls, config: Any) -> list[DataLoader]:
         """The validation loaders during training: the kNN monitor's bank and queries."""
         return monitor_loaders(config)

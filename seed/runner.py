@@ -32,7 +32,8 @@ def run(config: Any) -> Path:
     pl.seed_everything(config.seed, workers=True, verbose=False)
     run_dir = run_folder(config, method.STAGE, method.run_name(config, parts))
     module = method.build(config, parts, method.classes(train_set, parts), run_dir)
-    trainer = fit(module, make_loader(train_set, config, shuffle=True, drop_last=True), monitor, config, run_dir)
+    loader = make_loader(train_set, config, shuffle=True, drop_last=True, repeats=method.repeats(config))
+    trainer = fit(module, loader, monitor, config, run_dir)
     if trainer.is_global_zero:
         settled = module.final(monitor)
         head, embed_dim, extra = module.exported(settled)

@@ -70,7 +70,8 @@ def seeded(seed: int) -> Iterator[None]:
 
 
 class KeyedDataset(Dataset):
-    """A dataset indexed by the ``(index, epoch)`` keys of :class:`EpochSampler`."""
+    """A dataset indexed by the ``(index, epoch)`` keys of :class:`EpochSampler` (``(index, epoch, copy)`` under repeated
+    augmentation)."""
 
     def __getitem__(self, key: tuple[int, int]) -> Any:
         raise NotImplementedError
@@ -89,9 +90,9 @@ class SeededSamples(KeyedDataset):
     def __len__(self) -> int:
         return len(self.dataset)
 
-    def __getitem__(self, key: tuple[int, int]) -> Any:
-        index, epoch = key
-        with seeded(mix(self.seed, epoch, index)):
+    def __getitem__(self, key: tuple[int, ...]) -> Any:
+        index, epoch, copy = key if len(key) == 3 else (*key, 0)  # each copy of repeated augmentation draws its own augmentation
+        with seeded(mix(self.seed, epoch, index, copy) if copy else mix(self.seed, epoch, index)):
             return self.dataset[index]
 
 
@@ -110,10 +111,15 @@ class EpochSampler(DistributedSampler):
     when iterating, as the process group starts after the loaders are built.
     It subclasses ``DistributedSampler`` so that Lightning keeps it instead of
     injecting its own, and calls ``set_epoch`` on it at each epoch start.
+
+    ``repeats`` > 1 is repeated augmentation under DDP (Hoffer et al. 2020, "Augment your batch"; timm's
+    ``RepeatAugSampler``, which USI's code uses): each image of the permutation comes ``repeats`` times in a row, so
+    its copies go to different processes, each as ``(index, epoch, copy)`` under its own augmentation; an epoch keeps
+    its length, so it shows about 1 / ``repeats`` of the images. On one process it does nothing.
     """
 
-    def __init__(self, size: int, seed: int, batch_size: int) -> None:  # not DistributedSampler.__init__: no process group yet
-        self.size, self.seed, self.batch_size = size, seed, batch_size
+    def __init__(self, size: int, seed: int, batch_size: int, repeats: int = 1) -> None:  # not DistributedSampler.__init__: no process group yet
+        self.size, self.seed, self.batch_size, self.repeats = size, seed, batch_size, repeats
         self.epoch = 0
         self._resume: tuple[int, int] | None = None
 
@@ -131,17 +137,23 @@ class EpochSampler(DistributedSampler):
 
     def order(self, epoch: int) -> list[int]:
         """This process's indices for ``epoch``, in order."""
+        return [index for index, _ in self.copies(epoch)]
+
+    def copies(self, epoch: int) -> list[tuple[int, int]]:
+        """This process's ``(index, copy)`` pairs for ``epoch``, in order (copy 0 without repeated augmentation)."""
         rank, world = _world()
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(mix(self.seed, epoch))).tolist()
-        order += order[: len(self) * world - self.size]  # equal shares, as DistributedSampler pads
-        return order[rank::world]
+        repeats = self.repeats if world > 1 else 1
+        pairs = [(index, copy) for index in order for copy in range(repeats)]
+        pairs += pairs[: max(len(self) * world - len(pairs), 0)]  # equal shares, as DistributedSampler pads
+        return pairs[rank::world][: len(self)]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         epoch, skip = self.epoch, 0
         if self._resume is not None and self._resume[0] == epoch:
             skip = self._resume[1] * self.batch_size
         self._resume = None
-        return iter([(index, epoch) for index in self.order(epoch)[skip:]])
+        return iter([(index, epoch, copy) if copy else (index, epoch) for index, copy in self.copies(epoch)[skip:]])
 
 
 class FixedCrops(KeyedDataset):

@@ -8,7 +8,8 @@ biases and norms), a cosine from a 5-epoch warm-up, RandAugment ``rand-m7-mstd0.
 EMA of the weights (0.99996) kept when it validates better. timm carries Mixup, RandAugment, the EMA and the
 parameter groups (the ``timm`` extra).
 
-Left out of the code's recipe: repeated augmentation (x3 under DDP) and the 10 cool-down epochs at the minimum lr.
+Repeated augmentation (x3) runs under DDP, as in the code (``seed.sampling.EpochSampler``); left out of its recipe are
+the 10 cool-down epochs at the minimum lr and the epoch's rounding to multiples of 256 images.
 The lr does not follow the batch: the paper found 2e-3 right from 512 to 3456 images per step (the code's batch is
 128 per GPU on 8 GPUs), so ``--lr`` is 2e-3 whatever ``--batch-size``.
 """
@@ -54,6 +55,9 @@ class USIConfig(ClassifierDistillConfig):
     cutmix_alpha: float = option("CutMix's Beta(alpha, alpha) (0: off)", 1.0, at_least=0)
     mix_switch_prob: float = option("chance that a batch takes CutMix instead of Mixup when both are on", 0.5, at_least=0, at_most=1)
     rand_augment: str = option("timm's RandAugment recipe ('none': off)", "rand-m7-mstd0.5-inc1")
+    repeated_augmentation: int = option("under DDP, each image comes back this many times in an epoch, on other devices and under "
+                                        "other augmentations (repeated augmentation, the code's 3; 1: off); on one device it does nothing",
+                                        3, at_least=1)
     ema_decay: float = option("decay of the weights' EMA, which is exported when it validates better (0: no EMA)", 0.99996, at_least=0, at_most=1)
     warmup_lr: float = option("lr at the start of the warm-up", 1e-4, above=0)
     min_lr: float = option("lr at the end of the cosine", 1e-6, at_least=0)
@@ -102,9 +106,16 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
         if config.teacher_cache and (config.mixup_alpha or config.cutmix_alpha):
             raise SeedError("--teacher-cache keeps fixed views, Mixup and CutMix mix new images every step; "
                             "pass --mixup-alpha 0 --cutmix-alpha 0 or drop --teacher-cache")
+        if config.teacher_cache and config.repeated_augmentation > 1 and config.devices * config.num_nodes > 1:
+            raise SeedError("--teacher-cache keeps fixed views, repeated augmentation draws several views of an image per epoch; "
+                            "pass --repeated-augmentation 1 or drop --teacher-cache")
         if (config.mixup_alpha or config.cutmix_alpha) and config.batch_size % 2:
             raise SeedError(f"--batch-size {config.batch_size}: Mixup and CutMix pair the images of a batch, so it must be even")
         return config
+
+    @classmethod
+    def repeats(cls, config: USIConfig) -> int:
+        return config.repeated_augmentation
 
     @classmethod
     def train_set(cls, config: USIConfig) -> Dataset:

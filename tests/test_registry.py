@@ -120,3 +120,16 @@ def test_no_import_circles_and_seed_imports_neither_pretrain_nor_downstream():
 
     for name in graph:
         visit(name, [])
+
+
+def test_every_shipped_training_recipe_is_a_valid_config_of_its_method():
+    """configs/ follows the per-method flags: a key of another method (or one that moved) would stop a user's run."""
+    import yaml
+
+    recipes = [p for p in sorted((ROOT / "configs").rglob("*.yaml")) if p.parent.name != "eval"]
+    assert len(recipes) > 20
+    for recipe in recipes:
+        values = yaml.safe_load(recipe.read_text()) or {}
+        stage = "distill" if "mode" in values or "student" in values else "pretrain"
+        config = method_config(stage, {"config": str(recipe)})
+        assert type(config) is registered()[getattr(config, "mode" if stage == "distill" else "method")].CONFIG, recipe

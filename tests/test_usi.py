@@ -35,12 +35,12 @@ def _config(tmp_path: Path, **values):
 
 def test_the_recipe_is_the_codes():
     """AdamW lr 2e-3 whatever the batch, wd 2e-2, 5 warm-up epochs from 1e-4, min lr 1e-6, KD weight 5, Mixup 0.8 / CutMix 1.0 /
-    switch 0.5, RandAugment rand-m7-mstd0.5-inc1, EMA 0.99996 (train.py of Alibaba-MIIL/Solving_ImageNet)."""
+    switch 0.5, RandAugment rand-m7-mstd0.5-inc1, EMA 0.99996, repeated augmentation x3 (train.py of Alibaba-MIIL/Solving_ImageNet)."""
     for batch in (16, 1024):
         config = _config(Path("."), batch_size=batch)
         assert (config.lr, config.weight_decay, config.warmup_epochs, config.warmup_lr, config.min_lr) == (2e-3, 2e-2, 5.0, 1e-4, 1e-6)
     assert (config.kd_weight, config.kd_only, config.mixup_alpha, config.cutmix_alpha, config.mix_switch_prob) == (5.0, False, 0.8, 1.0, 0.5)
-    assert (config.rand_augment, config.ema_decay) == ("rand-m7-mstd0.5-inc1", 0.99996)
+    assert (config.rand_augment, config.ema_decay, USI.repeats(config)) == ("rand-m7-mstd0.5-inc1", 0.99996, 3)  # repeated aug. under DDP
 
 
 def test_the_schedule_warms_up_from_warmup_lr_then_falls_along_a_cosine_to_min_lr():
