@@ -28,11 +28,10 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from seed.backbones import feature_dim
 from seed.checkpoints import file_sha256
 from seed.classification import Top1Monitor, report_top1, top1, top1_meter
 from seed.classifiers import load_teacher, timm_module
-from seed.config import ClassifierDistillConfig, option, resolve
+from seed.config import ClassifierDistillConfig, option
 from seed.engine import data_name
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
@@ -96,8 +95,7 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
     @classmethod
     def configure(cls, config: USIConfig) -> USIConfig:
         timm_module()  # the recipe's parts are timm's: say so before anything is read
-        config = resolve(config, cls.DEFAULTS)
-        feature_dim(config.student)
+        config = super().configure(config)
         if config.optimizer is not None:
             raise SeedError(f"--optimizer {config.optimizer}: USI trains with AdamW, its recipe's; leave --optimizer out")
         if not (config.teacher or config.teacher_checkpoint):
