@@ -9,7 +9,6 @@ head and ``num_classes``.
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -29,17 +28,13 @@ class SupervisedConfig(PretrainConfig):
 class Supervised(TrainModule):
     """Backbone + Linear classifier trained with cross-entropy on the labels."""
 
-    STAGE, TITLE, CONFIG = "pretrain", "supervised", SupervisedConfig
+    STAGE, TITLE, CONFIG, CLASSIFIER = "pretrain", "supervised", SupervisedConfig, True
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.1, "weight_decay": 1e-4, "warmup_epochs": 0.0}
 
     @classmethod
     def train_set(cls, config: SupervisedConfig) -> Dataset:
         """One augmented view per image (not the two views of the contrastive methods)."""
         return dataset_for(config, "train", train_transform(config.image_size, config.crop_min_scale))
-
-    def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, dict[str, Any]]:
-        """``teacher.pt`` holds the classifier as its head, its output size and ``num_classes``."""
-        return settled[1], self.num_classes, {"num_classes": self.num_classes}
 
     def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
         """The kNN table, then the classifier's top-1 on the whole val split, printed and kept as ``top1.json``."""

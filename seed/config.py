@@ -338,6 +338,11 @@ def save_config(config: Any, path: Path) -> None:
     path.write_text(yaml.safe_dump(values, sort_keys=False))
 
 
+def method_name(config: Any) -> str:
+    """The method a training config is of: ``--method`` (seed-pretrain) or ``--mode`` (seed-distill)."""
+    return getattr(config, "method", None) or config.mode
+
+
 def resolve(config: Any, method_defaults: dict[str, Any]) -> Any:
     """Fill the fields left at ``None`` with the method's paper defaults and derived values."""
     filled = {k: v for k, v in method_defaults.items() if getattr(config, k) is None}

@@ -27,7 +27,7 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from seed.checkpoints import file_sha256, load_encoder, read_checkpoint
+from seed.checkpoints import load_encoder, read_checkpoint
 from seed.config import DistillConfig, option
 from seed.data import seed_view_transform, small_crop_transforms
 from seed.engine import data_name
@@ -38,7 +38,7 @@ from seed.module import TrainModule
 from seed.precision import use_channels_last
 from seed.queue import TeacherQueue, check_queue_size
 from seed.teacher import FrozenTeacher
-from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache, train_views
+from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_views
 
 DEMO_TEACHER = Path("runs/demo/pretrain/teacher.pt")
 
@@ -75,11 +75,10 @@ def warmup_cosine(step: int, warmup_steps: int, total_steps: int, start: float) 
 class SEED(CachedTeacher, TrainModule):
     """Student backbone + MLP head trained with SEED's loss against a frozen teacher."""
 
-    STAGE, TITLE, CONFIG = "distill", "SEED", SEEDConfig
+    STAGE, TITLE, CONFIG, TEACHERS = "distill", "SEED", SEEDConfig, "teacher"
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.03, "weight_decay": 1e-4, "warmup_epochs": 5.0}
 
-    def __init__(self, config: SEEDConfig, teacher: FrozenTeacher, num_classes: int, cache: TeacherCache | None = None,
-                 checkpoint: str | None = None) -> None:
+    def __init__(self, config: SEEDConfig, teacher: FrozenTeacher, num_classes: int, cache: TeacherCache | None = None) -> None:
         super().__init__(config, config.student, num_classes)
         dim = self.backbone.feature_dim
         # the official MobileNetV3/EfficientNet students keep their Dropout(0.2) between the features and the (MLP) fc
@@ -89,16 +88,10 @@ class SEED(CachedTeacher, TrainModule):
         self.teacher = teacher
         self.queue = TeacherQueue(config.queue_size, teacher.embed_dim)
         self.small_queue = TeacherQueue(config.queue_size, teacher.embed_dim) if config.small_crops else None
-        self.strict_loading = False  # the teacher is rebuilt from its own file, not stored in ours
         self.cache = cache  # --teacher-cache: batches are FixedCrops items
         self._pending: list[tuple[TeacherQueue, Tensor]] = []
-        self.checkpoint = checkpoint  # the teacher's file, for the report
 
     # ---- the runner's view (seed.runner.run) ----
-    @classmethod
-    def trained_arch(cls, config: SEEDConfig) -> str:
-        return config.student
-
     @classmethod
     def configure(cls, config: SEEDConfig) -> SEEDConfig:
         """Defaults, checks, and the view recipe of the teacher's method (its file names it; no model is built yet)."""
@@ -128,8 +121,9 @@ class SEED(CachedTeacher, TrainModule):
     @classmethod
     def build(cls, config: SEEDConfig, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "SEED":
         teacher = parts["teacher"]
-        cache = teacher_cache(config, config.teacher_checkpoint, teacher, run_dir, parts["images"]) if config.teacher_cache else None
-        return cls(config, teacher, num_classes=num_classes, cache=cache, checkpoint=config.teacher_checkpoint)
+        cache = cache_for(config, run_dir, [(config.teacher, config.teacher_checkpoint)], teacher.channels_last, ("teacher_head", "augmentation"),
+                          parts["images"], teacher.embed_dim)
+        return cls(config, teacher, num_classes=num_classes, cache=cache)
 
     def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, None]:
         return settled[1], self.teacher.embed_dim, None
@@ -138,7 +132,7 @@ class SEED(CachedTeacher, TrainModule):
         """The kNN table of teacher, random-init student and distilled student."""
         config = self.config
         scores = compare_knn({
-            f"teacher {self.teacher.arch}": load_encoder(self.checkpoint, config.teacher, False)[0],
+            f"teacher {self.teacher.arch}": load_encoder(config.teacher_checkpoint, config.teacher, False)[0],
             f"student {config.student} random init": random_inits(config.student, bool(config.small_images)),
             f"student {config.student} distilled": settled[0],
         }, config, self.num_classes, monitor)
@@ -156,7 +150,7 @@ class SEED(CachedTeacher, TrainModule):
         return loss
 
     def training_step(self, batch: tuple[Any, ...], batch_idx: int) -> Tensor:
-        if self.cache is not None:  # FixedCrops items (view, label, index, view number); no small crops (check_config)
+        if self.cache is not None:  # FixedCrops items (view, label, index, view number); no small crops (configure)
             images, _, index, view = batch
             # a batch with a miss runs the teacher on the whole batch, as without the cache; every step reads the fp16 rows
             teacher = self.cached(index, view, lambda miss: self.teacher(images)[miss])
@@ -191,9 +185,6 @@ class SEED(CachedTeacher, TrainModule):
             queue.enqueue(teacher)
         self._pending.clear()
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
 
 
 def default_teacher_checkpoint(config: SEEDConfig) -> str:
@@ -225,10 +216,3 @@ def train_transform(config: SEEDConfig) -> Any:
 def build_teacher(config: SEEDConfig, checkpoint: str) -> tuple[FrozenTeacher, str]:
     backbone, head, found = load_encoder(checkpoint, config.teacher, config.teacher_head)
     return FrozenTeacher(backbone, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config)), found
-
-
-def teacher_cache(config: SEEDConfig, checkpoint: str, teacher: FrozenTeacher, run_dir: Path, images: int) -> TeacherCache:
-    """The cache of ``--teacher-cache`` beside the run, keyed by what its embeddings depend on."""
-    names = ("teacher", "teacher_head", "teacher_fold_bn", "data", "image_size", "augmentation", "crop_min_scale", "seed")
-    key = {"teacher_sha256": file_sha256(checkpoint), "channels_last": teacher.channels_last, **{n: getattr(config, n) for n in names}}
-    return TeacherCache(run_dir / FOLDER, key, images, config.cache_views, teacher.embed_dim)

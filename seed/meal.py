@@ -26,17 +26,15 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from seed.backbones import available, feature_dim
-from seed.checkpoints import file_sha256
 from seed.classification import Top1Monitor, cutmix, report_top1, top1_meter, train_transform
 from seed.classifiers import TORCHVISION_NAMES, load_student_init, load_teacher
 from seed.config import ClassifierDistillConfig, option, resolve
-from seed.engine import data_name
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
 from seed.module import TrainModule
 from seed.teacher import FrozenTeacher
-from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache, train_views
+from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_views
 
 DEMO = Path("runs/demo/meal")
 DEMO_TEACHERS = (DEMO / "teacher-a" / "teacher.pt", DEMO / "teacher-b" / "teacher.pt")
@@ -107,14 +105,10 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
     # MEAL V2 (paper Sec. 4.1 and the public code): SGD momentum 0.9, weight decay 0, lr 0.01 at batch 512
     # (here 0.005 per 256 images), then 0.001; no warm-up. The code's regime is [0, 100, 0.01, 101, 300, 0.001]
     # with inclusive bounds over epochs counted from 0: 101 epochs at 0.01, the drop after epoch 100 (milestone 101).
-    STAGE, TITLE, CONFIG = "distill", "MEAL V2", MEALConfig
+    STAGE, TITLE, CONFIG, TEACHERS, CLASSIFIER = "distill", "MEAL V2", MEALConfig, "teachers", True
     DEFAULTS = {"optimizer": "sgd", "base_lr": 0.005, "weight_decay": 0.0, "warmup_epochs": 0.0, "lr_schedule": "step", "lr_milestones": "101"}
 
     # ---- the runner's view (seed.runner.run) ----
-    @classmethod
-    def trained_arch(cls, config: MEALConfig) -> str:
-        return config.student
-
     @classmethod
     def configure(cls, config: MEALConfig) -> MEALConfig:
         """The paper defaults and checks; the stem waits for the student init, which may name it."""
@@ -150,11 +144,7 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         config = resolve(config, {})
         if len(train_set.classes) != num_classes:
             raise SeedError(f"--data {config.data} has {len(train_set.classes)} classes, the teachers {num_classes}; distil on the teachers' classes")
-        return config, {"teachers": teachers, "num_images": len(train_set), "init": (backbone, classifier)}
-
-    @classmethod
-    def run_name(cls, config: MEALConfig, parts: dict[str, Any]) -> str:
-        return f"meal-{config.student}-{data_name(config)}"
+        return config, {"teachers": teachers, "images": len(train_set), "init": (backbone, classifier)}
 
     @classmethod
     def classes(cls, train_set: Dataset, parts: dict[str, Any]) -> int:
@@ -162,11 +152,10 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
 
     @classmethod
     def build(cls, config: MEALConfig, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "MEAL":
-        cache = None
-        if config.teacher_cache:
-            key = cache_key(config, parts["teachers"])
-            cache = TeacherCache(run_dir / FOLDER, key, parts["num_images"], config.cache_views, num_classes, config.cache_top_k)
-        module = cls(config, parts["teachers"], num_classes, cache=cache)
+        teachers = parts["teachers"]
+        cache = cache_for(config, run_dir, teacher_specs(config), teachers[0].channels_last, ("kd_temperature",), parts["images"], num_classes,
+                          config.cache_top_k)
+        module = cls(config, teachers, num_classes, cache=cache)
         backbone, classifier = parts["init"]
         if backbone is not None:
             module.backbone.load_state_dict(backbone.state_dict())
@@ -178,10 +167,6 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
     def final(self, monitor: list[DataLoader]) -> nn.Sequential:
         """With PreciseBN statistics over train images (the monitor holds val images only)."""
         return self.settled_copy(train_eval_loader(self.config, self.config.precise_bn_images))
-
-    def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, dict[str, Any]]:
-        """The classifier as the head, and ``num_classes``: ``student.pt`` is a classifier seed-eval and --student-init read."""
-        return settled[1], self.num_classes, {"num_classes": self.num_classes}
 
     def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
         """Top-1 on the whole val split of the init, the student (as exported), each teacher and their ensemble: ``top1.json``."""
@@ -195,7 +180,6 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         self.teachers = nn.ModuleList(teachers)
         self.discriminator = Discriminator(num_classes) if config.discriminator != "off" else None
         self.cache = cache  # --teacher-cache: batches are FixedCrops items
-        self.strict_loading = False  # the teachers are rebuilt from their own files, not stored in ours
         self.val_top1 = top1_meter(num_classes)
         self.init: nn.Module | None = None  # the student init as it was, for the report
 
@@ -255,10 +239,6 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones(self.config), gamma=0.1)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "epoch"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teachers.")}
-
 
 def milestones(config: MEALConfig) -> list[int]:
     try:
@@ -298,9 +278,3 @@ def load_teachers(config: MEALConfig) -> tuple[list[FrozenTeacher], list[str]]:
         lines.append(f"teacher {number}: {teacher.arch} from {source} ({found}, {teacher.embed_dim} classes)")
     return teachers, lines
 
-
-def cache_key(config: MEALConfig, teachers: Sequence[FrozenTeacher]) -> dict[str, Any]:
-    """What the cached targets depend on: the teachers (their files' SHA-256, or hub weights by name), the data and crops."""
-    names = ("data", "image_size", "crop_min_scale", "seed", "kd_temperature", "teacher_fold_bn")
-    specs = [[arch, file_sha256(path) if path else None] for arch, path in teacher_specs(config)]
-    return {"teachers": specs, "channels_last": teachers[0].channels_last, **{name: getattr(config, name) for name in names}}

@@ -24,8 +24,9 @@ from torch.optim.swa_utils import update_bn
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from seed.backbones import create_backbone, feature_dim
-from seed.config import TrainConfig, resolve
+from seed.config import TrainConfig, method_name, resolve
 from seed.data import dataset_for, view_transform
+from seed.engine import data_name
 from seed.knn import compare_knn, knn_top1, print_knn_table, random_inits
 from seed.loaders import monitor_loaders
 
@@ -61,6 +62,10 @@ class TrainModule(pl.LightningModule):
     CONFIG: ClassVar[type]
     #: Paper defaults of the fields left at None.
     DEFAULTS: ClassVar[dict[str, Any]] = {}
+    #: The attribute holding the frozen teacher(s): rebuilt from their own files, so kept out of ``last.ckpt``.
+    TEACHERS: ClassVar[str | None] = None
+    #: Whether the method trains a classifier: its export holds the classifier as its head and ``num_classes``.
+    CLASSIFIER: ClassVar[bool] = False
 
     @classmethod
     def configure(cls, config: Any) -> Any:
@@ -71,8 +76,8 @@ class TrainModule(pl.LightningModule):
 
     @classmethod
     def trained_arch(cls, config: Any) -> str:
-        """The architecture this method trains."""
-        return config.arch
+        """The architecture this method trains: a teacher's ``--arch``, a distiller's ``--student``."""
+        return config.student if cls.STAGE == "distill" else config.arch
 
     @classmethod
     def train_set(cls, config: Any) -> Dataset:
@@ -98,7 +103,7 @@ class TrainModule(pl.LightningModule):
     @classmethod
     def run_name(cls, config: Any, parts: dict[str, Any]) -> str:
         """The run folder's name under ``runs/<stage>/``."""
-        return f"{config.method}-{config.arch}-{Path(config.data).name or 'data'}"
+        return f"{method_name(config)}-{cls.trained_arch(config)}-{data_name(config)}"
 
     @classmethod
     def build(cls, config: Any, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "TrainModule":
@@ -116,7 +121,10 @@ class TrainModule(pl.LightningModule):
         return self.settled_copy(monitor[0])
 
     def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, dict[str, Any] | None]:
-        """What the exported file holds beside the backbone: the head, its output size and extra fields."""
+        """What the exported file holds beside the backbone: the head, its output size and extra fields (a classifier's
+        ``num_classes``, so that seed-eval and ``--student-init`` read it as one)."""
+        if self.CLASSIFIER:
+            return settled[1], self.num_classes, {"num_classes": self.num_classes}
         return settled[1], self.config.embed_dim, None
 
     def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
@@ -130,6 +138,7 @@ class TrainModule(pl.LightningModule):
         super().__init__()
         self.config = config
         self.num_classes = num_classes
+        self.strict_loading = self.TEACHERS is None  # the teachers are not in our checkpoints
         self.save_hyperparameters({"config": dataclasses.asdict(config), "arch": arch, "num_classes": num_classes})
         self.backbone = create_backbone(arch, small_images=bool(config.small_images))
         self._monitor: dict[int, list[tuple[Tensor, Tensor]]] = {0: [], 1: []}
@@ -188,6 +197,8 @@ class TrainModule(pl.LightningModule):
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["memory_banks"] = {name: {"bank": m.bank.cpu(), "ptr": m.bank_ptr.cpu()} for name, m in self._memory_banks().items()}
+        if self.TEACHERS:
+            checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(f"{self.TEACHERS}.")}
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         for name, module in self._memory_banks().items():

@@ -63,8 +63,8 @@ def owner_of(field: str, stage: str, name: str) -> str | None:
     """For a flag that ``name`` lacks: the methods that have it, as the error's text; None when no method has it."""
     if field in RENAMED:
         return f"--{field.replace('_', '-')} is now --{RENAMED[field].replace('_', '-')}"
-    if field.startswith("no_") and owner_of(field[3:], stage, name):
-        return owner_of(field[3:], stage, name).replace("--", "--no-", 1)
+    if field.startswith("no_") and (owned := owner_of(field[3:], stage, name)):
+        return owned.replace("--", "--no-", 1)
     owners = {stage_name: [n for n, m in methods(stage_name).items() if field in {f.name for f in dataclasses.fields(m.CONFIG)}]
               for stage_name in STAGES}
     if not any(owners.values()):

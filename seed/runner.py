@@ -13,6 +13,7 @@ from typing import Any
 import pytorch_lightning as pl
 
 from seed.checkpoints import export_model
+from seed.config import method_name
 from seed.engine import fit, run_folder
 from seed.loaders import check_batch, make_loader
 from seed.registry import method_of
@@ -38,13 +39,9 @@ def run(config: Any) -> Path:
         settled = module.final(monitor)
         head, embed_dim, extra = module.exported(settled)
         exported = EXPORTS[method.STAGE]
-        export_model(run_dir / exported, method.trained_arch(config), settled[0], head, embed_dim, config_name(config),
+        export_model(run_dir / exported, method.trained_arch(config), settled[0], head, embed_dim, method_name(config),
                      dataclasses.asdict(config), bool(config.small_images), extra)
         module.report(settled, monitor, run_dir)
         print(f"\nrun folder: {run_dir} ({exported}, last.ckpt, config.yaml, logs/)")
     return run_dir
 
-
-def config_name(config: Any) -> str:
-    """The method's name as the exported file records it."""
-    return getattr(config, "method", None) or config.mode

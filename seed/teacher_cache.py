@@ -23,7 +23,7 @@ embeddings takes 3.3 GB; with MEAL V2's top-10 of 1000 classes, 0.5 GB.
 """
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from numpy.lib.format import open_memmap
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from seed.checkpoints import file_sha256
 from seed.data import dataset_for
 from seed.errors import SeedError
 from seed.sampling import FixedCrops
@@ -124,6 +125,18 @@ class TeacherCache:
         for array in (self.values, self.classes, self.filled):
             if array is not None:
                 array.flush()
+
+
+def cache_for(config: Any, run_dir: Path, teachers: Sequence[tuple[str | None, str | None]], channels_last: bool, names: Sequence[str],
+              images: int, width: int, top_k: int | None = None) -> "TeacherCache | None":
+    """``--teacher-cache``'s cache beside the run (None without the flag), keyed by what its rows depend on: each teacher's
+    name and file (its SHA-256; None for hub weights), its memory format, the data and views, and the method's ``names``."""
+    if not config.teacher_cache:
+        return None
+    shared = ("data", "image_size", "crop_min_scale", "seed", "teacher_fold_bn", *names)
+    key = {"teachers": [[arch, file_sha256(path) if path else None] for arch, path in teachers], "channels_last": channels_last,
+           **{name: getattr(config, name) for name in shared}}
+    return TeacherCache(run_dir / FOLDER, key, images, config.cache_views, width, top_k)
 
 
 def train_views(config: Any, transform: Callable) -> Dataset:

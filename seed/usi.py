@@ -28,16 +28,14 @@ from torch import Tensor, nn
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
-from seed.checkpoints import file_sha256
 from seed.classification import Top1Monitor, report_top1, top1, top1_meter
 from seed.classifiers import load_teacher, timm_module
 from seed.config import ClassifierDistillConfig, option
-from seed.engine import data_name
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import usi_loss
 from seed.module import TrainModule, precise_bn
-from seed.teacher_cache import FOLDER, CachedTeacher, TeacherCache, train_views
+from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_views
 
 
 @dataclasses.dataclass
@@ -84,14 +82,10 @@ def warmup_cosine_lr(step: int, warmup: int, total: int, lr: float, warmup_lr: f
 class USI(CachedTeacher, Top1Monitor, TrainModule):
     """Student classifier (backbone + Linear) trained on mixed labels and a frozen teacher's softmax."""
 
-    STAGE, TITLE, CONFIG = "distill", "USI", USIConfig
+    STAGE, TITLE, CONFIG, TEACHERS, CLASSIFIER = "distill", "USI", USIConfig, "teacher", True
     DEFAULTS = {"lr": 2e-3, "weight_decay": 2e-2, "warmup_epochs": 5.0}
 
     # ---- the runner's view (seed.runner.run) ----
-    @classmethod
-    def trained_arch(cls, config: USIConfig) -> str:
-        return config.student
-
     @classmethod
     def configure(cls, config: USIConfig) -> USIConfig:
         timm_module()  # the recipe's parts are timm's: say so before anything is read
@@ -128,29 +122,21 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
         return config, {"teacher": teacher, "images": len(train_set)}
 
     @classmethod
-    def run_name(cls, config: USIConfig, parts: dict[str, Any]) -> str:
-        return f"usi-{config.student}-{data_name(config)}"
-
-    @classmethod
     def classes(cls, train_set: Dataset, parts: dict[str, Any]) -> int:
         return parts["teacher"].embed_dim
 
     @classmethod
     def build(cls, config: USIConfig, parts: dict[str, Any], num_classes: int, run_dir: Path) -> "USI":
-        cache = None
-        if config.teacher_cache:
-            names = ("teacher", "teacher_fold_bn", "data", "image_size", "crop_min_scale", "rand_augment", "seed")
-            key = {"teacher_sha256": file_sha256(config.teacher_checkpoint) if config.teacher_checkpoint else None,
-                   "channels_last": parts["teacher"].channels_last, **{name: getattr(config, name) for name in names}}
-            cache = TeacherCache(run_dir / FOLDER, key, parts["images"], config.cache_views, num_classes, config.cache_top_k)
-        return cls(config, parts["teacher"], num_classes, cache=cache)
+        teacher = parts["teacher"]
+        cache = cache_for(config, run_dir, [(config.teacher, config.teacher_checkpoint)], teacher.channels_last, ("rand_augment",),
+                          parts["images"], num_classes, config.cache_top_k)
+        return cls(config, teacher, num_classes, cache=cache)
 
     def __init__(self, config: USIConfig, teacher: nn.Module, num_classes: int, cache: TeacherCache | None = None) -> None:
         super().__init__(config, config.student, num_classes)
         timm = timm_module()
         self.head = nn.Linear(self.backbone.feature_dim, num_classes)
         self.teacher = teacher
-        self.strict_loading = False  # the teacher is rebuilt from its own file, not stored in ours
         mixing = config.mixup_alpha > 0 or config.cutmix_alpha > 0
         self.mixup = timm.data.Mixup(mixup_alpha=config.mixup_alpha, cutmix_alpha=config.cutmix_alpha, switch_prob=config.mix_switch_prob,
                                      label_smoothing=0.0, num_classes=num_classes) if mixing else None
@@ -197,10 +183,6 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
                          min_lr=self.config.min_lr)
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": LambdaLR(optimizer, factor), "interval": "step"}}
 
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        super().on_save_checkpoint(checkpoint)
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith("teacher.")}
-
     # ---- after training ----
     def final(self, monitor: list[DataLoader]) -> nn.Sequential:
         """The model or its EMA, whichever has the better top-1 on the monitor's val images (the code keeps the better
@@ -218,7 +200,8 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
 
     def exported(self, settled: nn.Sequential) -> tuple[nn.Module, int, dict[str, Any]]:
         """The classifier as the head, ``num_classes``, and which weights were kept."""
-        return settled[1], self.num_classes, {"num_classes": self.num_classes, "kept": self.kept}
+        head, classes, extra = super().exported(settled)
+        return head, classes, {**extra, "kept": self.kept}
 
     def report(self, settled: nn.Sequential, monitor: list[DataLoader], run_dir: Path) -> None:
         report_top1({f"student {self.config.student} USI ({self.kept})": settled}, {f"teacher {self.teacher.arch}": self.teacher},

@@ -107,17 +107,18 @@ def synthetic(tmp_path_factory) -> tuple[Path, Path]:
     return write_synthetic(tmp_path_factory.mktemp("detection-data"), train_images=12, test_images=4, size=64, seed=1)
 
 
+def _random_student(folder: Path, arch: str) -> Path:
+    """A randomly initialised ``arch`` exported as our student file (seed 0)."""
+    torch.manual_seed(0)
+    export_model(folder / "student.pt", arch, create_backbone(arch), None, None, "seed", {}, False)
+    return folder / "student.pt"
+
+
 @pytest.fixture(scope="module")
 def student(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("detection-ckpt") / "student.pt"
-    export_model(path, "r18", create_backbone("r18"), None, None, "seed", {}, False)
-    return path
+    return _random_student(tmp_path_factory.mktemp("detection-ckpt"), "r18")
 
 
 @pytest.fixture(scope="module")
 def mobile_student(tmp_path_factory) -> Path:
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("detection-mbv3s") / "student.pt"
-    export_model(path, "mbv3s", create_backbone("mbv3s"), None, None, "seed", {}, False)
-    return path
+    return _random_student(tmp_path_factory.mktemp("detection-mbv3s"), "mbv3s")
