@@ -31,6 +31,8 @@ import os
 import platform
 import statistics
 import subprocess
+import sys
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -214,3 +216,54 @@ def write_result(name: str, result: dict[str, Any], device: str = "cpu", configs
     path.write_text(json.dumps(payload, indent=2) + "\n")
     print(f"wrote {path.relative_to(ROOT)}")
     return path
+
+
+#: Where our commands are: beside this Python (the venv's bin).
+BIN = Path(sys.executable).parent
+
+
+def run(command: list[str], log: Path, threads: int, quiet: bool = False) -> float:
+    """One of our commands (``seed-pretrain ...``, from this Python's bin folder), its output in ``log``; returns its wall time.
+    A failure stops the benchmark with the command's own error line."""
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
+    if not quiet:
+        print("$", " ".join(command), flush=True)
+    start = time.perf_counter()
+    with open(log, "w") as handle:
+        program = str(BIN / command[0])
+        code = subprocess.run([program, *command[1:]], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
+    if code != 0:
+        text, error = log.read_text(errors="replace"), f"{command[0]}: error: "
+        if error in text:  # our one-line error, wherever a progress bar or buffered output put it
+            said = text[text.rindex(error) + len(error):].splitlines()[0]
+        else:
+            said = (text.strip().splitlines() or ["(no output)"])[-1][-400:]
+        sys.exit(f"{command[0]} failed (exit {code}): {said}; see {log}")
+    return time.perf_counter() - start
+
+
+def finished_run(folder: Path, exported: str, argv: list[str], recipe: str, teacher: str | None, source: str) -> dict[str, Any] | None:
+    """The ``.done`` marker of a finished run in ``folder`` that this benchmark may keep instead of running ``argv`` again: the run
+    exported ``exported``, and its marker holds the same command, the same recipe text, the same teacher (``teacher``: the sha256
+    of its file) and the same source hash (package sources and the recipe); None means run it."""
+    if not (folder / exported).is_file():
+        return None
+    return reusable(folder.with_suffix(".done"), source, command=" ".join(argv), recipe=recipe, teacher=teacher)
+
+
+def run_or_keep(argv: list[str], folder: Path, exported: str, recipe_file: Path, teacher: str | None, threads: int,
+                quiet: bool = False) -> dict[str, Any] | None:
+    """Run ``argv`` into ``folder`` and mark it finished (``<folder>.done``), unless :func:`finished_run` finds a finished run that
+    may stand for it: then returns that run's marker (its date and commit), else None. ``teacher``: what the run reads besides
+    the recipe (the sha256 of its teacher files), which must match too."""
+    recipe, source = recipe_file.read_text(), source_hash([recipe_file])
+    kept = finished_run(folder, exported, argv, recipe, teacher, source)
+    if kept is not None:
+        print(f"finished {kept['date']} at commit {kept['commit']} on the same sources, kept: {folder}", flush=True)
+        return kept
+    marker = folder.with_suffix(".done")
+    marker.unlink(missing_ok=True)
+    run(argv, folder.with_suffix(".log"), threads, quiet)
+    marker.write_text(json.dumps(finished_marker(source, command=" ".join(argv), recipe=recipe, teacher=teacher), indent=2) + "\n")
+    return None

@@ -33,9 +33,6 @@ marker records; the result lists each kept run under ``reused`` with its own dat
 
 import argparse
 import hashlib
-import json
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -47,12 +44,11 @@ import yaml
 from bench.common import (
     MAKE_TEACHER,
     ROOT,
-    finished_marker,
     mean_std,
     reference_teacher_dir,
-    reusable,
     reused_entry,
-    source_hash,
+    run,
+    run_or_keep,
     training_minutes,
     write_result,
 )
@@ -65,50 +61,7 @@ from seed.registry import method_config
 
 CONFIGS = ROOT / "configs" / "bench"
 RUNS = ROOT / "runs" / "bench" / "quality"
-BIN = Path(sys.executable).parent
 QUICK = ["--max-steps", "4", "--knn-every", "0", "--knn-bank-size", "256", "--knn-query-size", "128", "--precise-bn-images", "256"]
-
-
-def run(command: list[str], log: Path, threads: int) -> float:
-    """One of our commands, its output in ``log``; returns its wall time. A failure stops the benchmark."""
-    log.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-    print("$", " ".join(command), flush=True)
-    start = time.perf_counter()
-    with open(log, "w") as handle:
-        code = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env).returncode
-    if code != 0:
-        text, error = log.read_text(errors="replace"), f"{command[0]}: error: "
-        if error in text:  # our one-line error, wherever a progress bar or buffered output put it
-            said = text[text.rindex(error) + len(error):].splitlines()[0]
-        else:
-            said = (text.strip().splitlines() or ["(no output)"])[-1][-400:]
-        sys.exit(f"{command[0]} failed (exit {code}): {said}; see {log}")
-    return time.perf_counter() - start
-
-
-def finished_run(folder: Path, exported: str, argv: list[str], recipe: str, teacher: str | None, source: str) -> dict[str, Any] | None:
-    """The ``.done`` marker of a finished run in ``folder`` that this benchmark may keep instead of running ``argv`` again: the run
-    exported ``exported``, and its marker holds the same command, the same recipe text, the same teacher (``teacher``: the sha256
-    of its file) and the same source hash (package sources and the recipe); None means run it."""
-    if not (folder / exported).is_file():
-        return None
-    return reusable(folder.with_suffix(".done"), source, command=" ".join(argv), recipe=recipe, teacher=teacher)
-
-
-def run_or_keep(argv: list[str], folder: Path, exported: str, recipe_file: Path, teacher: str | None, threads: int) -> dict[str, Any] | None:
-    """Run ``argv`` into ``folder`` and mark it finished (``<folder>.done``), unless :func:`finished_run` finds a finished run that
-    may stand for it: then returns that run's marker (its date and commit), else None."""
-    recipe, source = recipe_file.read_text(), source_hash([recipe_file])
-    kept = finished_run(folder, exported, argv, recipe, teacher, source)
-    if kept is not None:
-        print(f"finished {kept['date']} at commit {kept['commit']} on the same sources, kept: {folder}", flush=True)
-        return kept
-    marker = folder.with_suffix(".done")
-    marker.unlink(missing_ok=True)
-    run(argv, folder.with_suffix(".log"), threads)
-    marker.write_text(json.dumps(finished_marker(source, command=" ".join(argv), recipe=recipe, teacher=teacher), indent=2) + "\n")
-    return None
 
 
 def teachers(weak_epoch: int, run_dir: Path) -> tuple[dict[str, Path], Any]:

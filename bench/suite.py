@@ -29,6 +29,8 @@ register("knn_ivf", "bench/knn_ivf.py", ["--threads", "1"])
 register("data_loading", "bench/data_loading.py", ["--threads", "1"],
          ["--device", "cuda", "--datasets", "fashion-mnist:32:256,synthetic:224:256", "--workers", "0,4,8,16"])
 register("meal", "bench/meal_bench.py", [], default=False)
+# The labelled benchmark trains its two teachers when $SEED_CACHE/labelled-teachers lacks them; on a GPU only its KD overhead figure.
+register("labelled", "bench/labelled.py", [], ["--overhead-only", "--device", "cuda", "--image-size", "224", "--batch-size", "256", "--rounds", "10"])
 register("eval_speed", "bench/eval_speed.py", ["--threads", "1"])
 register("detection", "bench/detection_bench.py", ["--threads", "1"])
 register("detection_fashion", "bench/detection_bench.py", ["--scenes", "fashion"], default=False)  # needs make teacher and quality's r18 student

@@ -6,6 +6,7 @@ Weights come from a file (``weights_only``) or, without one, from torchvision's 
 the error names the file to pass).
 """
 
+import dataclasses
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -141,6 +142,17 @@ def load_student_init(config: Any, default: Path | None = None) -> tuple[str | N
     backbone, classifier, found, small_images = load_classifier(path, config.student, require_classifier=False)
     print(f"student init: {path} ({found}{'' if classifier is not None else ', no classifier: a new one'})")
     return path, backbone, classifier, small_images
+
+
+def init_stem(config: Any, path: str | None, small_images: bool | None) -> Any:
+    """The config with the stem of the weights it starts from (``small_images`` as the file records it, None: unknown);
+    a ``--small-images`` flag that contradicts the file stops here, not in a shape mismatch."""
+    if small_images is None:
+        return config
+    if config.small_images is not None and config.small_images != small_images:
+        raise SeedError(f"{path} was trained with{'' if small_images else 'out'} the small-image stem; "
+                        f"drop --{'no-' if small_images else ''}small-images")
+    return dataclasses.replace(config, small_images=small_images)
 
 
 def load_teacher(arch: str | None, checkpoint: str | None, config: Any) -> tuple[FrozenTeacher, str]:

@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+import torch.nn.functional as F
 from lightly.utils.lars import LARS
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from seed.backbones import available, feature_dim
 from seed.classification import Top1Monitor, cutmix, report_top1, top1_meter, train_transform
-from seed.classifiers import TORCHVISION_NAMES, load_student_init, load_teacher
+from seed.classifiers import TORCHVISION_NAMES, init_stem, load_student_init, load_teacher
 from seed.config import ClassifierDistillConfig, option, resolve
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
@@ -59,6 +60,8 @@ class MEALConfig(ClassifierDistillConfig):
     discriminator_weight: float = option("weight of the discriminator loss added to the KD loss", 1.0, at_least=0)
     lr_schedule: Literal["step", "cosine"] | None = option("step or cosine (default: step, the paper's)")
     lr_milestones: str | None = option("step schedule: comma-separated epochs (counted from 0) at which the lr is multiplied by 0.1 (default: 101)")
+    label_weight: float = option("weight of a cross-entropy to the hard labels added to the loss (0, the paper's: no labels; "
+                                 "its ablation adds them and finds them unneeded with a good init)", 0.0, at_least=0)
     cutmix: bool = option("CutMix each batch; the teachers see the mixed images, so the soft target follows the mix", False)
     cutmix_alpha: float = option("CutMix: the mixed area is drawn from Beta(alpha, alpha)", 1.0, above=0)
 
@@ -115,6 +118,8 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         config = dataclasses.replace(config, **{k: v for k, v in cls.DEFAULTS.items() if getattr(config, k) is None})
         feature_dim(config.student)
         milestones(config)
+        if config.label_weight and config.cutmix:
+            raise SeedError("--cutmix mixes the images, whose hard labels --label-weight would read unmixed; drop one of them")
         if config.teacher_cache and config.cutmix:
             raise SeedError("--cutmix mixes new images every step, which no cache holds; drop --cutmix or --teacher-cache")
         return config
@@ -136,12 +141,7 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         if classifier is not None and classifier.out_features != num_classes:
             raise SeedError(f"student init {path} has {classifier.out_features} classes, the teachers {num_classes}; "
                             "student and teachers must classify the same classes")
-        if small_images is not None:
-            if config.small_images is not None and config.small_images != small_images:
-                raise SeedError(f"student init {path} was trained with{'' if small_images else 'out'} the small-image stem; "
-                                f"drop --{'no-' if small_images else ''}small-images")
-            config = dataclasses.replace(config, small_images=small_images)
-        config = resolve(config, {})
+        config = resolve(init_stem(config, path, small_images), {})
         if len(train_set.classes) != num_classes:
             raise SeedError(f"--data {config.data} has {len(train_set.classes)} classes, the teachers {num_classes}; distil on the teachers' classes")
         return config, {"teachers": teachers, "images": len(train_set), "init": (backbone, classifier)}
@@ -218,14 +218,18 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         return target, target.clamp_min(math.exp(LOG_FLOOR)).log()
 
     def training_step(self, batch: Sequence[Tensor], batch_idx: int) -> Tensor:
-        images = batch[0]  # batch[1], the labels, is never read: MEAL V2 learns from the teachers alone
+        images = batch[0]  # batch[1], the labels, is read only with --label-weight: MEAL V2 learns from the teachers alone
         if self.cache is not None:
             target, teacher = self.cached_outputs(images, batch[2], batch[3])
         else:
             if self.config.cutmix:
                 images = cutmix(images, self.config.cutmix_alpha)
             target, teacher = self.teacher_outputs(images)
-        losses = self.losses(self(images), target, teacher, log_probs=self.cache is not None)
+        student = self(images)
+        losses = self.losses(student, target, teacher, log_probs=self.cache is not None)
+        if self.config.label_weight:
+            labelled = F.cross_entropy(student.float(), batch[1])
+            losses = {**losses, "loss": losses["loss"] + self.config.label_weight * labelled, "label_loss": labelled}
         for name, value in losses.items():
             self.log(name, value, prog_bar=name == "loss")
         return losses["loss"]

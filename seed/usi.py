@@ -95,6 +95,8 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
         if not (config.teacher or config.teacher_checkpoint):
             raise SeedError("USI needs a teacher classifier: pass --teacher-checkpoint (seed-pretrain --method supervised makes one) "
                             "or --teacher timm:NAME for its hub weights")
+        if config.kd_only and config.kd_weight == 0:
+            raise SeedError("--kd-only with --kd-weight 0 leaves no loss; give --kd-weight a positive weight or drop --kd-only")
         if config.teacher_cache and (config.mixup_alpha or config.cutmix_alpha):
             raise SeedError("--teacher-cache keeps fixed views, Mixup and CutMix mix new images every step; "
                             "pass --mixup-alpha 0 --cutmix-alpha 0 or drop --teacher-cache")
@@ -159,6 +161,8 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
         if self.cache is not None:  # FixedCrops items (view, label, index, view number), no mixing: the teacher's softmax, cached
             probabilities = self.cached(batch[2], batch[3], lambda miss: F.softmax(self.teacher(images[miss]).float(), dim=1))
             teacher = probabilities.clamp_min(1e-6).log()  # logits whose softmax is the cached row
+        elif self.config.kd_weight == 0:  # USI's own control, the recipe without KD: no teacher to run
+            teacher = torch.zeros_like(target)
         else:
             with torch.no_grad():
                 teacher = self.teacher(images)

@@ -275,10 +275,10 @@ def test_the_detection_bench_states_what_the_student_learned_from_its_knn_table(
 def test_a_failed_bench_command_is_quoted_by_its_error_line(tmp_path, monkeypatch):
     """CI deletes the log a failed quality run points at: the message carries the command's own error line, even when a
     progress bar shares that line or output follows it."""
-    from bench import quality
+    from bench import common as quality
 
     monkeypatch.setattr(quality, "BIN", Path("/bin"))
-    monkeypatch.setattr(quality, "ROOT", tmp_path)  # imported first under the results fixture, bench.quality keeps that test's folder
+    monkeypatch.setattr(quality, "ROOT", tmp_path)
     script = "printf 'Epoch 0: 7%%|x| 3/44\\r'; echo 'sh: error: weights became non-finite at step 4' >&2; echo 'later output'; exit 2"
     with pytest.raises(SystemExit, match=r"^sh failed \(exit 2\): weights became non-finite at step 4; see .*q\.log$"):
         quality.run(["sh", "-c", script], tmp_path / "q.log", 1)

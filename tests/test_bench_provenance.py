@@ -99,13 +99,14 @@ def test_a_finished_run_is_reused_only_with_the_same_command_and_sources(tree):
 
 
 def test_quality_keeps_a_finished_student_only_on_the_same_sources_and_teacher(tree, monkeypatch):
-    """bench.quality.run_or_keep: the first call runs and marks the run; the same call again keeps it and hands back its own date
-    and commit; a changed source, recipe or teacher runs it again. Seen to fail when finished_run dropped the teacher argument."""
-    from bench import quality
+    """bench.common.run_or_keep (the quality and labelled benchmarks'): the first call runs and marks the run; the same call
+    again keeps it and hands back its own date and commit; a changed source, recipe or teacher runs it again. Seen to fail
+    when finished_run dropped the teacher argument."""
+    from bench import common as quality
 
     ran = []
 
-    def fake_run(argv, log, threads):
+    def fake_run(argv, log, threads, quiet=False):
         ran.append(argv)
         (tree / "runs" / "s").mkdir(parents=True, exist_ok=True)
         (tree / "runs" / "s" / "student.pt").write_bytes(b"weights")

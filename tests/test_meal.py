@@ -130,6 +130,23 @@ def test_discriminator_has_the_codes_layers():
 
 # ---- gradients: who learns from what ------------------------------------------------------------------------------
 
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+def test_label_weight_adds_the_hard_labels_cross_entropy_and_nothing_else(tmp_path):
+    """``--label-weight w`` (the paper's ablation with hard labels): the loss is the no-label loss plus w x the cross-entropy of
+    the student's logits to the labels; at 0 the labels are never read. Seen to fail when the weight was ignored, and when the
+    CE was taken on the teachers' target instead of the labels."""
+    teachers = [_linear_teacher(1), _linear_teacher(2)]
+    images = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    labels = torch.arange(8) % 10
+    plain = MEAL(_config(tmp_path, discriminator="off"), teachers, num_classes=10).train()
+    weighted = MEAL(_config(tmp_path, discriminator="off", label_weight=0.5), teachers, num_classes=10).train()
+    weighted.load_state_dict(plain.state_dict())
+    without = plain.training_step((images, labels), 0)
+    assert torch.equal(without, plain.training_step((images, torch.randint(0, 10, (8,))), 0))  # weight 0: labels unread
+    expected = without + 0.5 * F.cross_entropy(plain(images), labels)
+    torch.testing.assert_close(weighted.training_step((images, labels), 0), expected)
+
+
 @pytest.mark.parametrize("mode", ["joint", "minimax", "off"])
 def test_each_part_gets_the_gradients_of_its_losses(mode, tmp_path):
     module = MEAL(_config(tmp_path, discriminator=mode, discriminator_weight=0.5), [_linear_teacher(0)], num_classes=10)

@@ -10,6 +10,7 @@ from seed.engine import build_trainer
 from seed.registry import method_config
 
 from .conftest import TINY, run_command
+from .test_meal import _classifier_file
 
 
 def test_the_recipe_is_the_standard_one(tmp_path):
@@ -52,3 +53,29 @@ def test_cli_writes_teacher_with_its_classifier(tmp_path, tiny_args):
     assert torch.equal(classifier.weight, exported["head_state_dict"]["weight"])
     from_ckpt = load_classifier(out / "last.ckpt")[1]  # the Lightning checkpoint is a classifier too
     assert torch.equal(from_ckpt.weight, classifier.weight)
+
+
+def test_init_starts_from_the_classifier_file_and_trains_on(tmp_path):
+    """``--init FILE`` (the label control of a distilled student): the run starts from the file's backbone and classifier.
+    One step at lr 1e-9 leaves every weight where the file had it, then the run trains on from there. Seen to fail when build
+    ignored the init (the run's own random weights)."""
+    init = _classifier_file(tmp_path / "init.pt", seed=5)
+    out = tmp_path / "run"
+    result = run_command("seed-pretrain", "--method", "supervised", *TINY, "--no-small-images", "--max-steps", "1", "--lr", "1e-9",
+                         "--knn-every", "0", "--init", str(init), "--output", str(out))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"init: {init} (seed export (supervised))" in result.stdout
+    (start, start_head, _, _), (trained, trained_head, _, _) = load_classifier(init), load_classifier(out / "teacher.pt")
+    for (name, before), after in zip(start.named_parameters(), trained.parameters(), strict=True):
+        torch.testing.assert_close(after, before, atol=1e-6, rtol=0, msg=name)
+    torch.testing.assert_close(trained_head.weight, start_head.weight, atol=1e-6, rtol=0)
+
+
+def test_an_init_of_other_classes_or_another_stem_stops_in_one_line(tmp_path):
+    four = _classifier_file(tmp_path / "four.pt", classes=4)
+    result = run_command("seed-pretrain", "--method", "supervised", *TINY, "--no-small-images", "--init", str(four), "--output", str(tmp_path / "a"))
+    assert result.returncode == 2 and f"--init {four} classifies 4 classes, --data digits has 10" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    ten = _classifier_file(tmp_path / "ten.pt")
+    result = run_command("seed-pretrain", "--method", "supervised", *TINY, "--small-images", "--init", str(ten), "--output", str(tmp_path / "b"))
+    assert result.returncode == 2 and "was trained without the small-image stem; drop --small-images" in result.stderr, result.stderr

@@ -118,6 +118,7 @@ def test_cli_exports_a_classifier_that_evaluates_and_starts_the_next_student(tmp
     (["--batch-size", "15"], "--batch-size 15: Mixup and CutMix pair the images of a batch, so it must be even"),
     (["--optimizer", "sgd"], "USI trains with AdamW"),
     (["--kd-weight", "-1"], "--kd-weight must be at least 0, got -1.0"),
+    (["--kd-only", "--kd-weight", "0"], "--kd-only with --kd-weight 0 leaves no loss"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     teacher = _classifier_file(tmp_path / "teacher.pt")
@@ -176,3 +177,18 @@ def test_a_cache_with_mixing_is_refused_in_one_line(tmp_path, capsys):
     with pytest.raises(SystemExit):
         distill_main(["--mode", "usi", *FAST, "--teacher-checkpoint", str(teacher), "--teacher-cache", "--output", str(tmp_path / "out")])
     assert "--teacher-cache keeps fixed views, Mixup and CutMix mix new images every step" in capsys.readouterr().err
+
+
+@pytest.mark.filterwarnings(r"ignore:You are trying to `self.log\(\)`")
+def test_without_kd_the_recipe_runs_no_teacher_and_its_loss_is_the_mixed_labels_cross_entropy(tmp_path):
+    """``--kd-weight 0``, USI's own control: the same recipe, no teacher forward, the loss the cross-entropy to the (mixed)
+    labels alone. Seen to fail when the teacher still ran (its recording filled) and when the KD term was left in (weight 5)."""
+    teacher = _Recording(_linear_teacher(0))
+    module = USI(_config(tmp_path, kd_weight=0.0, mixup_alpha=0.0, cutmix_alpha=0.0), teacher, num_classes=10).train()
+    images, labels = torch.randn(8, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.arange(8) % 10
+    loss = module.training_step((images, labels), 0)
+    assert teacher.seen == []
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(module(images), labels))
+    with_kd = USI(_config(tmp_path, mixup_alpha=0.0, cutmix_alpha=0.0), teacher, num_classes=10).train()
+    with_kd.load_state_dict(module.state_dict(), strict=False)
+    assert float(with_kd.training_step((images, labels), 0).detach()) > float(loss.detach()) + 1e-3 and len(teacher.seen) == 1
