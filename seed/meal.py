@@ -278,7 +278,7 @@ def load_teachers(config: MEALConfig) -> tuple[list[FrozenTeacher], list[str]]:
             raise SeedError(f"teacher {number} ({path or arch}) has {teacher.embed_dim} classes, teacher 1 has {teachers[0].embed_dim}; "
                             "an ensemble averages class probabilities, so all teachers need the same classes")
         teachers.append(teacher)
-        source = path or ("torchvision ImageNet weights" if arch in available() else "timm pretrained weights")
+        source = path or ("timm pretrained weights" if arch.startswith("timm:") else "torchvision ImageNet weights")
         lines.append(f"teacher {number}: {teacher.arch} from {source} ({found}, {teacher.embed_dim} classes)")
     return teachers, lines
 

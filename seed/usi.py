@@ -29,11 +29,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from seed.classification import Top1Monitor, report_top1, top1, top1_meter
-from seed.classifiers import load_teacher, timm_module
+from seed.classifiers import load_teacher
 from seed.config import ClassifierDistillConfig, option
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import usi_loss
+from seed.models import timm_module
 from seed.module import TrainModule, precise_bn
 from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_views
 
