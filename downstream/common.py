@@ -30,7 +30,8 @@ class EvalConfig(CommonConfig):
 
     checkpoint: str | None = option("weights to evaluate: our teacher.pt/student.pt/last.ckpt, MoCo, SimCLR, SwAV, SEED or torchvision files "
                                    f"(default: the demo's, the first of {', '.join(DEMO_CHECKPOINTS)})")
-    arch: str | None = option("backbone of the checkpoint, one of seed.backbones.available() (default: the one our files record)")
+    arch: str | None = option("backbone of the checkpoint: ours (seed.backbones.available()), timm:NAME or tv:NAME "
+                                      "(default: the one our files record)")
 
 
 def default_checkpoint() -> str:

@@ -46,13 +46,15 @@ DEMO_STUDENT_INIT = DEMO / "student-init" / "teacher.pt"
 class MEALConfig(ClassifierDistillConfig):
     """``seed-distill --mode meal``."""
 
-    teachers: str | None = option("comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
+    teachers: str | None = option("comma-separated teacher classifiers: ours (r50), timm:NAME (timm:resnet50.a1_in1k) or tv:NAME (tv:resnet50); "
                                  "default: the architectures recorded in --teacher-checkpoints")
-    teacher_checkpoints: str | None = option("comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
-                                            "an empty entry takes torchvision's or timm's ImageNet weights (default: the demo's teachers, runs/demo/meal/)")
-    student_init: str | None = option("the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
-                                     "'torchvision' for its ImageNet V1 weights, or timm:NAME for timm's pretrained ones (the public code's r50: "
-                                     "timm:resnet50.ram_in1k); default: the demo's with the demo's teachers, else random")
+    teacher_checkpoints: str | None = option("comma-separated teacher weights, ours (seed-pretrain --method supervised), torchvision's "
+                                            "or timm's (.pth/.safetensors); an empty entry takes torchvision's or timm's ImageNet weights "
+                                            "(default: the demo's teachers, runs/demo/meal/)")
+    student_init: str | None = option("the student's starting weights, a classifier file (our teacher.pt/student.pt, torchvision's or timm's "
+                                     ".pth/.safetensors), 'torchvision' for its ImageNet V1 weights (of ours and tv:NAME students), or timm:NAME "
+                                     "for timm's pretrained ones (the public code's r50: timm:resnet50.ram_in1k); "
+                                     "default: the demo's with the demo's teachers, else random")
     kd_temperature: float = option("softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0, above=0)
     discriminator: Literal["joint", "minimax", "off"] = option(
         "joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
