@@ -119,6 +119,11 @@ def _torchvision(name: str, pretrained: bool, give_file: str) -> nn.Module:
         model = models.get_model(name, weights="DEFAULT" if pretrained else None)
     except (OSError, RuntimeError) as error:  # the download, offline
         raise SeedError(f"torchvision's weights of '{name}' could not be fetched ({type(error).__name__}); {give_file}") from None
+    if getattr(model, "aux_logits", False):  # GoogLeNet / Inception v3: their auxiliary classifiers are training losses, not features
+        model.aux_logits = False
+        for name in ("aux1", "aux2", "AuxLogits"):
+            if hasattr(model, name):
+                setattr(model, name, None)
     parent, attribute, linear = _last_linear(model)
     model.feature_dropout = 0.0
     if isinstance(parent, nn.Sequential) and attribute.isdigit() and int(attribute) > 0 and isinstance(parent[int(attribute) - 1], nn.Dropout):

@@ -172,3 +172,11 @@ def test_seed_smoke_run_from_a_vit_teacher_file(cache, tmp_path):
         assert key["teachers"] == [["timm:vit_tiny_patch16_224", file_sha256(tmp_path / "vit.safetensors")]] and key["width"] == 192
         assert int(np.load(folder / "filled.npy").sum()) == 32
     assert math.isfinite(float(result.stdout.split("distilled")[-1].split()[0]))
+
+
+def test_torchvision_auxiliary_classifiers_are_dropped():
+    """GoogLeNet's auxiliary heads are training losses: in train mode the backbone still gives one feature tensor.
+    Seen to fail: without the aux_logits branch of seed.models._torchvision, train mode returned GoogLeNetOutputs."""
+    backbone = create_backbone("tv:googlenet").train()
+    features = backbone(_images(64))
+    assert isinstance(features, torch.Tensor) and features.shape == (2, 1024) and backbone.aux1 is None
