@@ -33,6 +33,7 @@ from seed.config import ClassifierDistillConfig, option, resolve
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
+from seed.models import check_image_size
 from seed.module import TrainModule
 from seed.teacher import FrozenTeacher
 from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_views
@@ -119,6 +120,7 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         """The paper defaults and checks; the stem waits for the student init, which may name it."""
         config = dataclasses.replace(config, **{k: v for k, v in cls.DEFAULTS.items() if getattr(config, k) is None})
         feature_dim(config.student)
+        check_image_size(config.student, config.image_size)
         milestones(config)
         if config.label_weight and config.cutmix:
             raise SeedError("--cutmix mixes the images, whose hard labels --label-weight would read unmixed; drop one of them")

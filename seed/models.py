@@ -216,3 +216,17 @@ def with_input(model: nn.Module) -> nn.Module:
     wrapped = nn.Sequential(adapter, model)
     wrapped.arch, wrapped.feature_dim = model.arch, model.feature_dim
     return wrapped
+
+
+def check_image_size(model: nn.Module | str, image_size: int) -> None:
+    """A timm ViT made for one input size, trained or evaluated at another, stops here in one line rather than in
+    timm's assertion mid-run (a name is built on the meta device to find out)."""
+    if isinstance(model, str):
+        if not model.startswith("timm:"):
+            return
+        with torch.device("meta"):
+            model = create_external(model)
+    adapter = teacher_input(model)
+    if adapter is not None and adapter.size is not None and adapter.size != image_size:
+        raise SeedError(f"{model.arch} takes {adapter.size}px images (its img_size), not --image-size {image_size}; "
+                        f"pass --image-size {adapter.size} or another model")
