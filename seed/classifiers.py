@@ -17,18 +17,23 @@ from torch import nn
 
 from seed.checkpoints import atomic_save, load_classifier, load_file
 from seed.errors import SeedError
-from seed.models import IMAGENET, Renormalize, check_name, create_timm, model_normalization
+from seed.models import check_name, create_timm, teacher_input, vit_size
 from seed.precision import use_channels_last
 from seed.teacher import FrozenTeacher
 
 
 def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
-    """A timm classifier by name: weights from ``checkpoint`` (weights_only), else timm's pretrained ones."""
-    model = create_timm(name, not checkpoint, "pass the file in --teacher-checkpoints")
+    """A timm classifier by name: weights from ``checkpoint`` (weights_only, or safetensors), else timm's pretrained ones;
+    it reads the images as a timm teacher of SEED does (:func:`seed.models.teacher_input`: a ViT's own size, its mean/std)."""
+    give_file = "pass the file in --teacher-checkpoints"
+    model = create_timm(name, not checkpoint, give_file)
     if checkpoint:
         content = load_file(checkpoint)
         state = content.get("state_dict", content.get("model", content)) if isinstance(content, dict) else content
         state = {k.removeprefix("module."): v for k, v in state.items()}
+        size = vit_size(model, state)
+        if size is not None:  # a ViT made for another input size
+            model = create_timm(name, False, give_file, img_size=size)
         classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
         if isinstance(classifier, str) and f"{classifier}.weight" in state and state[f"{classifier}.weight"].shape[0] != model.num_classes:
             model.reset_classifier(state[f"{classifier}.weight"].shape[0])  # a fine-tuned model of other classes
@@ -36,8 +41,10 @@ def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
             model.load_state_dict(state)
         except RuntimeError as error:
             raise SeedError(f"checkpoint {checkpoint} does not fit timm's {name}: {str(error).splitlines()[1].strip()[:200]}") from None
-    mean, std = model_normalization(model)
-    wrapped = model if (mean, std) == IMAGENET else nn.Sequential(Renormalize(mean, std), model)
+    model.arch = f"timm:{name}"
+    adapter = teacher_input(model)
+    idle = adapter.size is None and adapter.patch is None and isinstance(adapter.renormalize, nn.Identity)
+    wrapped = model if idle else nn.Sequential(adapter, model)
     wrapped.arch, wrapped.feature_dim = f"timm:{name}", model.num_classes
     return wrapped
 

@@ -69,7 +69,7 @@ def check_name(name: str) -> None:
         raise SeedError(f"torchvision has no classification model '{inner}' ({_close(inner, names)}); torchvision.models.list_models() lists them")
 
 
-def _vit_size(model: nn.Module, state: Mapping[str, Tensor] | None) -> int | None:
+def vit_size(model: nn.Module, state: Mapping[str, Tensor] | None) -> int | None:
     """The input size a timm ViT's weights were made for, from their ``pos_embed`` (None: the model's own fits)."""
     own, embed = getattr(model, "pos_embed", None), getattr(model, "patch_embed", None)
     if state is None or "pos_embed" not in state or own is None or embed is None or state["pos_embed"].shape == own.shape:
@@ -94,7 +94,7 @@ def create_timm(name: str, pretrained: bool, give_file: str, **kwargs: Any) -> n
 
 def _timm(name: str, pretrained: bool, state: Mapping[str, Tensor] | None, give_file: str) -> nn.Module:
     model = create_timm(name, pretrained, give_file, num_classes=0)
-    size = _vit_size(model, state)
+    size = vit_size(model, state)
     if size is not None:  # weights of another input size (e.g. a ViT made with img_size=32): the model they fit
         model = create_timm(name, pretrained, give_file, num_classes=0, img_size=size)
     model.feature_dim = model.num_features
