@@ -5,7 +5,9 @@ evaluation) builds them the same way. Like ours, each backbone is the library's 
 its parameter names stay the library's, so the library's own state dicts load into it.
 
 - ``timm:NAME`` is ``timm.create_model(NAME, num_classes=0)``: timm's pooled features (its ``global_pool``: the
-  CLS token for DINOv2 and DeiT, the average for CNNs), ``num_features`` wide.
+  CLS token for DINOv2 and DeiT, the average for CNNs), ``num_features`` wide. For a ViT teacher the CLS token is
+  the embedding its authors' objective trains (DINO's head, DeiT's classifier read it); DINOv2's linear-probe
+  recipe (CLS concatenated with the mean patch token) is kept out so that every timm model's width is its ``num_features``.
 - ``tv:NAME`` is ``torchvision.models.get_model(NAME)`` with its last Linear (``fc``, ``classifier[-1]``,
   ``heads.head``) replaced by Identity, its ``in_features`` wide; a Dropout just before it becomes ``feature_dropout``.
 
