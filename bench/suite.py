@@ -23,6 +23,8 @@ register("quality", "bench/quality.py", [], ["--teacher-config", "configs/bench/
 register("teacher_curve", "bench/teacher_curve.py", [])
 GPU_SPEED = ["--device", "cuda", "--image-size", "224", "--batch-size", "256", "--rounds", "10"]
 register("distill_speed", "bench/distill_speed.py", ["--threads", "1", "--rounds", "8"], [*GPU_SPEED, "--pairs", "r50:r18,r50x2:mbv3l"])
+# The same ResNet-18 through each door (r18, tv:resnet18, timm:resnet18), one SEED step side by side: python -m bench --only backbone_speed.
+register("backbone_speed", "bench/backbone_speed.py", ["--threads", "1", "--rounds", "8"], GPU_SPEED, default=False, gpu_default=False)
 register("queue", "bench/queue_bench.py", ["--threads", "1", "--rounds", "6"], GPU_SPEED)
 register("knn", "bench/knn_bench.py", ["--threads", "1"], ["--device", "cuda", "--sizes", "10000,100000,1000000"])
 register("knn_ivf", "bench/knn_ivf.py", ["--threads", "1"])

@@ -18,6 +18,7 @@ from seed.checkpoints import file_sha256, load_encoder
 from seed.config import CommonConfig, option
 from seed.engine import data_name, run_folder
 from seed.errors import SeedError
+from seed.models import check_image_size
 
 #: Checkpoints ``seed-eval`` falls back to, in order, when ``--checkpoint`` is omitted.
 DEMO_CHECKPOINTS = ("runs/demo/distill/student.pt", "runs/demo/pretrain/teacher.pt")
@@ -30,7 +31,8 @@ class EvalConfig(CommonConfig):
 
     checkpoint: str | None = option("weights to evaluate: our teacher.pt/student.pt/last.ckpt, MoCo, SimCLR, SwAV, SEED or torchvision files "
                                    f"(default: the demo's, the first of {', '.join(DEMO_CHECKPOINTS)})")
-    arch: str | None = option("backbone of the checkpoint, one of seed.backbones.available() (default: the one our files record)")
+    arch: str | None = option("backbone of the checkpoint: ours (seed.backbones.available()), timm:NAME or tv:NAME "
+                                      "(default: the one our files record)")
 
 
 def default_checkpoint() -> str:
@@ -81,6 +83,7 @@ def open_checkpoint(config: EvalConfig) -> Checkpoint:
     """Load ``--checkpoint`` (or the demo's) into a registry backbone; a wrong ``--arch`` fails here."""
     path = Path(config.checkpoint or default_checkpoint())
     backbone, _, found_format = load_encoder(path, config.arch, use_head=False)  # load_backbone's readers, and the format's name
+    check_image_size(backbone, config.image_size)
     return Checkpoint(path, file_sha256(path), backbone.arch, found_format, backbone)
 
 

@@ -6,9 +6,13 @@ wrapper: parameter names stay torchvision's, so torchvision state dicts and
 published MoCo/SwAV checkpoints (after prefix stripping) load with
 ``strict=False`` and only classifier keys left over. Models start from random
 weights; loading pretrained ones happens elsewhere.
+
+Three families of names, one door: ours (``r18``), ``timm:NAME`` (``timm:resnet18d``, any timm model) and
+``tv:NAME`` (``tv:mobilenet_v3_small``, any torchvision classifier); the last two are built by :mod:`seed.models`.
 """
 
-from collections.abc import Callable
+import difflib
+from collections.abc import Callable, Mapping
 
 import torch
 from torch import nn
@@ -16,6 +20,7 @@ from torchvision import models
 from torchvision.models.resnet import Bottleneck, ResNet
 
 from seed.errors import SeedError
+from seed.models import create_external, external_feature_dim, is_external
 
 Builder = Callable[[bool], nn.Module]
 
@@ -120,16 +125,21 @@ def available() -> list[str]:
 
 def _lookup(name: str) -> tuple[Builder, int]:
     if name not in _REGISTRY:
-        raise SeedError(f"unknown architecture '{name}'; choose one of: {', '.join(available())}")
+        close = difflib.get_close_matches(name, available(), n=3, cutoff=0.5)
+        if name in models.list_models(module=models):
+            close.append(f"tv:{name}")
+        hint = f" (did you mean {', '.join(close)}?)" if close else ""
+        raise SeedError(f"unknown architecture '{name}'; choose one of: {', '.join(available())}, timm:NAME or tv:NAME{hint}")
     return _REGISTRY[name]
 
 
 def feature_dim(name: str) -> int:
-    """Pooled feature size of ``name``, without building it (for sizing heads up front)."""
-    return _lookup(name)[1]
+    """Pooled feature size of ``name``, without building it (for sizing heads up front; a timm or torchvision model is
+    built once, on the meta device)."""
+    return external_feature_dim(name) if is_external(name) else _lookup(name)[1]
 
 
-def create_backbone(name: str, small_images: bool = False) -> nn.Module:
+def create_backbone(name: str, small_images: bool = False, state: Mapping[str, torch.Tensor] | None = None) -> nn.Module:
     """Build ``name`` with random weights; maps (N, 3, H, W) images to (N, feature_dim) features.
 
     The result carries ``.feature_dim``, ``.arch`` (the registry name) and
@@ -139,8 +149,12 @@ def create_backbone(name: str, small_images: bool = False) -> nn.Module:
     apply it (features stay deterministic); heads trained on it do.
     ``small_images=True`` adapts the stem to 32px data (CIFAR, Fashion-MNIST) so
     the last stage keeps a spatial map: ResNets get a 3x3 stride-1 ``conv1`` and
-    no max-pool; MobileNetV3 and EfficientNet get a stride-1 first convolution.
+    no max-pool; MobileNetV3 and EfficientNet get a stride-1 first convolution; a timm or torchvision model
+    (:mod:`seed.models`) ignores it and keeps its authors' stem. ``state``: the weights it will load, when they
+    decide the model's shape (a timm ViT's input size).
     """
+    if is_external(name):
+        return create_external(name, state=state)
     build, dim = _lookup(name)
     model = build(small_images)
     model.feature_dropout = getattr(model, "feature_dropout", 0.0)

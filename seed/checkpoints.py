@@ -3,7 +3,8 @@ and readers that turn any supported file into a registry backbone.
 
 Every load goes through :func:`load_file`, which uses
 ``torch.load(weights_only=True)``: a file that carries pickled code is refused,
-and nothing in it runs.
+and nothing in it runs. A ``.safetensors`` file (timm's hub format) is read by
+``safetensors.torch.load_file``, which holds no pickle at all.
 """
 
 import hashlib
@@ -62,7 +63,9 @@ def load_file(path: str | Path) -> Any:
     """
     path = Path(path)
     if not path.is_file():
-        raise SeedError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth/.ckpt file")
+        raise SeedError(f"checkpoint {path} does not exist; pass the path of a .pt/.pth/.ckpt/.safetensors file")
+    if path.suffix == ".safetensors":
+        return _load_safetensors(path)
     with open(path, "rb") as handle:
         start = handle.read(4)
     if not start.startswith(_CHECKPOINT_STARTS):
@@ -79,6 +82,18 @@ def load_file(path: str | Path) -> Any:
     except (RuntimeError, EOFError, OSError, IndexError, ValueError, KeyError) as error:
         detail = str(error).splitlines()[0][:160] if str(error).strip() else type(error).__name__
         raise SeedError(f"checkpoint {path} cannot be read ({detail}); the file is truncated or not a PyTorch checkpoint") from None
+
+
+def _load_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    try:
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as load_safetensors
+    except ImportError:
+        raise SeedError(f"{path} is a safetensors file and safetensors is not installed; pip install safetensors") from None
+    try:
+        return load_safetensors(str(path), device="cpu")
+    except (SafetensorError, OSError, ValueError) as error:
+        raise SeedError(f"safetensors file {path} cannot be read ({str(error).splitlines()[0][:160]}); the file is truncated or not safetensors") from None
 
 
 def export_model(
@@ -296,7 +311,7 @@ def _backbone_from(found: dict[str, Any], path: str | Path, arch: str | None) ->
     if arch is None:
         raise SeedError(f"checkpoint {path} ({found['format']}) does not record its architecture; pass --arch")
     state = found["state_dict"]
-    backbone = create_backbone(arch, small_images=_small_images(found))
+    backbone = create_backbone(arch, small_images=_small_images(found), state=state)
     own = backbone.state_dict()
     missing = [k for k in own if k not in state]
     if missing:

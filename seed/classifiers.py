@@ -2,74 +2,38 @@
 
 A teacher maps images to logits; it is frozen, BatchNorm folded (:class:`seed.teacher.FrozenTeacher`). A timm model
 expecting another mean/std than ImageNet's gets its input renormalised, so every network here reads the same images.
-Weights come from a file (``weights_only``) or, without one, from torchvision's or timm's hub (needs internet; offline,
-the error names the file to pass).
+Weights come from a file (``weights_only``; ``.safetensors`` without pickle) or, without one, from torchvision's or
+timm's hub (needs internet; offline, the error names the file to pass): :func:`hub_file` saves them as a file first.
+Models themselves are built by name in :mod:`seed.models` (timm, torchvision) and :mod:`seed.backbones` (ours).
 """
 
 import dataclasses
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import torch
 from lightly.transforms.utils import IMAGENET_NORMALIZE
-from torch import Tensor, nn
+from torch import nn
 
-from seed.backbones import available
 from seed.checkpoints import atomic_save, load_classifier, load_file
 from seed.errors import SeedError
+from seed.models import check_name, create_timm, teacher_input, vit_size
 from seed.precision import use_channels_last
 from seed.teacher import FrozenTeacher
 
 
-class _Renormalize(nn.Module):
-    """Images normalised with ImageNet's mean/std, renormalised with a timm model's own."""
-
-    def __init__(self, mean: Sequence[float], std: Sequence[float]) -> None:
-        super().__init__()
-        ours = torch.tensor(IMAGENET_NORMALIZE["mean"]), torch.tensor(IMAGENET_NORMALIZE["std"])
-        self.register_buffer("scale", (ours[1] / torch.tensor(std)).view(1, 3, 1, 1))
-        self.register_buffer("shift", ((ours[0] - torch.tensor(mean)) / torch.tensor(std)).view(1, 3, 1, 1))
-
-    def forward(self, images: Tensor) -> Tensor:
-        return images * self.scale + self.shift
-
-
-def timm_module() -> Any:
-    """The ``timm`` package, or one line saying how to install it."""
-    try:
-        import timm
-        import timm.data
-        import timm.optim
-        import timm.utils
-    except ImportError:
-        raise SeedError("this needs timm, which is not installed; pip install timm (or the seed[timm] extra)") from None
-    return timm
-
-
-def timm_model(name: str, pretrained: bool, give_file: str) -> nn.Module:
-    """``timm.create_model(name)``; its errors (not installed, unknown name, no download offline) as one line, ``give_file``
-    saying where the user can pass the weights instead."""
-    try:
-        import timm
-    except ImportError:
-        raise SeedError(f"timm:{name} is none of ours ({', '.join(available())}) and timm is not installed; pip install timm "
-                        "(or the seed[timm] extra)") from None
-    try:
-        return timm.create_model(name, pretrained=pretrained)
-    except RuntimeError as error:
-        raise SeedError(f"timm model '{name}': {str(error).splitlines()[0]}") from None
-    except Exception as error:  # noqa: BLE001 - the hub download fails in many ways offline
-        raise SeedError(f"timm's pretrained weights of '{name}' could not be fetched ({type(error).__name__}); {give_file}") from None
-
-
 def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
-    """A timm classifier by name: weights from ``checkpoint`` (weights_only), else timm's pretrained ones."""
-    model = timm_model(name, not checkpoint, "pass the file in --teacher-checkpoints")
+    """A timm classifier by name: weights from ``checkpoint`` (weights_only, or safetensors), else timm's pretrained ones;
+    it reads the images as a timm teacher of SEED does (:func:`seed.models.teacher_input`: a ViT's own size, its mean/std)."""
+    give_file = "pass the file in --teacher-checkpoints"
+    model = create_timm(name, not checkpoint, give_file)
     if checkpoint:
         content = load_file(checkpoint)
         state = content.get("state_dict", content.get("model", content)) if isinstance(content, dict) else content
         state = {k.removeprefix("module."): v for k, v in state.items()}
+        size = vit_size(model, state)
+        if size is not None:  # a ViT made for another input size
+            model = create_timm(name, False, give_file, img_size=size)
         classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
         if isinstance(classifier, str) and f"{classifier}.weight" in state and state[f"{classifier}.weight"].shape[0] != model.num_classes:
             model.reset_classifier(state[f"{classifier}.weight"].shape[0])  # a fine-tuned model of other classes
@@ -77,10 +41,10 @@ def timm_classifier(name: str, checkpoint: str | None) -> nn.Module:
             model.load_state_dict(state)
         except RuntimeError as error:
             raise SeedError(f"checkpoint {checkpoint} does not fit timm's {name}: {str(error).splitlines()[1].strip()[:200]}") from None
-    settings = getattr(model, "pretrained_cfg", None) or {}
-    ours = tuple(IMAGENET_NORMALIZE["mean"]), tuple(IMAGENET_NORMALIZE["std"])
-    mean, std = tuple(settings.get("mean", ours[0])), tuple(settings.get("std", ours[1]))
-    wrapped = model if (mean, std) == ours else nn.Sequential(_Renormalize(mean, std), model)
+    model.arch = f"timm:{name}"
+    adapter = teacher_input(model)
+    idle = adapter.size is None and adapter.patch is None and isinstance(adapter.renormalize, nn.Identity)
+    wrapped = model if idle else nn.Sequential(adapter, model)
     wrapped.arch, wrapped.feature_dim = f"timm:{name}", model.num_classes
     return wrapped
 
@@ -89,13 +53,16 @@ TORCHVISION_NAMES = {"r18": "resnet18", "r34": "resnet34", "r50": "resnet50", "r
                      "mbv3l": "mobilenet_v3_large", "mbv3s": "mobilenet_v3_small", "effb0": "efficientnet_b0", "effb1": "efficientnet_b1"}
 
 
-def torchvision_file(arch: str, version: str = "DEFAULT") -> str:
-    """torchvision's ImageNet classifier weights of ``arch``: the file in torch.hub's cache, downloaded there when missing."""
+def torchvision_file(arch: str, version: str = "DEFAULT", give_file: str = "or pass the file") -> str:
+    """torchvision's ImageNet classifier weights of ``arch`` (ours, or ``tv:NAME``): the file in torch.hub's cache,
+    downloaded there when missing."""
     from torchvision.models import get_model_weights
 
-    if arch not in TORCHVISION_NAMES:
-        raise SeedError(f"{arch} has no torchvision weights; give its file ({', '.join(TORCHVISION_NAMES)} have them)")
-    weights = getattr(get_model_weights(TORCHVISION_NAMES[arch]), version)
+    if arch.startswith("tv:"):
+        check_name(arch)
+    elif arch not in TORCHVISION_NAMES:
+        raise SeedError(f"{arch} has no torchvision weights; give its file ({', '.join(TORCHVISION_NAMES)} and tv:NAME have them)")
+    weights = getattr(get_model_weights(TORCHVISION_NAMES.get(arch) or arch.removeprefix("tv:")), version)
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -103,12 +70,30 @@ def torchvision_file(arch: str, version: str = "DEFAULT") -> str:
             torch.hub.download_url_to_file(weights.url, str(path), progress=False)
         except (OSError, RuntimeError) as error:
             raise SeedError(f"torchvision's {weights} weights could not be fetched ({type(error).__name__}); "
-                            f"put {Path(weights.url).name} in {path.parent} or pass the file") from None
+                            f"put {Path(weights.url).name} in {path.parent}, {give_file}") from None
     return str(path)
 
 
+def timm_file(name: str, give_file: str) -> str:
+    """timm's pretrained model ``name`` (classifier included) saved as a state dict in torch.hub's cache, fetched once."""
+    path = Path(torch.hub.get_dir()) / "checkpoints" / f"timm-{name}.pth"
+    if not path.is_file():
+        model = create_timm(name, True, give_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        atomic_save(model.state_dict(), path)
+    return str(path)
+
+
+def hub_file(arch: str, give_file: str) -> str:
+    """The hub's ImageNet weights of ``timm:NAME``, ``tv:NAME`` or one of ours as a file (see :func:`timm_file`,
+    :func:`torchvision_file`); offline, one line where ``give_file`` names the flag that takes a file instead."""
+    if arch.startswith("timm:"):
+        return timm_file(arch.removeprefix("timm:"), give_file)
+    return torchvision_file(arch, give_file=give_file)
+
+
 def timm_student_file(name: str) -> str:
-    """timm's pretrained classifier ``name`` saved as a state dict in torch.hub's cache, to start a student of ours from.
+    """timm's pretrained classifier ``name`` as a state dict file, to start a student from.
 
     The public MEAL V2 code starts its ResNet-50 from timm's ``resnet50`` of 2020, 79.0 % (now the
     ``resnet50.ram_in1k`` tag), not from torchvision's 76.15 %. timm's ResNets keep torchvision's layout, so the file
@@ -116,7 +101,7 @@ def timm_student_file(name: str) -> str:
     """
     path = Path(torch.hub.get_dir()) / "checkpoints" / f"timm-{name}.pth"
     if not path.is_file():
-        model = timm_model(name, True, "pass the weights' file to --student-init instead")
+        model = create_timm(name, True, "pass the weights' file to --student-init instead")
         settings = getattr(model, "pretrained_cfg", None) or {}
         expected = [round(v, 3) for v in (*IMAGENET_NORMALIZE["mean"], *IMAGENET_NORMALIZE["std"])]
         if [round(v, 3) for v in (*settings.get("mean", ()), *settings.get("std", ()))] not in ([], expected):
@@ -133,7 +118,7 @@ def load_student_init(config: Any, default: Path | None = None) -> tuple[str | N
     if path is None and default is not None and default.is_file():
         path = str(default)
     if path == "torchvision":  # ImageNet V1 weights: the paper's starting point (R-50 76.15, R-18 69.76)
-        path = torchvision_file(config.student, "IMAGENET1K_V1")
+        path = torchvision_file(config.student, "IMAGENET1K_V1", "or pass the file to --student-init")
     elif path is not None and path.startswith("timm:"):  # the public code's start (R-50: timm's 79.0 %)
         print(f"student init: timm's pretrained {path.removeprefix('timm:')}")
         path = timm_student_file(path.removeprefix("timm:"))
@@ -157,8 +142,8 @@ def init_stem(config: Any, path: str | None, small_images: bool | None) -> Any:
 
 def load_teacher(arch: str | None, checkpoint: str | None, config: Any) -> tuple[FrozenTeacher, str]:
     """A frozen classifier (images -> logits): inference mode, BatchNorm folded, channels_last on GPU."""
-    if arch is not None and arch not in available():
+    if arch is not None and arch.startswith("timm:"):
         model, head, found = timm_classifier(arch.removeprefix("timm:"), checkpoint), None, "timm"
     else:
-        model, head, found, _ = load_classifier(checkpoint or torchvision_file(arch), arch)
+        model, head, found, _ = load_classifier(checkpoint or torchvision_file(arch, give_file="or pass the file in --teacher-checkpoints"), arch)
     return FrozenTeacher(model, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config), normalize=False), found

@@ -152,7 +152,8 @@ class PretrainConfig(TrainConfig):
     """``seed-pretrain``: what every teacher method shares; ``--method`` picks the method and its own flags."""
 
     method: str = option("the teacher's method: mocov2, simclr or supervised (a labelled classifier, e.g. a MEAL V2 teacher)", "mocov2")
-    arch: str = option("backbone, one of seed.backbones.available()", "r18")
+    arch: str = option("backbone: ours (r18, r50, mbv3l, ...: seed.backbones.available()), timm:NAME (any timm model, e.g. timm:resnet18d) "
+                          "or tv:NAME (any torchvision classifier, e.g. tv:mobilenet_v3_small)", "r18")
 
 
 @dataclasses.dataclass
@@ -168,7 +169,8 @@ class DistillConfig(TrainConfig):
     """``seed-distill``: what every distillation method shares; ``--mode`` picks the method and its own flags."""
 
     mode: str = option("seed (self-supervised, SEED), meal (labelled ensemble, MEAL V2) or usi (labelled, one KD recipe for any backbone, USI)", "seed")
-    student: str = option("student backbone, one of seed.backbones.available()", "r18")
+    student: str = option("student backbone: ours (r18, r50, mbv3l, ...: seed.backbones.available()), timm:NAME (any timm model, "
+                              "e.g. timm:resnet18d) or tv:NAME (any torchvision classifier, e.g. tv:mobilenet_v3_small)", "r18")
     teacher_fold_bn: bool = option("fold the teachers' BatchNorm into their convolutions (same outputs, faster)", True)
     teacher_cache: bool = option("beyond the papers: the teacher's output for each image under --cache-views fixed views is computed once and "
                                  "kept in fp16 in <run>/teacher_cache/, so epochs after the first --cache-views run no teacher", False)

@@ -28,12 +28,14 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from seed.checkpoints import load_encoder, read_checkpoint
+from seed.classifiers import hub_file
 from seed.config import DistillConfig, option
 from seed.data import seed_view_transform, small_crop_transforms
 from seed.engine import data_name
 from seed.errors import SeedError
 from seed.knn import compare_knn, print_knn_table, random_inits
 from seed.losses import seed_loss
+from seed.models import is_external, teacher_input, with_input
 from seed.module import TrainModule
 from seed.precision import use_channels_last
 from seed.queue import TeacherQueue, check_queue_size
@@ -47,9 +49,10 @@ DEMO_TEACHER = Path("runs/demo/pretrain/teacher.pt")
 class SEEDConfig(DistillConfig):
     """``seed-distill --mode seed``."""
 
-    teacher: str | None = option("teacher backbone (default: the one recorded in our checkpoints)")
-    teacher_checkpoint: str | None = option("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED or torchvision files "
-                                              "(default: the demo teacher, runs/demo/pretrain/teacher.pt)")
+    teacher: str | None = option("teacher backbone: ours (r50), timm:NAME (timm:vit_small_patch14_dinov2.lvd142m) or tv:NAME "
+                                 "(tv:resnet50) (default: the one recorded in our checkpoints)")
+    teacher_checkpoint: str | None = option("teacher weights: ours (.ckpt/.pt), MoCo, SimCLR, SwAV, SEED, torchvision or timm (.pth/.safetensors) files "
+                                              "(default: the hub's weights of a timm:/tv: --teacher, else the demo teacher, runs/demo/pretrain/teacher.pt)")
     teacher_head: bool | None = option("use the teacher's projection head (default: when the checkpoint has one, as SEED does)")
     queue_size: int = option("SEED queue length K (teacher embeddings)", 65536, at_least=1)
     tau_s: float = option("student temperature", 0.2, above=0)
@@ -132,7 +135,7 @@ class SEED(CachedTeacher, TrainModule):
         """The kNN table of teacher, random-init student and distilled student."""
         config = self.config
         scores = compare_knn({
-            f"teacher {self.teacher.arch}": load_encoder(config.teacher_checkpoint, config.teacher, False)[0],
+            f"teacher {self.teacher.arch}": with_input(load_encoder(config.teacher_checkpoint, config.teacher, False)[0]),
             f"student {config.student} random init": random_inits(config.student, bool(config.small_images)),
             f"student {config.student} distilled": settled[0],
         }, config, self.num_classes, monitor)
@@ -188,9 +191,12 @@ class SEED(CachedTeacher, TrainModule):
 
 
 def default_teacher_checkpoint(config: SEEDConfig) -> str:
-    """``--teacher-checkpoint``, else the demo's teacher when ``make demo`` made one."""
+    """``--teacher-checkpoint``, else the hub's weights of a timm or torchvision ``--teacher`` (saved as a file, needs
+    internet the first time), else the demo's teacher when ``make demo`` made one."""
     if config.teacher_checkpoint:
         return config.teacher_checkpoint
+    if config.teacher and is_external(config.teacher):
+        return hub_file(config.teacher, "pass the weights' file in --teacher-checkpoint")
     if DEMO_TEACHER.is_file():
         return str(DEMO_TEACHER)
     raise SeedError(f"no --teacher-checkpoint given and no demo teacher at {DEMO_TEACHER}; pass one, or run seed-pretrain --config configs/demo/pretrain.yaml")
@@ -214,5 +220,7 @@ def train_transform(config: SEEDConfig) -> Any:
 
 
 def build_teacher(config: SEEDConfig, checkpoint: str) -> tuple[FrozenTeacher, str]:
+    """The frozen teacher; a timm one reads the student's crop resized and renormalised to its own input
+    (:func:`seed.models.teacher_input`)."""
     backbone, head, found = load_encoder(checkpoint, config.teacher, config.teacher_head)
-    return FrozenTeacher(backbone, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config)), found
+    return FrozenTeacher(backbone, head, fold_bn=config.teacher_fold_bn, channels_last=use_channels_last(config), inputs=teacher_input(backbone)), found

@@ -33,6 +33,7 @@ from seed.config import ClassifierDistillConfig, option, resolve
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import discriminator_loss, ensemble_target, soft_cross_entropy
+from seed.models import check_image_size
 from seed.module import TrainModule
 from seed.teacher import FrozenTeacher
 from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_views
@@ -46,13 +47,15 @@ DEMO_STUDENT_INIT = DEMO / "student-init" / "teacher.pt"
 class MEALConfig(ClassifierDistillConfig):
     """``seed-distill --mode meal``."""
 
-    teachers: str | None = option("comma-separated teacher classifiers, registry names or timm:NAME (timm installed); "
+    teachers: str | None = option("comma-separated teacher classifiers: ours (r50), timm:NAME (timm:resnet50.a1_in1k) or tv:NAME (tv:resnet50); "
                                  "default: the architectures recorded in --teacher-checkpoints")
-    teacher_checkpoints: str | None = option("comma-separated teacher weights, ours (seed-pretrain --method supervised) or torchvision's; "
-                                            "an empty entry takes torchvision's or timm's ImageNet weights (default: the demo's teachers, runs/demo/meal/)")
-    student_init: str | None = option("the student's starting weights, a classifier file (our teacher.pt/student.pt or torchvision's), "
-                                     "'torchvision' for its ImageNet V1 weights, or timm:NAME for timm's pretrained ones (the public code's r50: "
-                                     "timm:resnet50.ram_in1k); default: the demo's with the demo's teachers, else random")
+    teacher_checkpoints: str | None = option("comma-separated teacher weights, ours (seed-pretrain --method supervised), torchvision's "
+                                            "or timm's (.pth/.safetensors); an empty entry takes torchvision's or timm's ImageNet weights "
+                                            "(default: the demo's teachers, runs/demo/meal/)")
+    student_init: str | None = option("the student's starting weights, a classifier file (our teacher.pt/student.pt, torchvision's or timm's "
+                                     ".pth/.safetensors), 'torchvision' for its ImageNet V1 weights (of ours and tv:NAME students), or timm:NAME "
+                                     "for timm's pretrained ones (the public code's r50: timm:resnet50.ram_in1k); "
+                                     "default: the demo's with the demo's teachers, else random")
     kd_temperature: float = option("softmax temperature of the soft cross-entropy (the paper's is 1)", 1.0, above=0)
     discriminator: Literal["joint", "minimax", "off"] = option(
         "joint (the public code: student and discriminator minimise the same BCE in one SGD step), "
@@ -117,6 +120,7 @@ class MEAL(CachedTeacher, Top1Monitor, TrainModule):
         """The paper defaults and checks; the stem waits for the student init, which may name it."""
         config = dataclasses.replace(config, **{k: v for k, v in cls.DEFAULTS.items() if getattr(config, k) is None})
         feature_dim(config.student)
+        check_image_size(config.student, config.image_size)
         milestones(config)
         if config.label_weight and config.cutmix:
             raise SeedError("--cutmix mixes the images, whose hard labels --label-weight would read unmixed; drop one of them")
@@ -278,7 +282,7 @@ def load_teachers(config: MEALConfig) -> tuple[list[FrozenTeacher], list[str]]:
             raise SeedError(f"teacher {number} ({path or arch}) has {teacher.embed_dim} classes, teacher 1 has {teachers[0].embed_dim}; "
                             "an ensemble averages class probabilities, so all teachers need the same classes")
         teachers.append(teacher)
-        source = path or ("torchvision ImageNet weights" if arch in available() else "timm pretrained weights")
+        source = path or ("timm pretrained weights" if arch.startswith("timm:") else "torchvision ImageNet weights")
         lines.append(f"teacher {number}: {teacher.arch} from {source} ({found}, {teacher.embed_dim} classes)")
     return teachers, lines
 

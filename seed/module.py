@@ -29,6 +29,7 @@ from seed.data import dataset_for, view_transform
 from seed.engine import data_name
 from seed.knn import compare_knn, knn_top1, print_knn_table, random_inits
 from seed.loaders import monitor_loaders
+from seed.models import check_image_size
 
 
 @torch.no_grad()
@@ -72,6 +73,7 @@ class TrainModule(pl.LightningModule):
         """The config with the paper defaults filled in, checked before any data is read."""
         config = resolve(config, cls.DEFAULTS)
         feature_dim(cls.trained_arch(config))  # an unknown name fails here, before any data is read
+        check_image_size(cls.trained_arch(config), config.image_size)
         return config
 
     @classmethod

@@ -28,11 +28,15 @@ class FrozenTeacher(nn.Module):
     """Backbone (+ optional projection head) that maps images to embeddings, never trained.
 
     ``normalize`` L2-normalises the output (SEED's embeddings); off for
-    classifiers whose logits are the target (MEAL V2).
+    classifiers whose logits are the target (MEAL V2). ``inputs`` turns the
+    student's view into the teacher's input first (a timm ViT's own size and
+    mean/std: :func:`seed.models.teacher_input`).
     """
 
-    def __init__(self, backbone: nn.Module, head: nn.Module | None, fold_bn: bool = True, channels_last: bool = False, normalize: bool = True) -> None:
+    def __init__(self, backbone: nn.Module, head: nn.Module | None, fold_bn: bool = True, channels_last: bool = False, normalize: bool = True,
+                 inputs: nn.Module | None = None) -> None:
         super().__init__()
+        self.inputs = inputs
         self.arch = backbone.arch
         self.feature_dim = backbone.feature_dim
         head = head.eval() if head is not None else None
@@ -54,6 +58,8 @@ class FrozenTeacher(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         with torch.inference_mode():
+            if self.inputs is not None:
+                images = self.inputs(images)
             if self.channels_last:
                 images = images.contiguous(memory_format=torch.channels_last)
             out = self.backbone(images)

@@ -29,11 +29,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader, Dataset
 
 from seed.classification import Top1Monitor, report_top1, top1, top1_meter
-from seed.classifiers import load_teacher, timm_module
+from seed.classifiers import load_teacher
 from seed.config import ClassifierDistillConfig, option
 from seed.errors import SeedError
 from seed.loaders import train_eval_loader
 from seed.losses import usi_loss
+from seed.models import timm_module
 from seed.module import TrainModule, precise_bn
 from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_views
 
@@ -42,10 +43,10 @@ from seed.teacher_cache import CachedTeacher, TeacherCache, cache_for, train_vie
 class USIConfig(ClassifierDistillConfig):
     """``seed-distill --mode usi``."""
 
-    teacher: str | None = option("teacher classifier: a registry name or timm:NAME (default: the architecture recorded in "
+    teacher: str | None = option("teacher classifier: ours (r50), timm:NAME or tv:NAME (default: the architecture recorded in "
                                  "--teacher-checkpoint; the paper's is TResNet-L, timm:tresnet_l)")
     teacher_checkpoint: str | None = option("teacher weights: a classifier of ours (seed-pretrain --method supervised, or a MEAL V2 / USI "
-                                            "student.pt), torchvision's or timm's file; none: the hub's ImageNet weights of --teacher")
+                                            "student.pt), torchvision's or timm's file (.pth/.safetensors); none: the hub's ImageNet weights of --teacher")
     kd_weight: float = option("weight of the KD term (the paper's alpha_kd; 5 is best in its ablation)", 5.0, at_least=0)
     kd_only: bool = option("the KD term alone, no cross-entropy to the labels (the code's --use_kd_only_loss)", False)
     mixup_alpha: float = option("Mixup's Beta(alpha, alpha) (0: off)", 0.8, at_least=0)

@@ -284,3 +284,14 @@ def test_a_failed_bench_command_is_quoted_by_its_error_line(tmp_path, monkeypatc
         quality.run(["sh", "-c", script], tmp_path / "q.log", 1)
     with pytest.raises(SystemExit, match=r"^sh failed \(exit 3\): last words; see "):
         quality.run(["sh", "-c", "echo first; echo 'last words'; exit 3"], tmp_path / "q.log", 1)
+
+
+def test_backbone_speed_compares_each_door_with_the_first_student():
+    """bench.backbone_speed: ratios of median steps over the reference's (r18), registered outside the default suites.
+    Seen to fail: with the reference taken as the last student, the ratios were over timm:resnet18's step."""
+    from bench.backbone_speed import STUDENTS, ratios
+
+    timings = {"r18": {"step_s": 2.0}, "tv:resnet18": {"step_s": 2.1}, "timm:resnet18": {"step_s": 1.9}}
+    assert ratios(timings) == pytest.approx({"r18": 1.0, "tv:resnet18": 1.05, "timm:resnet18": 0.95})
+    assert STUDENTS[0] == "r18" and SUITE["backbone_speed"][0] == "bench/backbone_speed.py"
+    assert "backbone_speed" not in default_names(gpu=False) and "backbone_speed" not in default_names(gpu=True)

@@ -68,6 +68,31 @@ def test_timm_teacher_when_timm_is_installed(tmp_path):
     assert teacher.arch == "timm:resnet18" and teacher.embed_dim == 10
 
 
+def test_timm_vit_and_torchvision_teachers_read_the_images_as_their_weights_expect(tmp_path):
+    """A MEAL V2 / USI teacher timm:NAME from a ViT .safetensors made for 32 px reads 16-px images resized and renormalised
+    (0.5, 0.5); tv:resnet18 from a torchvision file gives that model's logits. Seen to fail: with timm_classifier
+    creating the ViT at its default 224 px, the file's pos_embed did not fit."""
+    timm = pytest.importorskip("timm")
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=10).eval()
+    save_file({k: v.contiguous() for k, v in vit.state_dict().items()}, str(tmp_path / "vit.safetensors"))
+    teacher, found = load_teacher("timm:vit_tiny_patch16_224", str(tmp_path / "vit.safetensors"), _config(tmp_path))
+    images = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    mean, std = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1), torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    pixels = nn.functional.interpolate(images * std + mean, size=(32, 32), mode="bicubic", align_corners=False, antialias=True)
+    with torch.no_grad():
+        assert torch.allclose(teacher(images), vit((pixels - 0.5) / 0.5), atol=1e-4)
+    assert (teacher.arch, teacher.embed_dim, found) == ("timm:vit_tiny_patch16_224", 10, "timm")
+    resnet = torchvision.models.resnet18(num_classes=10).eval()
+    torch.save(resnet.state_dict(), tmp_path / "resnet18.pth")
+    teacher, _ = load_teacher("tv:resnet18", str(tmp_path / "resnet18.pth"), _config(tmp_path))
+    with torch.no_grad():
+        assert torch.allclose(teacher(images), resnet(images), atol=1e-4)
+    assert (teacher.arch, teacher.embed_dim) == ("tv:resnet18", 10)
+
+
 def test_timm_student_init_starts_from_timms_weights(tmp_path, monkeypatch):
     """--student-init timm:NAME (the public code starts its R-50 from timm's): our student computes what timm's model does.
     timm's weights are created here without the hub (pretrained=False, seeded), as offline tests must."""

@@ -37,8 +37,46 @@ SEED_RECIPES = {
 }
 
 
+#: SEED recipes with no paper row: a hub teacher of another library.
+HUB_RECIPES = ["seed_dinov2s_r18.yaml"]
+
+
 def test_every_seed_recipe_is_listed():
-    assert sorted(p.name for p in (CONFIGS / "distill").glob("seed_*.yaml")) == sorted(SEED_RECIPES)
+    assert sorted(p.name for p in (CONFIGS / "distill").glob("seed_*.yaml")) == sorted([*SEED_RECIPES, *HUB_RECIPES])
+
+
+def test_dinov2_recipe_takes_the_hub_vit_at_its_own_size_with_seeds_settings(tmp_path, monkeypatch):
+    """configs/distill/seed_dinov2s_r18.yaml: DINOv2's ViT-S/14 from timm's hub (no file), 384-d CLS embeddings read at its
+    518 px, into r18 with the paper's SEED settings; offline, configure stops with one line naming --teacher-checkpoint.
+    Seen to fail: with teacher_input ignoring the patch embedding's img_size (no resize for the ViT), the size was None."""
+    import timm
+    import torch
+
+    from seed.backbones import feature_dim
+    from seed.distill import SEED, train_transform
+    from seed.errors import SeedError
+    from seed.models import create_external, teacher_input
+
+    path = CONFIGS / "distill" / "seed_dinov2s_r18.yaml"
+    assert "seed-distill --config configs/distill/seed_dinov2s_r18.yaml" in path.read_text().split("\nmode:")[0]
+    config = resolve(method_config("distill", {"config": str(path)}), SEED.DEFAULTS)
+    assert (config.teacher, config.teacher_checkpoint, config.student, config.augmentation) == ("timm:vit_small_patch14_dinov2.lvd142m", None, "r18", "mocov2")
+    assert (config.tau_s, config.tau_t, config.queue_size, config.epochs, config.base_lr * config.batch_size / 256) == (0.2, 1e-4, 65536, 200, 0.03)
+    from PIL import Image
+
+    assert tuple(train_transform(config)(Image.new("RGB", (320, 280))).shape) == (3, 224, 224)
+    assert feature_dim(config.teacher) == 384
+    with torch.device("meta"):
+        adapter = teacher_input(create_external(config.teacher))
+    assert (adapter.size, adapter.patch, adapter.mode, type(adapter.renormalize).__name__) == (518, 14, "bicubic", "Identity")
+
+    def offline(name, pretrained=False, **kwargs):
+        raise OSError("no network") if pretrained else AssertionError("only the hub's weights are asked for")
+
+    monkeypatch.setattr(timm, "create_model", offline)
+    monkeypatch.setattr(torch.hub, "get_dir", lambda: str(tmp_path / "hub"))
+    with pytest.raises(SeedError, match="vit_small_patch14_dinov2.lvd142m' could not be fetched .*pass the weights' file in --teacher-checkpoint"):
+        SEED.configure(config)
 
 
 @pytest.mark.parametrize("name", sorted(SEED_RECIPES))

@@ -267,3 +267,42 @@ def test_recipe_files_are_valid_configs(name):
     if name == "detection_voc_c4":  # MoCo's numbers are the defaults too
         assert config == flags.resolve_config(flags.DetectionConfig(checkpoint="x", config=str(path)))
     assert config.masks is (name == "detection_coco_c4_1x")
+
+
+def _one_step(model: torch.nn.Module) -> None:
+    model.train()
+    losses = model([torch.rand(3, 64, 64)], [{"boxes": torch.tensor([[8.0, 8.0, 40.0, 40.0]]), "labels": torch.tensor([2])}])
+    assert set(losses) == {"loss_classifier", "loss_box_reg", "loss_objectness", "loss_rpn_box_reg"}
+    sum(losses.values()).backward()
+
+
+def test_a_timm_cnn_detects_on_its_features_only_maps_with_the_transferred_weights():
+    """timm:NAME without ResNet stages or .features: timm's FeatureListNet over the backbone's own modules gives the FPN its
+    strides 8/16/32 (and the pool, 64) and the last-map head its stride 32; the backbone's own parameters get gradients.
+    Seen to fail: with TimmMaps building features from a fresh timm model (features_only=True), the backbone got no gradient."""
+    plan = flags.schedule(flags.resolve_config(flags.DetectionConfig(checkpoint="x", image_size=64, max_iter=1)))
+    torch.manual_seed(0)
+    backbone = create_backbone("timm:mobilenetv3_small_050")
+    model = models.build_detector(backbone, 4, "fpn", False, plan, roi_per_image=8)
+    with torch.no_grad():
+        maps = model.backbone.eval()(torch.zeros(1, 3, 128, 128))
+    assert {name: 128 // value.shape[-1] for name, value in maps.items()} == {"0": 8, "1": 16, "2": 32, "pool": 64}
+    assert model.roi_heads.box_roi_pool.scales == [1 / 8, 1 / 16, 1 / 32]
+    _one_step(model)
+    assert backbone.conv_stem.weight.grad is not None and backbone.conv_stem.weight.grad.abs().sum() > 0
+    last = models.build_detector(create_backbone("timm:mobilenetv3_small_050"), 4, "c4", False, plan, roi_per_image=8)
+    assert last.roi_heads.box_roi_pool.scales == [1 / 32] and models.detector_name(backbone, "c4", False) == "Faster R-CNN last-map"
+    _one_step(last)
+
+
+def test_timm_and_torchvision_resnets_get_the_c4_head_and_a_vit_is_a_one_line_error():
+    """timm's ResNet names its stem activation act1, torchvision's relu: both get res5 in the RoI head; a ViT gives tokens.
+    Seen to fail: with the C4 stem names fixed to torchvision's, timm:resnet18 had no 'relu'."""
+    plan = flags.schedule(flags.resolve_config(flags.DetectionConfig(checkpoint="x", image_size=64, max_iter=1)))
+    for name in ("timm:resnet18", "tv:resnet18"):
+        c4 = models.build_detector(create_backbone(name), 4, "c4", False, plan, roi_per_image=8)
+        assert c4.backbone.out_channels == 256 and c4.roi_heads.box_roi_pool.scales == [1 / 16]
+    _one_step(c4)
+    with pytest.raises(flags.SeedError, match="timm:vit_tiny_patch16_224 gives tokens, not feature maps") as error:
+        models.build_detector(create_backbone("timm:vit_tiny_patch16_224"), 4, "fpn", False, plan)
+    assert "\n" not in str(error.value)

@@ -29,7 +29,7 @@ class DetectionConfig(EngineConfig):
     """
 
     checkpoint: str | None = option("student (or any supported) checkpoint whose backbone is transferred")
-    arch: str | None = option("backbone architecture (default: the one recorded in our checkpoints)")
+    arch: str | None = option("backbone architecture: ours, timm:NAME or tv:NAME (default: the one recorded in our checkpoints)")
     dataset: Literal["voc", "coco"] = option("voc (VOC07+12 trainval -> VOC07 test) or coco (train2017 -> val2017)", "voc")
     data: str | None = option("VOCdevkit folder (VOC2007/, VOC2012/) for voc; folder with annotations/, train2017/, val2017/ for coco")
     engine: Literal["auto", "detectron2", "torchvision"] = option("auto (detectron2 when it imports, else torchvision), detectron2 or torchvision", "auto")

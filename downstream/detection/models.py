@@ -1,4 +1,9 @@
-"""torchvision detectors around a transferred backbone: Faster / Mask R-CNN, C4 (res5 in the RoI head, MoCo's extra norm) or FPN."""
+"""torchvision detectors around a transferred backbone: Faster / Mask R-CNN, C4 (res5 in the RoI head, MoCo's extra norm) or FPN.
+
+ResNets (ours, ``tv:resnet*``, ``timm:resnet*``) and torchvision's MobileNetV3 / EfficientNet (their ``features``) are read
+directly; any other ``timm:NAME`` CNN gives its maps through timm's ``features_only`` machinery (:class:`TimmMaps`); a
+network that gives tokens, not maps (a ViT), stops with one line.
+"""
 
 import math
 from collections import OrderedDict
@@ -12,10 +17,11 @@ from torchvision.models.detection.backbone_utils import BackboneWithFPN
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.detection.mask_rcnn import MaskRCNNHeads, MaskRCNNPredictor
 from torchvision.ops import MultiScaleRoIAlign
-from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
+from torchvision.ops.feature_pyramid_network import FeaturePyramidNetwork, LastLevelMaxPool
 from torchvision.ops.poolers import initLevelMapper
 
 from seed.errors import SeedError
+from seed.models import timm_module
 
 
 def is_resnet(backbone: nn.Module) -> bool:
@@ -64,6 +70,41 @@ def feature_pyramid(backbone: nn.Module) -> BackboneWithFPN:
     levels = resolution_ends(backbone.features)[-3:]
     return BackboneWithFPN(backbone.features, {level.block: str(i) for i, level in enumerate(levels)}, [level.channels for level in levels], 256,
                            extra_blocks=LastLevelMaxPool())
+
+
+class TimmMaps(nn.Module):
+    """The last ``count`` feature maps of a timm model, by timm's ``FeatureListNet`` (what ``features_only=True`` builds)
+    over the very modules that hold the transferred weights; with ``fpn``, torchvision's FPN (256 channels) on them plus
+    a max-pooled level, as on a ResNet's res5; without, the last map alone (``last-map``)."""
+
+    def __init__(self, backbone: nn.Module, fpn: bool) -> None:
+        super().__init__()
+        arch = getattr(backbone, "arch", type(backbone).__name__)
+        info = getattr(backbone, "feature_info", None)
+        if not info:
+            raise SeedError(f"backbone {arch} declares no feature maps (no timm feature_info) to detect on; use a CNN of timm, ours or tv:NAME")
+        count = min(3 if fpn else 1, len(info))
+        flatten = any("." in level["module"] for level in info)  # maps inside a Sequential (EfficientNet's blocks.N)
+        self.body = timm_module().models.FeatureListNet(backbone, out_indices=tuple(range(len(info) - count, len(info))), flatten_sequential=flatten)
+        self.names = [str(i) for i in range(count)]
+        channels = self.body.feature_info.channels()
+        self.fpn = FeaturePyramidNetwork(channels, 256, extra_blocks=LastLevelMaxPool()) if fpn else None
+        self.out_channels = 256 if fpn else channels[-1]
+        training = self.training
+        try:
+            with torch.no_grad():
+                probe = self.body.eval()(torch.zeros(1, 3, PROBE, PROBE))
+        except (RuntimeError, AssertionError):
+            probe = None
+        self.body.train(training)
+        if probe is None or any(out.dim() != 4 for out in probe):
+            raise SeedError(f"backbone {arch} gives tokens, not feature maps (a ViT); seed-eval detection needs a convolutional backbone")
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor | OrderedDict:
+        maps = self.body(images)
+        if self.fpn is None:
+            return maps[-1]
+        return self.fpn(OrderedDict(zip(self.names, maps, strict=True)))
 
 
 @torch.no_grad()
@@ -137,12 +178,13 @@ def _assemble(backbone: nn.Module, num_classes: int, head: str, masks: bool, pla
         channels = [_channels(getattr(backbone, f"layer{i}")) for i in range(1, 5)]
         body = BackboneWithFPN(backbone, {f"layer{i}": str(i - 1) for i in range(1, 5)}, channels, 256, extra_blocks=LastLevelMaxPool())
         return detector(body, num_classes=num_classes, **common)
-    if not is_resnet(backbone) and not hasattr(backbone, "features"):
+    timm_maps = not is_resnet(backbone) and not hasattr(backbone, "features")
+    if timm_maps and not str(getattr(backbone, "arch", "")).startswith("timm:"):
         raise SeedError(f"backbone {getattr(backbone, 'arch', type(backbone).__name__)} has no feature maps to detect on")
     sizes, ratios = (32, 64, 128, 256, 512), (0.5, 1.0, 2.0)
     if head == "fpn":
-        body = feature_pyramid(backbone)
-        maps = list(body.body.return_layers.values())  # the pooled level above them has anchors too, and no RoI
+        body = TimmMaps(backbone, fpn=True) if timm_maps else feature_pyramid(backbone)
+        maps = body.names if timm_maps else list(body.body.return_layers.values())  # the pooled level above has anchors, no RoI
         anchors = AnchorGenerator(sizes=(sizes,) * (len(maps) + 1), aspect_ratios=(ratios,) * (len(maps) + 1))
         pools = {"box_roi_pool": MultiScaleRoIAlign(maps, 7, sampling_ratio=2)}
         if masks:
@@ -151,7 +193,7 @@ def _assemble(backbone: nn.Module, num_classes: int, head: str, masks: bool, pla
     anchors = AnchorGenerator(sizes=(sizes,), aspect_ratios=(ratios,))
     single = {"rpn_anchor_generator": anchors, "rpn_pre_nms_top_n_train": 12000, "rpn_pre_nms_top_n_test": 6000, **common}
     if is_resnet(backbone):
-        names = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3")
+        names = ("conv1", "bn1", "relu" if hasattr(backbone, "relu") else "act1", "maxpool", "layer1", "layer2", "layer3")  # timm: act1
         body = nn.Sequential(OrderedDict((name, getattr(backbone, name)) for name in names))
         body.out_channels = _channels(backbone.layer3)
         res5 = Res5Head(backbone.layer4, _channels(backbone.layer4))
@@ -163,8 +205,11 @@ def _assemble(backbone: nn.Module, num_classes: int, head: str, masks: bool, pla
             parts.update(mask_roi_pool=MultiScaleRoIAlign(["0"], 14, sampling_ratio=0), mask_head=res5,
                          mask_predictor=MaskRCNNPredictor(width, 256, num_classes))
         return detector(body, **parts, **single)
-    body = backbone.features
-    body.out_channels = backbone.features[-1].out_channels
+    if timm_maps:
+        body = TimmMaps(backbone, fpn=False)
+    else:
+        body = backbone.features
+        body.out_channels = backbone.features[-1].out_channels
     parts = {"box_roi_pool": MultiScaleRoIAlign(["0"], 7, sampling_ratio=0), "box_head": TwoMLPHead(body.out_channels * 49, 1024),
              "box_predictor": FastRCNNPredictor(1024, num_classes)}
     if masks:
