@@ -75,9 +75,9 @@ SECOND_ROWS = ("meal", "usi", "usi_no_kd")
 CLAIMS: list[tuple[str, str, str, float | None]] = [
     ("MEAL V2 beats the label control", "{main} meal", "{main} control", 1.0),
     ("USI beats its recipe without KD", "{main} usi", "{main} usi_no_kd", 1.0),
-    ("the ensemble teaches better than one teacher", "{main} meal", "{main} meal_one", 0.0),
-    ("a supervised init beats random weights", "{main} meal", "{main} meal_random", None),
-    ("hard labels add nothing to MEAL V2", "{main} meal_labels", "{main} meal", None),
+    ("The ensemble teaches better than one teacher", "{main} meal", "{main} meal_one", 0.0),
+    ("A supervised init beats random weights", "{main} meal", "{main} meal_random", None),
+    ("Hard labels add nothing to MEAL V2", "{main} meal_labels", "{main} meal", None),
     ("KD alone keeps USI's accuracy", "{main} usi_kd_only", "{main} usi", None),
     ("{second}: MEAL V2 beats the label control", "{second} meal", "{second} control", None),
     ("{second}: USI beats its recipe without KD", "{second} usi", "{second} usi_no_kd", None),
@@ -224,7 +224,8 @@ def row_results(done: dict[str, dict[str, Any]], students: list[str], seeds: lis
             if key.startswith(f"{arch}/") and "control-lr" not in key:
                 rows.setdefault(f"{arch} {key.rsplit('/', 1)[1]}", []).append(result)
         rows.setdefault(f"{arch} control", []).insert(0, done[f"{arch}/seed{seeds[0]}/control-lr{best_lr(done, sweep)}"])
-    return rows
+    order = ["init", "control", *ROWS]
+    return dict(sorted(rows.items(), key=lambda item: (students.index(item[0].split(" ")[0]), order.index(item[0].split(" ", 1)[1]))))
 
 
 def claims(rows: dict[str, list[dict[str, Any]]], main: str, second: str | None) -> list[dict[str, Any]]:
@@ -249,7 +250,7 @@ def claim_sentence(claim: dict[str, Any], labels: dict[str, str]) -> str:
     verdict = {True: "holds", False: "does not hold", None: "reported as measured"}[claim["holds"]]
     target = "" if claim["target"] is None else f" (target: at least {claim['target']:+.1f}" + (
         ", more than twice the std)" if claim["target"] else ")")
-    return (f"{claim['name'][0].upper() + claim['name'][1:]}: {labels[claim['a']]} minus {labels[claim['b']]} = "
+    return (f"{claim['name']}: {labels[claim['a']]} minus {labels[claim['b']]} = "
             f"{claim['difference']:+.2f} points (larger std {claim['std']:.2f}){target}: {verdict}.")
 
 

@@ -61,8 +61,10 @@ def test_bench_list_runs_as_a_module():
 
 
 def test_make_bench_gpu_runs_the_speed_benchmarks_and_leaves_quality_to_only():
-    """`make bench-gpu` is one script of speed benchmarks (the distill step, queue, kNN up to 1M, data loading)."""
-    assert default_names(gpu=True) == ["distill_speed", "queue", "knn", "data_loading"]
+    """`make bench-gpu` is one script of speed benchmarks (the distill step, queue, kNN up to 1M, data loading, the labelled
+    benchmark's KD overhead alone)."""
+    assert default_names(gpu=True) == ["distill_speed", "queue", "knn", "data_loading", "labelled"]
+    assert SUITE["labelled"][2][0] == "--overhead-only"
     assert SUITE["knn"][2][-2:] == ["--sizes", "10000,100000,1000000"] and "quality" in default_names(gpu=False)
 
 

@@ -89,11 +89,11 @@ def test_claims_are_the_difference_of_means_against_twice_the_larger_std():
             "r18 meal_one": runs(81.5, 81.5, 81.5)}
     found = {c["name"]: c for c in labelled.claims(rows, "r18", None)}
     meal, usi, ensemble = (found[name] for name in ("MEAL V2 beats the label control", "USI beats its recipe without KD",
-                                                   "the ensemble teaches better than one teacher"))
+                                                   "The ensemble teaches better than one teacher"))
     assert (meal["a"], meal["b"], meal["difference"], meal["std"], meal["target"], meal["holds"]) == ("r18 meal", "r18 control", 1.5, 1.0, 1.0, False)
     assert (usi["difference"], usi["std"], usi["holds"]) == (2.1, 0.2, True)
     assert (ensemble["difference"], ensemble["holds"]) == (-0.5, False)
-    assert "a supervised init beats random weights" not in found  # its rows did not run
+    assert "A supervised init beats random weights" not in found  # its rows did not run
     sentence = labelled.claim_sentence(usi, {"r18 usi": "USI", "r18 usi_no_kd": "no KD"})
     assert sentence == ("USI beats its recipe without KD: USI minus no KD = +2.10 points (larger std 0.20) "
                         "(target: at least +1.0, more than twice the std): holds.")
