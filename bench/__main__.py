@@ -1,6 +1,6 @@
 """``python -m bench``: run the benchmark suite, then render docs/BENCHMARKS.md.
 
-    python -m bench                      # every CPU benchmark (`make bench`, about 3.5 hours on 2 cores, 2.5 of them quality)
+    python -m bench                      # every CPU benchmark (`make bench`, about 4.7 hours on 2 cores: 2.5 of them quality, 1.2 labelled)
     python -m bench --gpu                # the speed benchmarks on a GPU at 224px (`make bench-gpu`; quality: --gpu --only quality)
     python -m bench --only knn,queue     # a subset; the page is re-rendered from all results
     python -m bench --list
