@@ -48,9 +48,14 @@ PACKAGES = ("seed", "pretrain", "downstream")
 MAKE_TEACHER = "make teacher"
 
 
+def cache_dir() -> Path:
+    """``$SEED_CACHE`` (default ``~/.cache/seed``): where the teachers the benchmarks read are trained, outside git."""
+    return Path(os.environ.get("SEED_CACHE") or Path.home() / ".cache" / "seed")
+
+
 def reference_teacher_dir() -> Path:
-    """``$SEED_CACHE/reference-teacher`` (default ``~/.cache/seed/reference-teacher``), where ``make teacher`` trains."""
-    return Path(os.environ.get("SEED_CACHE") or Path.home() / ".cache" / "seed") / "reference-teacher"
+    """``$SEED_CACHE/reference-teacher``, where ``make teacher`` trains."""
+    return cache_dir() / "reference-teacher"
 
 
 def training_minutes(run: Path) -> dict[int, float]:

@@ -32,8 +32,6 @@ command, recipe, source hash and input files (teachers, init), and the result li
 """
 
 import argparse
-import hashlib
-import os
 import statistics
 import sys
 import tempfile
@@ -41,13 +39,15 @@ import time
 from collections.abc import Callable
 from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
 import torch
 import yaml
 
-from bench.common import ROOT, mean_std, relative_name, reused_entry, run, run_or_keep, training_minutes, write_result
+from bench.common import ROOT, cache_dir, mean_std, relative_name, reused_entry, run, run_or_keep, training_minutes, write_result
+from seed.checkpoints import file_sha256
 
 RUNS = ROOT / "runs" / "bench" / "labelled"
 CONFIGS = ROOT / "configs" / "bench"
@@ -85,12 +85,8 @@ CLAIMS: list[tuple[str, str, str, float | None]] = [
 
 
 def labelled_teacher_dir() -> Path:
-    """``$SEED_CACHE/labelled-teachers`` (default ``~/.cache/seed/labelled-teachers``), where ``make teachers-labelled`` trains."""
-    return Path(os.environ.get("SEED_CACHE") or Path.home() / ".cache" / "seed") / "labelled-teachers"
-
-
-def sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    """``$SEED_CACHE/labelled-teachers``, where ``make teachers-labelled`` trains."""
+    return cache_dir() / "labelled-teachers"
 
 
 @dataclass
@@ -157,22 +153,40 @@ def best_lr(done: dict[str, dict[str, Any]], sweep: list[str]) -> str:
     return best.rsplit("control-lr", 1)[1]
 
 
+@cache
+def val_images() -> Any:
+    """The whole val split under the eval transform, loaded once for every score."""
+    from seed.classification import val_loader
+    from seed.registry import method_config
+
+    return val_loader(method_config("distill", {"num_workers": 0, "batch_size": 500}))
+
+
 def score(path: Path) -> float:
     """Top-1 (%) of an exported classifier on the whole val split, read back from the file as anyone would."""
     from seed.checkpoints import load_classifier
-    from seed.classification import top1, val_loader
-    from seed.registry import method_config
+    from seed.classification import top1
 
     backbone, classifier, _, _ = load_classifier(path)
-    loader = val_loader(method_config("distill", {"num_workers": 0, "batch_size": 500}))
-    return top1({"model": torch.nn.Sequential(backbone, classifier)}, {}, loader)["model"]
+    return top1({"model": torch.nn.Sequential(backbone, classifier)}, {}, val_images())["model"]
+
+
+def teacher_scores(teachers: dict[str, Path]) -> dict[str, float]:
+    """Top-1 of teacher A, B and their ensemble (mean softmax), as MEAL V2 reads them (BatchNorm folded)."""
+    from seed.classification import top1
+    from seed.classifiers import load_teacher
+    from seed.registry import method_config
+
+    config = method_config("distill", {})
+    frozen = {f"teacher {name.upper()}": load_teacher(None, str(path), config)[0] for name, path in teachers.items()}
+    return top1({}, frozen, val_images())
 
 
 def complete(job: Job, done: dict[str, dict[str, Any]], threads: int) -> dict[str, Any]:
     """Run (or keep) one job and score what it exported."""
     folder = RUNS / job.key
     argv = job.command(done)
-    inputs = ",".join(sha256(Path(done[key]["file"])) for key in job.reads) or None
+    inputs = ",".join(file_sha256(done[key]["file"]) for key in job.reads) or None
     kept = run_or_keep(argv, folder, job.exported, job.recipe, inputs, threads)
     file = folder / job.exported
     result = {"file": relative_name(file), "top1": score(file), "kept": kept, "argv": argv,
@@ -190,7 +204,7 @@ def build_teacher(name: str, threads: int) -> dict[str, Any]:
         precision = "bf16-mixed" if native_cpu_bf16() else "32-true"
         run(["seed-pretrain", "--config", relative_name(TEACHER_CONFIGS[name]), "--precision", precision, "--num-workers", "1",
              "--output", str(folder)], folder.with_suffix(".log"), threads)
-    return {"file": str(folder / "teacher.pt"), "top1": score(folder / "teacher.pt"), "kept": None}
+    return {"file": str(folder / "teacher.pt"), "kept": None}
 
 
 def execute(jobs: list[Job], workers: int, threads: int, teachers: list[str]) -> dict[str, dict[str, Any]]:
@@ -370,8 +384,8 @@ def main() -> None:
     teachers = {name: labelled_teacher_dir() / name / "teacher.pt" for name in TEACHER_CONFIGS}
     done = execute([] if args.teachers_only else plan(students, seeds, lrs, teachers, args.quick), args.jobs, args.threads, list(teachers))
     if args.teachers_only:
-        print("\n".join(f"teacher {name.upper()}: {done[f'teacher-{name}']['file']}, val top-1 {done[f'teacher-{name}']['top1']:.2f}"
-                        for name in teachers))
+        scores = teacher_scores(teachers)
+        print("\n".join(f"teacher {name.upper()}: {teachers[name]}, val top-1 {scores[f'teacher {name.upper()}']:.2f}" for name in teachers))
         return
     runs_minutes = (time.perf_counter() - started) / 60
     torch.set_num_threads(args.threads)  # the figure on one core, as the runs (the ratios hold per core)
@@ -383,20 +397,14 @@ def main() -> None:
 def to_result(done: dict[str, dict[str, Any]], students: list[str], seeds: list[int], lrs: list[float], teachers: dict[str, Path],
               overhead: dict[str, Any], args: argparse.Namespace, runs_minutes: float, seconds: float) -> dict[str, Any]:
     """The result file: the table, the claims as data and as sentences, the overhead table."""
-    from seed.classification import top1, val_loader
-    from seed.classifiers import load_teacher
-    from seed.registry import method_config
-
-    config = method_config("distill", {"num_workers": 0, "batch_size": 500})
-    frozen = {f"teacher {name.upper()}": load_teacher(None, str(path), config)[0] for name, path in teachers.items()}
-    teacher_scores = top1({}, frozen, val_loader(config))
+    scores = teacher_scores(teachers)
     steps = {name: yaml.safe_load((CONFIGS / f"labelled_{name}.yaml").read_text())["max_steps"] for name in ("init", "control", "meal", "usi")}
     rows = row_results(done, students, seeds, lrs)
     labels = {key: LABELS[key.split(" ", 1)[1]].format(arch=key.split(" ", 1)[0], steps=steps["init"]) for key in rows}
     best = {arch: best_lr(done, [f"{arch}/seed{seeds[0]}/control-lr{lr:g}" for lr in lrs]) for arch in students}
-    table = [[f"teacher {name} (r18 supervised, `configs/teacher/labelled_{name.lower()}.yaml`)", "1", f"{teacher_scores[f'teacher {name.upper()}']:.2f}",
+    table = [[f"teacher {name} (r18 supervised, `configs/teacher/labelled_{name.lower()}.yaml`)", "1", f"{scores[f'teacher {name.upper()}']:.2f}",
               "", f"`{MAKE_TEACHERS}`"] for name in ("A", "B")]
-    table.append(["ensemble of A and B (mean softmax)", "1", f"{teacher_scores['ensemble (mean softmax)']:.2f}", "", ""])
+    table.append(["ensemble of A and B (mean softmax)", "1", f"{scores['ensemble (mean softmax)']:.2f}", "", ""])
     for key, results in rows.items():
         arch, row = key.split(" ", 1)
         scores = [r["top1"] for r in results]
@@ -425,7 +433,7 @@ def to_result(done: dict[str, dict[str, Any]], students: list[str], seeds: list[
         "reused": reused,
         "data": {"claims": found, "rows": {key: [{"file": r["file"], "top1": r["top1"], "command": " ".join(r["argv"])} for r in results]
                                            for key, results in rows.items()},
-                 "teachers": teacher_scores, "control_lr": best, "kd_overhead": overhead, "minutes": runs_minutes},
+                 "teachers": scores, "control_lr": best, "kd_overhead": overhead, "minutes": runs_minutes},
     }
 
 

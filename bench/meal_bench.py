@@ -32,8 +32,6 @@ import hashlib
 import json
 import os
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -43,10 +41,10 @@ import torch
 from PIL import Image
 
 from bench.common import ROOT, finished_marker, machine, reusable, reused_entry, source_hash, utc_now, write_result
+from bench.common import run as run_command
 from seed.config import read_yaml
 from seed.registry import method_config
 
-BIN = Path(sys.executable).parent
 RUNS = Path("runs/bench/meal")
 CONFIGS = Path("configs/demo")  # the recipes every stage reads
 STAGES = {  # name -> (command, config, file it writes)
@@ -57,16 +55,8 @@ STAGES = {  # name -> (command, config, file it writes)
 
 
 def run(command: list[str], threads: int) -> float:
-    """Run one of our commands, its output streamed to runs/bench/meal/<name>.log; returns the wall time."""
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "PYTHONWARNINGS": "ignore"}
-    print("$", " ".join(command), flush=True)
-    start = time.perf_counter()
-    log = RUNS / f"{Path(command[command.index('--output') + 1]).name}.log"
-    with open(log, "w") as handle:
-        result = subprocess.run([str(BIN / command[0]), *command[1:]], cwd=ROOT, stdout=handle, stderr=subprocess.STDOUT, env=env)
-    if result.returncode != 0:
-        raise SystemExit(f"{command[0]} failed ({result.returncode}); see {log}")
-    return time.perf_counter() - start
+    """Run one of our commands, its output in runs/bench/meal/<name>.log (:func:`bench.common.run`); returns the wall time."""
+    return run_command(command, RUNS / f"{Path(command[command.index('--output') + 1]).name}.log", threads)
 
 
 def step_rates(run_dir: Path) -> list[tuple[int, float]]:
