@@ -8,7 +8,8 @@ file (``student.pt`` / ``teacher.pt``, with its classifier) this benchmark score
 
 - the teachers: two supervised ResNet-18s (``configs/teacher/labelled_{a,b}.yaml``; ``make teachers-labelled`` builds
   them in ``$SEED_CACHE/labelled-teachers``, resumable; this benchmark builds them when they are missing);
-- per student architecture and seed, the student init (``labelled_init.yaml``, a short supervised start), then:
+- per student architecture, one student init (``labelled_init.yaml``, a short supervised start, the first seed's) that
+  every seed's rows start from, so the seeds vary the runs and not their starting point; then, per seed:
 - the label control: ``seed-pretrain --method supervised --init INIT`` for the students' budget, at the best lr of a sweep
   over ``--control-lrs`` on the first seed (picked on the val split, which can only favour the control);
 - MEAL V2 (``labelled_meal.yaml``) from the init with both teachers; from random weights (the init claim); with one
@@ -118,32 +119,31 @@ def plan(students: list[str], seeds: list[int], lrs: list[float], teachers: dict
                     "--resume", "never", "--num-workers", "1", *flags(done), *extra]
         return Job(key, row, CONFIGS / recipe, exported, argv, needs, needs)
 
-    def init_file(done: dict, arch: str, seed: int) -> str:
-        return done[f"{arch}/seed{seed}/init"]["file"]
+    def init_file(done: dict, arch: str) -> str:
+        return done[f"{arch}/seed{seeds[0]}/init"]["file"]
 
     teacher_needs = tuple(f"teacher-{name}" for name in teachers)
     for number, arch in enumerate(students):
         rows = list(ROWS) if number == 0 else list(SECOND_ROWS)
+        init = f"{arch}/seed{seeds[0]}/init"
+        jobs.append(job(init, "init", "labelled_init.yaml", "seed-pretrain", "teacher.pt", lambda done: [], arch_flag="--arch"))
         for seed in seeds:
-            init = f"{arch}/seed{seed}/init"
-            jobs.append(job(init, "init", "labelled_init.yaml", "seed-pretrain", "teacher.pt", lambda done: [], arch_flag="--arch"))
             for row in rows:
                 recipe, command, exported, flags, from_init = ROWS[row]
 
-                def row_flags(done: dict, flags: list[str] = flags, from_init: bool = from_init, arch: str = arch, seed: int = seed) -> list[str]:
+                def row_flags(done: dict, flags: list[str] = flags, from_init: bool = from_init, arch: str = arch) -> list[str]:
                     given = [flag.format(a=relative_name(teachers["a"]), b=relative_name(teachers["b"])) for flag in flags]
-                    return [*given, *(["--student-init", init_file(done, arch, seed)] if from_init else [])]
+                    return [*given, *(["--student-init", init_file(done, arch)] if from_init else [])]
                 jobs.append(job(f"{arch}/seed{seed}/{row}", row, recipe, command, exported, row_flags,
                                 teacher_needs + ((init,) if from_init else ())))
         sweep = [f"{arch}/seed{seeds[0]}/control-lr{lr:g}" for lr in lrs]
         for lr, key in zip(lrs, sweep, strict=True):
             jobs.append(job(key, "control", "labelled_control.yaml", "seed-pretrain", "teacher.pt",
-                            lambda done, lr=lr, arch=arch: ["--init", init_file(done, arch, seeds[0]), "--lr", f"{lr:g}"],
-                            (f"{arch}/seed{seeds[0]}/init",), arch_flag="--arch"))
+                            lambda done, lr=lr, arch=arch: ["--init", init_file(done, arch), "--lr", f"{lr:g}"], (init,), arch_flag="--arch"))
         for seed in seeds[1:]:
             jobs.append(job(f"{arch}/seed{seed}/control", "control", "labelled_control.yaml", "seed-pretrain", "teacher.pt",
-                            lambda done, arch=arch, seed=seed, sweep=sweep: ["--init", init_file(done, arch, seed), "--lr", best_lr(done, sweep)],
-                            (f"{arch}/seed{seed}/init", *sweep), arch_flag="--arch"))
+                            lambda done, arch=arch, sweep=sweep: ["--init", init_file(done, arch), "--lr", best_lr(done, sweep)],
+                            (init, *sweep), arch_flag="--arch"))
     return jobs
 
 
@@ -423,7 +423,7 @@ def to_result(done: dict[str, dict[str, Any]], students: list[str], seeds: list[
         "command": " ".join(["python -m bench.labelled", *sys.argv[1:]]),
         "description": (f"Fashion-MNIST 32px (ResNet stride-4 stem), batch 128, top-1 on the whole val split (10,000 images) of each "
                         f"exported file, mean ± std over seeds {', '.join(map(str, seeds))} (n). Every student row of an architecture "
-                        "has the same steps; the rows from the init start from the same file per seed. Recipes: "
+                        "has the same steps; the rows from the init start from one file (the first seed's init) whatever their seed. Recipes: "
                         "`configs/bench/labelled_{init,control,meal,usi}.yaml`; the run folders are under `runs/bench/labelled/`. "
                         f"{args.jobs} runs at a time, {args.threads} torch thread each; the runs took {runs_minutes:.0f} min, "
                         f"the whole benchmark {seconds / 60:.0f} min." + (" **Smoke run (--quick): not a result.**" if args.quick else "")),

@@ -57,6 +57,8 @@ def _quiet_lightning() -> None:
     warnings.filterwarnings("ignore", ".*module\\(s\\) in eval mode at the start of training.*")  # the frozen teacher
     warnings.filterwarnings("ignore", ".*your dataloader is not resumable.*")  # it is: LastCheckpoint tells the EpochSampler where to start
     warnings.filterwarnings("ignore", ".*Previous log files in this directory will be deleted.*")  # ResumedCSVLogger keeps them
+    # Lightning builds a LeafSpec, which newer torch deprecates: nothing a user of ours can change
+    warnings.filterwarnings("ignore", ".*isinstance\\(treespec, LeafSpec\\)` is deprecated.*")
 
 
 def build_trainer(config: EngineConfig, run_dir: Path, callbacks: Sequence[Callback] = (), resumed_at: int | None = None) -> pl.Trainer:

@@ -58,16 +58,20 @@ def discriminator_loss(student_scores: Tensor, teacher_scores: Tensor) -> Tensor
     return F.binary_cross_entropy_with_logits(scores, labels)
 
 
-def usi_loss(student: Tensor, teacher: Tensor, target: Tensor, kd_weight: float = 5.0, kd_only: bool = False) -> Tensor:
+def usi_loss(student: Tensor, teacher: Tensor | None, target: Tensor, kd_weight: float = 5.0, kd_only: bool = False) -> Tensor:
     """USI's loss (Ridnik et al. 2022, Sec. 3; ``train.py`` of Alibaba-MIIL/Solving_ImageNet), on logits and soft targets.
 
     ``-sum_c y[c] log softmax(z_S)[c]`` to the (mixed) labels ``target``, averaged over the batch (timm's
     ``SoftTargetCrossEntropy``), plus ``kd_weight`` x ``KL(softmax(z_T) || softmax(z_S))`` summed over classes and
     averaged over the batch (``F.kl_div(..., reduction="batchmean")``), at temperature 1. ``kd_only`` keeps only the
-    weighted KD term, as ``--use_kd_only_loss`` does.
+    weighted KD term, as ``--use_kd_only_loss`` does. ``teacher=None`` (with ``kd_weight`` 0: USI's recipe without KD)
+    has no KD term, so the control runs no teacher.
     """
     log_probs = F.log_softmax(student.float(), dim=1)
+    cross_entropy = -(target.float() * log_probs).sum(dim=1).mean()
+    if teacher is None:
+        if kd_weight != 0 or kd_only:
+            raise ValueError("usi_loss without a teacher has no KD term: pass kd_weight=0 and kd_only=False")
+        return cross_entropy
     kd = kd_weight * F.kl_div(log_probs, F.softmax(teacher.float(), dim=1), reduction="batchmean")
-    if kd_only:
-        return kd
-    return -(target.float() * log_probs).sum(dim=1).mean() + kd
+    return kd if kd_only else cross_entropy + kd

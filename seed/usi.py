@@ -163,7 +163,7 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
             probabilities = self.cached(batch[2], batch[3], lambda miss: F.softmax(self.teacher(images[miss]).float(), dim=1))
             teacher = probabilities.clamp_min(1e-6).log()  # logits whose softmax is the cached row
         elif self.config.kd_weight == 0:  # USI's own control, the recipe without KD: no teacher to run
-            teacher = torch.zeros_like(target)
+            teacher = None
         else:
             with torch.no_grad():
                 teacher = self.teacher(images)

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -69,4 +70,7 @@ def test_usi_loss_equals_its_formula_on_hand_worked_rows():
     assert math.isclose(usi_loss(student, teacher, target, kd_weight=2.0), cross_entropy + 2 * kl, rel_tol=1e-6)
     assert math.isclose(usi_loss(student, teacher, target, kd_only=True), 5 * kl, rel_tol=1e-6)
     assert math.isclose(usi_loss(student, teacher, target, kd_weight=0.0), cross_entropy, rel_tol=1e-6)
+    assert math.isclose(usi_loss(student, None, target, kd_weight=0.0), cross_entropy, rel_tol=1e-6)  # USI's control: no teacher
+    with pytest.raises(ValueError, match="kd_weight=0"):
+        usi_loss(student, None, target)
     assert usi_loss(teacher, teacher, F.one_hot(torch.tensor([1, 1]), 2).float(), kd_only=True).abs() < 1e-6  # the same softmax: no KL

@@ -393,3 +393,21 @@ def test_resume_from_a_damaged_or_foreign_file_is_one_line(kind, message, tmp_pa
     error = capsys.readouterr().err
     assert exit_info.value.code == 2 and message in error and len(error.strip().splitlines()) == 1, error
     assert not (tmp_path / "out").exists()
+
+
+def test_lightning_leafspec_deprecation_is_kept_from_the_user():
+    """Lightning's tree flattening builds torch's deprecated ``LeafSpec`` at every fit, which printed a FutureWarning about
+    Lightning's own code at the top of every run; the engine's filter hides that one and only that one. Seen to fail
+    without the filter line in ``seed.engine._quiet_lightning``."""
+    import warnings
+
+    from torch.utils._pytree import LeafSpec
+
+    from seed.engine import _quiet_lightning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("default")
+        _quiet_lightning()
+        LeafSpec()
+        warnings.warn("another FutureWarning", FutureWarning, stacklevel=1)
+    assert [str(w.message) for w in caught] == ["another FutureWarning"]
