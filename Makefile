@@ -61,7 +61,7 @@ test: setup data
 lint: setup
 	$(BIN)/ruff check .
 
-# Every CPU benchmark (about 4.7 hours on 2 cores: 2.5 of them the quality benchmark, 1.2 the labelled one), then docs/BENCHMARKS.md and docs/bench/*.png from bench/results/*.json.
+# Every CPU benchmark (about 6 hours on 2 cores: 2.5 of them the quality benchmark, about 3 the labelled one with its teachers), then docs/BENCHMARKS.md and docs/bench/*.png from bench/results/*.json.
 bench: setup data
 	$(BIN)/python -m bench
 

@@ -28,7 +28,7 @@ the notes and the README read.
 Runs go two at a time (``--jobs``), one torch thread each; a finished run is kept when its ``.done`` marker holds the same
 command, recipe, source hash and input files (teachers, init), and the result lists it under ``reused``.
 
-    python -m bench.labelled                       # 3 seeds, students r18 and mbv3s (about 2 h on 2 cores, teachers included)
+    python -m bench.labelled                       # 3 seeds, students r18 and mbv3s (about 3 h on 2 cores, teachers included)
     python -m bench.labelled --seeds 0 --quick     # a smoke run: minutes, not a result
 """
 
@@ -407,13 +407,13 @@ def to_result(done: dict[str, dict[str, Any]], students: list[str], seeds: list[
     table.append(["ensemble of A and B (mean softmax)", "1", f"{scores['ensemble (mean softmax)']:.2f}", "", ""])
     for key, results in rows.items():
         arch, row = key.split(" ", 1)
-        scores = [r["top1"] for r in results]
-        mean, std = mean_std(scores)
+        top1s = [r["top1"] for r in results]
+        mean, std = mean_std(top1s)
         recipe = {"init": "init", "control": "control"}.get(row, "meal" if row.startswith("meal") else "usi")
         budget = f"{steps[recipe]} steps" + (f", lr {best[arch]} (best of {', '.join(f'{lr:g}' for lr in lrs)})" if row == "control" else "")
         where = row if row != "control" else f"control (seed {seeds[0]}: control-lr{best[arch]})"
         folder = RUNS.relative_to(ROOT) / arch / f"seed{{{','.join(map(str, seeds))}}}" / where
-        table.append([labels[key], str(len(scores)), f"{mean:.2f} ± {std:.2f}" if len(scores) > 1 else f"{mean:.2f}", budget, f"`{folder}`"])
+        table.append([labels[key], str(len(top1s)), f"{mean:.2f} ± {std:.2f}" if len(top1s) > 1 else f"{mean:.2f}", budget, f"`{folder}`"])
     found = claims(rows, students[0], students[1] if len(students) > 1 else None)
     reused = [reused_entry(key, result["kept"], RUNS / key) for key, result in done.items() if result.get("kept")]
     notes = [claim_sentence(claim, labels) for claim in found] + [overhead_note(overhead["ratios"])]
