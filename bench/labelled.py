@@ -119,9 +119,6 @@ def plan(students: list[str], seeds: list[int], lrs: list[float], teachers: dict
                     "--resume", "never", "--num-workers", "1", *flags(done), *extra]
         return Job(key, row, CONFIGS / recipe, exported, argv, needs, needs)
 
-    def init_file(done: dict, arch: str) -> str:
-        return done[f"{arch}/seed{seeds[0]}/init"]["file"]
-
     teacher_needs = tuple(f"teacher-{name}" for name in teachers)
     for number, arch in enumerate(students):
         rows = list(ROWS) if number == 0 else list(SECOND_ROWS)
@@ -131,18 +128,18 @@ def plan(students: list[str], seeds: list[int], lrs: list[float], teachers: dict
             for row in rows:
                 recipe, command, exported, flags, from_init = ROWS[row]
 
-                def row_flags(done: dict, flags: list[str] = flags, from_init: bool = from_init, arch: str = arch) -> list[str]:
+                def row_flags(done: dict, flags: list[str] = flags, from_init: bool = from_init, init: str = init) -> list[str]:
                     given = [flag.format(a=relative_name(teachers["a"]), b=relative_name(teachers["b"])) for flag in flags]
-                    return [*given, *(["--student-init", init_file(done, arch)] if from_init else [])]
+                    return [*given, *(["--student-init", done[init]["file"]] if from_init else [])]
                 jobs.append(job(f"{arch}/seed{seed}/{row}", row, recipe, command, exported, row_flags,
                                 teacher_needs + ((init,) if from_init else ())))
         sweep = [f"{arch}/seed{seeds[0]}/control-lr{lr:g}" for lr in lrs]
         for lr, key in zip(lrs, sweep, strict=True):
             jobs.append(job(key, "control", "labelled_control.yaml", "seed-pretrain", "teacher.pt",
-                            lambda done, lr=lr, arch=arch: ["--init", init_file(done, arch), "--lr", f"{lr:g}"], (init,), arch_flag="--arch"))
+                            lambda done, lr=lr, init=init: ["--init", done[init]["file"], "--lr", f"{lr:g}"], (init,), arch_flag="--arch"))
         for seed in seeds[1:]:
             jobs.append(job(f"{arch}/seed{seed}/control", "control", "labelled_control.yaml", "seed-pretrain", "teacher.pt",
-                            lambda done, arch=arch, sweep=sweep: ["--init", init_file(done, arch), "--lr", best_lr(done, sweep)],
+                            lambda done, init=init, sweep=sweep: ["--init", done[init]["file"], "--lr", best_lr(done, sweep)],
                             (init, *sweep), arch_flag="--arch"))
     return jobs
 

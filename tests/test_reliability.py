@@ -6,6 +6,7 @@ import os
 import shutil
 import subprocess
 import time
+import warnings
 from collections.abc import Callable
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 import pytorch_lightning as pl
 import torch
 from torch import nn
+from torch.utils._pytree import LeafSpec
 from torch.utils.data import DataLoader, Dataset
 
 from pretrain.cli import main as pretrain_main
@@ -21,7 +23,7 @@ from seed.backbones import create_backbone
 from seed.callbacks import LastCheckpoint, ResumedCSVLogger
 from seed.checkpoints import export_model, load_file
 from seed.config import TrainConfig, make_config
-from seed.engine import fit
+from seed.engine import _quiet_lightning, fit
 from seed.errors import SeedError
 from seed.loaders import make_loader
 from seed.registry import method_config
@@ -399,12 +401,6 @@ def test_lightning_leafspec_deprecation_is_kept_from_the_user():
     """Lightning's tree flattening builds torch's deprecated ``LeafSpec`` at every fit, which printed a FutureWarning about
     Lightning's own code at the top of every run; the engine's filter hides that one and only that one. Seen to fail
     without the filter line in ``seed.engine._quiet_lightning``."""
-    import warnings
-
-    from torch.utils._pytree import LeafSpec
-
-    from seed.engine import _quiet_lightning
-
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("default")
         _quiet_lightning()
