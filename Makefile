@@ -33,14 +33,14 @@ data:
 		echo "fashion-mnist missing: put the IDX files in $(SEED_DATA)/fashion-mnist or run with --download when online"; exit 1; \
 	fi
 
-# A SimCLR teacher, a SEED student, then both next to random init of their architecture (3 seeds) under one protocol.
+# A SimCLR teacher, a SEED student, then both next to random init of their architecture (3 seeds) under one protocol,
+# at Fashion-MNIST's native 28px. bf16 where the CPU computes it in hardware (AVX512-BF16 or AMX), else fp32.
+DEMO_PRECISION = $$($(BIN)/python -c "from seed.precision import native_cpu_bf16; print('bf16-mixed' if native_cpu_bf16() else '32-true')")
+
 demo: setup data
-	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml
-	$(BIN)/seed-distill --config configs/demo/distill.yaml
-	$(BIN)/seed-eval compare --checkpoints teacher=runs/demo/pretrain/teacher.pt,student=runs/demo/distill/student.pt --output runs/demo/compare
-	@echo "The demo's teacher trains for 200 steps (under one epoch): too short to beat random features on this data."
-	@echo "A teacher that does: make teacher (about 90 min on 2 cores). Its learning curve, measured (docs/BENCHMARKS.md):"
-	@$(BIN)/python -m bench.teacher_curve --show
+	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml --precision $(DEMO_PRECISION)
+	$(BIN)/seed-distill --config configs/demo/distill.yaml --precision $(DEMO_PRECISION)
+	$(BIN)/seed-eval compare --image-size 28 --checkpoints teacher=runs/demo/pretrain/teacher.pt,student=runs/demo/distill/student.pt --output runs/demo/compare
 
 # The reference teacher (configs/teacher/reference.yaml, about 90 min on 2 cores) in $(TEACHER_DIR), where
 # `make bench` finds it; never in git. Interrupted, the same command continues from its last.ckpt.

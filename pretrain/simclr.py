@@ -35,6 +35,7 @@ class SimCLR(TrainModule):
     def training_step(self, batch: tuple[list[Tensor], Tensor], batch_idx: int) -> Tensor:
         (x0, x1), _ = batch
         z0, z1 = self.projection_head(self.backbone(torch.cat([x0, x1]))).chunk(2)
-        loss = self.criterion(z0, z1)
+        with torch.autocast(self.device.type, enabled=False):  # cosine logits / tau in float32, not bf16's 8-bit mantissa
+            loss = self.criterion(z0.float(), z1.float())
         self.log("loss", loss, prog_bar=True)
         return loss
