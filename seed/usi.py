@@ -98,6 +98,8 @@ class USI(CachedTeacher, Top1Monitor, TrainModule):
                             "or --teacher timm:NAME for its hub weights")
         if config.kd_only and config.kd_weight == 0:
             raise SeedError("--kd-only with --kd-weight 0 leaves no loss; give --kd-weight a positive weight or drop --kd-only")
+        if config.teacher_cache and config.kd_weight == 0:
+            raise SeedError("--teacher-cache with --kd-weight 0 would fill a cache of teacher outputs that no loss reads; drop --teacher-cache")
         if config.teacher_cache and (config.mixup_alpha or config.cutmix_alpha):
             raise SeedError("--teacher-cache keeps fixed views, Mixup and CutMix mix new images every step; "
                             "pass --mixup-alpha 0 --cutmix-alpha 0 or drop --teacher-cache")

@@ -119,6 +119,8 @@ def test_cli_exports_a_classifier_that_evaluates_and_starts_the_next_student(tmp
     (["--optimizer", "sgd"], "USI trains with AdamW"),
     (["--kd-weight", "-1"], "--kd-weight must be at least 0, got -1.0"),
     (["--kd-only", "--kd-weight", "0"], "--kd-only with --kd-weight 0 leaves no loss"),
+    (["--kd-weight", "0", "--teacher-cache", "--mixup-alpha", "0", "--cutmix-alpha", "0"],
+     "--teacher-cache with --kd-weight 0 would fill a cache of teacher outputs that no loss reads"),
 ])
 def test_bad_input_is_one_line_exit_2(args, message, tmp_path, capsys):
     teacher = _classifier_file(tmp_path / "teacher.pt")
