@@ -48,7 +48,7 @@ teacher: setup data
 	$(BIN)/seed-pretrain --config configs/teacher/reference.yaml --output $(TEACHER_DIR)
 
 # The labelled benchmark's two supervised ResNet-18 teachers (configs/teacher/labelled_{a,b}.yaml, side by side, about
-# 50 min on 2 cores; bf16 where the CPU has bf16 units) in $(SEED_CACHE)/labelled-teachers, never in git. Interrupted, the
+# 50 min on 2 cores, float32) in $(SEED_CACHE)/labelled-teachers, never in git. Interrupted, the
 # same command continues from their last.ckpt; `python -m bench.labelled` builds them too when they are missing.
 teachers-labelled: setup data
 	$(BIN)/python -m bench.labelled --teachers-only

@@ -213,3 +213,24 @@ def test_bn_splits_default_follows_devices_and_divides_the_batch(devices, batch,
 
     config = method_config("pretrain", {"devices": devices, "batch_size": batch, "bn_splits": flag})
     assert bn_splits(config) == expected
+
+
+def test_simclr_loss_is_float32_under_bf16_autocast():
+    """Under bf16 autocast the NT-Xent logits are still computed in float32: the step's loss equals the loss of the head's
+    outputs in float64 to 1e-5. Seen to fail with the loss's ``autocast(enabled=False)`` block removed (off by 3e-4)."""
+    from lightly.loss import NTXentLoss
+
+    pl.seed_everything(0, verbose=False)
+    config = method_config("pretrain", {"method": "simclr", "arch": "r18", "image_size": 16, "batch_size": 32, "knn_every": 0})
+    module = methods("pretrain")["simclr"](resolve(config, methods("pretrain")["simclr"].DEFAULTS), num_classes=10)
+    module.log = lambda *args, **kwargs: None  # no trainer to log to
+    heads = []
+    module.projection_head.register_forward_hook(lambda _module, _inputs, output: heads.append(output))
+    data = FixedViews(32)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = module.training_step(([data.x0, data.x1], torch.zeros(32)), 0)
+    z0, z1 = heads[0].double().chunk(2)
+    assert heads[0].dtype == torch.bfloat16  # the network did run in bf16
+    expected = NTXentLoss(module.config.temperature)(z0, z1)
+    assert loss.dtype == torch.float32
+    assert abs(float(loss) - float(expected)) < 1e-5, (float(loss), float(expected))
