@@ -35,11 +35,12 @@ data:
 
 # A SimCLR teacher, a SEED student, then both next to random init of their architecture (3 seeds) under one protocol,
 # at Fashion-MNIST's native 28px. bf16 where the CPU computes it in hardware (AVX512-BF16 or AMX), else fp32.
-DEMO_PRECISION = $$($(BIN)/python -c "from seed.precision import native_cpu_bf16; print('bf16-mixed' if native_cpu_bf16() else '32-true')")
+DEMO_PRECISION = $(BIN)/python -c "from seed.precision import native_cpu_bf16; print('bf16-mixed' if native_cpu_bf16() else '32-true')"
 
 demo: setup data
-	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml --precision $(DEMO_PRECISION)
-	$(BIN)/seed-distill --config configs/demo/distill.yaml --precision $(DEMO_PRECISION)
+	precision=$$($(DEMO_PRECISION)) && \
+	$(BIN)/seed-pretrain --config configs/demo/pretrain.yaml --precision $$precision && \
+	$(BIN)/seed-distill --config configs/demo/distill.yaml --precision $$precision && \
 	$(BIN)/seed-eval compare --image-size 28 --checkpoints teacher=runs/demo/pretrain/teacher.pt,student=runs/demo/distill/student.pt --output runs/demo/compare
 
 # The reference teacher (configs/teacher/reference.yaml, about 90 min on 2 cores) in $(TEACHER_DIR), where
