@@ -390,10 +390,15 @@ def main() -> None:
                  configs=[*TEACHER_CONFIGS.values(), *sorted(CONFIGS.glob("labelled_*.yaml"))])
 
 
+def teacher_runs(done: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    """The teachers' entries of ``done``, by name (``a``, ``b``)."""
+    return {key.removeprefix("teacher-"): result for key, result in done.items() if key.startswith("teacher-")}
+
+
 def teacher_time(done: dict[str, dict[str, Any]]) -> str:
     """How long the teachers trained (from their logs), and whether this run built them or found them in the cache."""
-    teachers = {key.removeprefix("teacher-").upper(): result for key, result in done.items() if key.startswith("teacher-")}
-    minutes = ", ".join(f"{name} {result['minutes']:.0f} min" for name, result in teachers.items())
+    teachers = teacher_runs(done)
+    minutes = ", ".join(f"{name.upper()} {result['minutes']:.0f} min" for name, result in teachers.items())
     where = "built in this run" if all(result["built"] for result in teachers.values()) else f"kept in the cache (`{MAKE_TEACHERS}`)"
     return f"the teachers, {where}, trained side by side ({minutes})"
 
@@ -439,7 +444,7 @@ def to_result(done: dict[str, dict[str, Any]], students: list[str], seeds: list[
         "data": {"claims": found, "rows": {key: [{"file": r["file"], "top1": r["top1"], "command": " ".join(r["argv"])} for r in results]
                                            for key, results in rows.items()},
                  "teachers": scores, "control_lr": best, "kd_overhead": overhead, "minutes": runs_minutes,
-                 "teacher_minutes": {key.removeprefix("teacher-"): result["minutes"] for key, result in done.items() if key.startswith("teacher-")}},
+                 "teacher_minutes": {name: result["minutes"] for name, result in teacher_runs(done).items()}},
     }
 
 
